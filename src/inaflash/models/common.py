@@ -1,0 +1,39 @@
+"""Pieces both architectures share: the KV cache and causal attention over it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Preallocated keys/values for `max_seq` positions of every layer (float32)."""
+
+    def __init__(self, num_layers: int, max_seq: int, kv_heads: int, head_dim: int):
+        self.max_seq = max_seq
+        self.k = torch.zeros(num_layers, max_seq, kv_heads, head_dim)
+        self.v = torch.zeros(num_layers, max_seq, kv_heads, head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [T, kv_heads, head_dim] at positions pos..pos+T; return all keys/values up to there."""
+        end = pos + k.shape[0]
+        self.k[layer, pos:end] = k
+        self.v[layer, pos:end] = v
+        return self.k[layer, :end], self.v[layer, :end]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
+    """q [T, H, hd] at positions pos.., k/v [S, KVH, hd] for positions 0..S-1 -> [T, H * hd], causal."""
+    T, H, hd = q.shape
+    mask = None
+    if T > 1:  # query i (at pos + i) sees keys 0..pos + i
+        mask = torch.arange(k.shape[0])[None, :] <= (pos + torch.arange(T))[:, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, enable_gqa=k.shape[1] != H,
+    )
+    return out[0].transpose(0, 1).reshape(T, H * hd)

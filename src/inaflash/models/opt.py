@@ -1,0 +1,62 @@
+"""OPT forward: learned positions, LayerNorm (pre- or post-norm), biased attention, ReLU FFN from `ffn`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..ops import linear
+from .common import KVCache, attend
+
+POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq legacy)
+
+
+class OPT:
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], ffn, max_seq: int):
+        self.cfg, self.ffn = cfg, ffn
+        p = "model.decoder."
+        self.embed = w[p + "embed_tokens.weight"]
+        self.positions = w[p + "embed_positions.weight"]
+        self.head = w.get("lm_head.weight", self.embed)
+        self.final_ln = (w[p + "final_layer_norm.weight"], w[p + "final_layer_norm.bias"]) if cfg.pre_norm else None
+        self.layers = []
+        for i in range(cfg.num_layers):
+            lp = f"{p}layers.{i}."
+            a = lp + "self_attn."
+            self.layers.append({
+                "ln1": (w[lp + "self_attn_layer_norm.weight"], w[lp + "self_attn_layer_norm.bias"]),
+                "ln2": (w[lp + "final_layer_norm.weight"], w[lp + "final_layer_norm.bias"]),
+                **{f"{n}": w[f"{a}{n}_proj.weight"] for n in ("q", "k", "v")},
+                **{f"{n}b": w[f"{a}{n}_proj.bias"] for n in ("q", "k", "v")},
+                "o": w[a + "out_proj.weight"], "ob": w[a + "out_proj.bias"],
+                "fc2b": w[lp + "fc2.bias"],  # the rest of the FFN lives in the flash store
+            })
+        self.cache = KVCache(cfg.num_layers, max_seq, cfg.num_heads, cfg.head_dim)
+
+    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
+        cfg, T = self.cfg, ids.shape[0]
+        H, hd, d, eps = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.norm_eps
+
+        def ln(t, wb):
+            return F.layer_norm(t, (d,), wb[0], wb[1], eps)
+
+        x = self.embed[ids].float() + self.positions[pos + POSITION_OFFSET:pos + POSITION_OFFSET + T].float()
+        self.ffn.begin_forward()
+        for i, L in enumerate(self.layers):
+            h = ln(x, L["ln1"]) if cfg.pre_norm else x
+            q = linear(h, L["q"], L["qb"]).view(T, H, hd)
+            k_all, v_all = self.cache.update(
+                i, pos, linear(h, L["k"], L["kb"]).view(T, H, hd), linear(h, L["v"], L["vb"]).view(T, H, hd))
+            x = x + linear(attend(q, k_all, v_all, pos), L["o"], L["ob"])
+            if not cfg.pre_norm:
+                x = ln(x, L["ln1"])
+            h = ln(x, L["ln2"]) if cfg.pre_norm else x
+            x = x + self.ffn(i, h) + L["fc2b"]
+            if not cfg.pre_norm:
+                x = ln(x, L["ln2"])
+        if last_only:
+            x = x[-1:]
+        if self.final_ln is not None:
+            x = ln(x, self.final_ln)
+        return linear(x, self.head)

@@ -1,0 +1,27 @@
+"""Compute primitives shared by the attention and the FFN."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Decode (a few tokens) is memory-bound: float16/bfloat16 weights multiply as they are, ~2x faster than float32 for
+# large matrices here. Prefill of many tokens is compute-bound and float32 GEMM is ~3x faster, so the weight block is
+# converted once per call from this many tokens on (see shared/MEASURED.md).
+FLOAT32_FROM_TOKENS = 16
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 x [T, in] @ w[out, in].T (+ b), w in its stored dtype; the result is float32."""
+    if w.dtype != torch.float32 and x.shape[0] >= FLOAT32_FROM_TOKENS:
+        w = w.float()
+    y = F.linear(x.to(w.dtype), w)
+    y = y.float() if y.dtype != torch.float32 else y
+    return y if b is None else y + b

@@ -1,0 +1,146 @@
+"""Reads byte ranges of the FFN file from flash, bypassing the page cache.
+
+O_DIRECT needs the file offset, the length and the destination address aligned (4096 here), so destinations are
+mmap-backed buffers (page aligned) and callers ask for aligned spans. Reads are issued by long-lived worker threads
+(os.preadv releases the GIL): one queue hand-off costs a few microseconds, where an executor task per read costs ~40.
+Where O_DIRECT is refused (tmpfs), reads go through the page cache and are dropped from it right after
+(posix_fadvise DONTNEED), so repeated runs still read from the device where there is one.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .errors import StoreError
+from .store import ALIGN
+
+
+def aligned_buffer(nbytes: int) -> torch.Tensor:
+    """A page-aligned, zeroed uint8 tensor of at least `nbytes` (rounded up to ALIGN), usable as an O_DIRECT target."""
+    size = max(ALIGN, (nbytes + ALIGN - 1) // ALIGN * ALIGN)
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
+
+
+@dataclass
+class ReadStats:
+    bytes: int = 0  # bytes requested from the device (aligned spans)
+    requests: int = 0  # preadv calls
+    wait_s: float = 0.0  # time the caller spent blocked waiting for reads to finish
+
+    def copy(self) -> "ReadStats":
+        return ReadStats(self.bytes, self.requests, self.wait_s)
+
+    def __sub__(self, other: "ReadStats") -> "ReadStats":
+        return ReadStats(self.bytes - other.bytes, self.requests - other.requests, self.wait_s - other.wait_s)
+
+
+class ReadBatch:
+    """A set of submitted reads; wait() blocks until all are in their buffers."""
+
+    def __init__(self, reader: "FlashReader", count: int):
+        self._reader, self._left, self._lock = reader, count, threading.Lock()
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+        if count == 0:
+            self._done.set()
+
+    def _finish_one(self, error: BaseException | None) -> None:
+        with self._lock:
+            if error is not None and self.error is None:
+                self.error = error
+            self._left -= 1
+            if self._left == 0:
+                self._done.set()
+
+    def wait(self) -> None:
+        t0 = time.perf_counter()
+        self._done.wait()
+        self._reader.stats.wait_s += time.perf_counter() - t0
+        if self.error is not None:
+            raise self.error
+
+
+class FlashReader:
+    def __init__(self, path, threads: int = 8, chunk_bytes: int = 1 << 20, direct: bool = True):
+        self.path = str(path)
+        self.chunk_bytes = chunk_bytes
+        self.direct = False
+        if direct:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                self.direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                print(f"inaflash: O_DIRECT refused on {self.path}; using buffered reads + fadvise(DONTNEED)",
+                      file=sys.stderr)
+        if not self.direct:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        self.stats = ReadStats()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = [threading.Thread(target=self._work, daemon=True, name=f"inaflash-io-{i}")
+                         for i in range(threads)]
+        for w in self._workers:
+            w.start()
+
+    def submit(self, requests: list[tuple[int, torch.Tensor]]) -> ReadBatch:
+        """Start reading each (file offset, destination uint8 tensor) pair; offsets/lengths/addresses ALIGN-ed."""
+        pieces = []
+        for offset, dest in requests:
+            n = dest.numel()
+            if offset % ALIGN or n % ALIGN or dest.data_ptr() % ALIGN:
+                raise ValueError(f"unaligned read: offset {offset}, length {n}")
+            if offset + n > self.size:
+                raise StoreError(f"read past the end of {self.path} ({offset + n} > {self.size} bytes): truncated store?")
+            for start in range(0, n, self.chunk_bytes):
+                pieces.append((offset + start, dest[start:start + self.chunk_bytes]))
+        batch = ReadBatch(self, len(pieces))
+        self.stats.requests += len(pieces)
+        self.stats.bytes += sum(p[1].numel() for p in pieces)
+        for offset, dest in pieces:
+            self._queue.put((offset, dest, batch))
+        return batch
+
+    def read(self, requests: list[tuple[int, torch.Tensor]]) -> None:
+        self.submit(requests).wait()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            offset, dest, batch = item
+            error = None
+            try:
+                view = memoryview(dest.numpy())
+                done = 0
+                while done < len(view):
+                    n = os.preadv(self.fd, [view[done:]], offset + done)
+                    if n <= 0:
+                        raise StoreError(f"short read at byte {offset + done} of {self.path}: truncated store?")
+                    done += n
+                if not self.direct:
+                    os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+            except BaseException as e:  # handed to the waiting thread
+                error = e
+            batch._finish_one(error)
+
+    def close(self) -> None:
+        for _ in self._workers:
+            self._queue.put(None)
+        for w in self._workers:
+            w.join()
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,181 @@
+"""Read a source model (Hugging Face safetensors folder or GGUF file) as float32 tensors with HF names.
+
+Only safetensors and GGUF readers are used: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import InaflashError, UnsupportedModelError
+
+# GGUF tensor names -> Hugging Face names (llama.cpp's llama / qwen2 / mistral tensor names).
+_GGUF_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json",
+)
+
+
+class ModelSource:
+    """A model to convert: its config, tokenizer (or None) and weights by HF name."""
+
+    kind: str
+    path: Path
+    config: ModelConfig
+    hf_config: dict
+    tokenizer: object | None
+
+    def names(self) -> set[str]:
+        raise NotImplementedError
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The named weight as a float32 tensor in HF layout ([out, in] for linear layers)."""
+        raise NotImplementedError
+
+
+def open_source(path: str | Path) -> ModelSource:
+    path = Path(path)
+    if not path.exists():
+        raise InaflashError(f"model not found: {path}")
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFSource(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return HFSource(path)
+    if path.is_dir() and (path / "manifest.json").exists():
+        raise InaflashError(f"{path} is already an inaflash store; nothing to convert")
+    raise InaflashError(
+        f"not a model: {path} (expected a .gguf file or a Hugging Face folder with config.json and *.safetensors)"
+    )
+
+
+class HFSource(ModelSource):
+    kind = "hf"
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        self.path = path
+        try:
+            hf = AutoConfig.from_pretrained(path)
+        except (ValueError, KeyError) as e:
+            raise UnsupportedModelError(f"cannot read {path / 'config.json'}: {e}") from None
+        self.hf_config = hf.to_dict()
+        self.config = ModelConfig.from_hf(hf)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
+            hint = f" (found {', '.join(pickles)}: pickled checkpoints are never loaded)" if pickles else ""
+            raise InaflashError(f"no *.safetensors weights in {path}{hint}")
+        self._where: dict[str, tuple] = {}
+        for f in files:
+            handle = safe_open(str(f), framework="pt")
+            for name in handle.keys():
+                self._where[_canonical_hf_name(name)] = (handle, name)
+        self.tokenizer = _load_tokenizer(path) if any((path / f).exists() for f in TOKENIZER_FILES[:5]) else None
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        handle, key = self._where[name]
+        return handle.get_tensor(key).float()
+
+
+def _canonical_hf_name(name: str) -> str:
+    # OPT checkpoints come both as "model.decoder.*" and "decoder.*"
+    return "model." + name if name.startswith("decoder.") else name
+
+
+def _load_tokenizer(path: Path, **kw):
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoTokenizer.from_pretrained(str(path), **kw)
+
+
+class GGUFSource(ModelSource):
+    kind = "gguf"
+
+    def __init__(self, path: Path):
+        import gguf
+        from transformers import AutoConfig
+
+        self.path = path
+        try:
+            self._reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # the gguf package raises ValueError/struct.error/IndexError on bad files
+            raise InaflashError(f"not a valid GGUF file: {path} ({type(e).__name__}: {e})") from None
+        arch = self._field("general.architecture")
+        if arch not in ("llama", "qwen2", "mistral"):
+            raise UnsupportedModelError(
+                f"unsupported GGUF architecture {arch!r}; supported: llama, mistral, qwen2"
+            )
+        self._arch = arch
+        try:
+            hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        except (ValueError, KeyError) as e:
+            raise UnsupportedModelError(f"transformers cannot map the GGUF config of {path}: {e}") from None
+        self.hf_config = hf.to_dict()
+        self.config = ModelConfig.from_hf(hf)
+        self._tensors = {}
+        for t in self._reader.tensors:
+            hf_name = _gguf_to_hf(t.name)
+            if hf_name is not None:
+                self._tensors[hf_name] = t
+        self.tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
+
+    def _field(self, key: str):
+        f = self._reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import gguf
+
+        t = self._tensors[name]
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if self._arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            # llama.cpp's converter interleaves the two RoPE halves of each head; undo it for HF's rotate_half
+            heads = self.config.num_heads if ".q_proj." in name else self.config.num_kv_heads
+            rows = w.shape[0]
+            w = w.reshape(heads, rows // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+        return torch.from_numpy(np.array(w, copy=True))
+
+
+def _gguf_to_hf(name: str) -> str | None:
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    if name.startswith("blk."):
+        _, layer, rest = name.split(".", 2)
+        if rest in _GGUF_LAYER:
+            return f"model.layers.{layer}.{_GGUF_LAYER[rest]}"
+    return None  # e.g. rope_freqs: derived from the config instead
+
+
+def hf_config_json(source: ModelSource) -> str:
+    return json.dumps(source.hf_config, indent=2, sort_keys=True, default=str)

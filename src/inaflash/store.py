@@ -1,0 +1,244 @@
+"""The flash store: the on-disk format, its writer (convert) and its validating opener.
+
+A store is a directory:
+  manifest.json          format version, model config, dtype, file sizes + sha256, FFN layout
+  resident.safetensors   everything that stays in DRAM: embeddings, attention, norms, head, fc2 bias
+  ffn.bin                per layer, neuron i's bundle [gate_i | up_i | down[:, i]] (OPT: [fc1_i | b1_i | fc2[:, i]]),
+                         bundles back to back, each layer starting on a 4096-byte boundary
+  tokenizer/             the tokenizer files (tokenizer.json, chat template, ...)
+The manifest is written last and the directory is renamed into place, so anything without a manifest is not a store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import ModelConfig
+from .errors import InaflashError, StoreError, UnsupportedModelError
+
+FORMAT = "inaflash-store"
+FORMAT_VERSION = 1
+ALIGN = 4096
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def round_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+def bundle_fields(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Column ranges of one neuron's bundle row."""
+    d = cfg.hidden_size
+    if cfg.family == "opt":
+        return {"fc1": (0, d), "fc1_bias": (d, d + 1), "fc2": (d + 1, 2 * d + 1)}
+    return {"gate": (0, d), "up": (d, 2 * d), "down": (2 * d, 3 * d)}
+
+
+def ffn_tensor_names(cfg: ModelConfig, layer: int) -> list[str]:
+    """The source tensors that go to ffn.bin (in bundle order); everything else is resident."""
+    if cfg.family == "opt":
+        p = f"model.decoder.layers.{layer}."
+        return [p + "fc1.weight", p + "fc1.bias", p + "fc2.weight"]
+    p = f"model.layers.{layer}.mlp."
+    return [p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"]
+
+
+def build_bundles(cfg: ModelConfig, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[intermediate, width] matrix whose row i is neuron i's bundle."""
+    if cfg.family == "opt":
+        fc1, b1, fc2 = tensors
+        return torch.cat([fc1, b1[:, None], fc2.T], dim=1)
+    gate, up, down = tensors
+    return torch.cat([gate, up, down.T], dim=1)
+
+
+@dataclass(frozen=True)
+class LayerExtent:
+    offset: int  # byte offset of neuron 0's bundle in ffn.bin (4096-aligned)
+    nbytes: int  # neurons * bundle_bytes
+    span: int  # nbytes rounded up to the alignment: what a whole-layer O_DIRECT read fetches
+
+
+class FlashStore:
+    """An opened, validated store."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path)
+        m = self.manifest
+        self.config = ModelConfig.from_dict(m["config"])
+        self.dtype_name = m["dtype"]
+        self.dtype = DTYPES[self.dtype_name]
+        ffn = m["ffn"]
+        self.ffn_path = self.path / ffn["file"]
+        self.fields = {k: tuple(v) for k, v in ffn["fields"].items()}
+        self.bundle_width = ffn["bundle_width"]
+        self.bundle_bytes = ffn["bundle_bytes"]
+        self.layers = [LayerExtent(**e) for e in ffn["layers"]]
+        for name, info in m["files"].items():
+            f = self.path / name
+            if not f.exists():
+                raise StoreError(f"store {self.path} is missing {name}")
+            size = f.stat().st_size
+            if size != info["bytes"]:
+                raise StoreError(
+                    f"store {self.path}: {name} is {size} bytes but the manifest says {info['bytes']} "
+                    f"(truncated or modified; re-run inaflash convert)"
+                )
+
+    @property
+    def ffn_bytes(self) -> int:
+        """Bytes of FFN weights (all bundles of all layers)."""
+        return sum(e.nbytes for e in self.layers)
+
+    @property
+    def ffn_read_bytes(self) -> int:
+        """Bytes a dense pass reads: every layer's aligned span."""
+        return sum(e.span for e in self.layers)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.manifest["files"]["resident.safetensors"]["bytes"]
+
+    def resident_weights(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / "resident.safetensors"))
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tok_dir = self.path / "tokenizer"
+        if not tok_dir.is_dir():
+            return None
+        return AutoTokenizer.from_pretrained(str(tok_dir))
+
+    def verify(self) -> None:
+        """Check every file's sha256 against the manifest (reads the whole store)."""
+        for name, info in self.manifest["files"].items():
+            if _sha256(self.path / name) != info["sha256"]:
+                raise StoreError(f"store {self.path}: {name} does not match its sha256 (corrupt; re-convert)")
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.exists():
+        raise StoreError(f"store not found: {path}")
+    mpath = path / "manifest.json"
+    if not mpath.exists():
+        if (path / "ffn.bin").exists() or ".partial-" in path.name:
+            raise StoreError(f"{path} is an incomplete store (no manifest.json): a conversion was interrupted; convert again")
+        raise StoreError(f"not an inaflash store: {path} (no manifest.json)")
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"corrupt manifest {mpath}: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise StoreError(f"not an inaflash store: {mpath} has no \"format\": \"{FORMAT}\"")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"store {path} has format version {m.get('format_version')}, this inaflash reads version "
+            f"{FORMAT_VERSION}: convert the model again"
+        )
+    return m
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool = False,
+                progress: bool = True) -> Path:
+    """Convert `source` (a sources.ModelSource) into a store at `out`, atomically."""
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise InaflashError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InaflashError(f"{out} already exists (pass --overwrite to replace it)")
+    cfg, tdtype = source.config, DTYPES[dtype]
+    names = source.names()
+    ffn_names = {n for layer in range(cfg.num_layers) for n in ffn_tensor_names(cfg, layer)}
+    missing = sorted(ffn_names - names)
+    if missing:
+        raise InaflashError(f"source {source.path} lacks FFN weights, e.g. {missing[0]}")
+    if any(n.endswith(("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")) for n in names):
+        raise UnsupportedModelError("Llama-family MLP biases (mlp_bias=True) are not supported")
+    cfg.tie_word_embeddings = "lm_head.weight" not in names
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fields = bundle_fields(cfg)
+        width = max(end for _, end in fields.values())
+        bundle_bytes = width * tdtype.itemsize
+        layers, files = [], {}
+        h = hashlib.sha256()
+        with open(tmp / "ffn.bin", "wb") as f:
+            for layer in tqdm(range(cfg.num_layers), desc="convert FFN", unit="layer", disable=not progress):
+                bundles = build_bundles(cfg, [source.tensor(n) for n in ffn_tensor_names(cfg, layer)])
+                data = _tensor_bytes(bundles.to(tdtype))
+                offset = f.tell()
+                pad = bytes(round_up(len(data)) - len(data))
+                f.write(data)
+                f.write(pad)
+                h.update(data)
+                h.update(pad)
+                layers.append({"offset": offset, "nbytes": len(data), "span": len(data) + len(pad)})
+        files["ffn.bin"] = {"bytes": (tmp / "ffn.bin").stat().st_size, "sha256": h.hexdigest()}
+
+        resident = {}
+        for n in tqdm(sorted(names - ffn_names), desc="convert resident", unit="tensor", disable=not progress):
+            t = source.tensor(n)
+            # 1-D tensors (norms, biases) are tiny and precision-sensitive: keep them float32
+            resident[n] = t.contiguous() if t.dim() == 1 else t.to(tdtype).contiguous()
+        save_file(resident, str(tmp / "resident.safetensors"))
+        files["resident.safetensors"] = {
+            "bytes": (tmp / "resident.safetensors").stat().st_size,
+            "sha256": _sha256(tmp / "resident.safetensors"),
+        }
+        if source.tokenizer is not None:
+            source.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            for p in sorted((tmp / "tokenizer").iterdir()):
+                files[f"tokenizer/{p.name}"] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": cfg.to_dict(),
+            "dtype": dtype,
+            "source": {"kind": source.kind, "path": str(source.path)},
+            "ffn": {
+                "file": "ffn.bin", "layout": "bundled", "alignment": ALIGN, "fields": fields,
+                "bundle_width": width, "bundle_bytes": bundle_bytes, "neurons": cfg.intermediate_size,
+                "layers": layers,
+            },
+            "files": files,
+            "hf_config": json.loads(json.dumps(source.hf_config, default=str)),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,52 @@
+"""dram and naive modes reproduce transformers' logits (float32) for a prompt and 8 cached decode steps."""
+
+import pytest
+import torch
+
+from inaflash.engine import Engine
+from inaflash.sources import open_source
+from inaflash.store import FlashStore, write_store
+from tiny import make_tiny
+
+KINDS = ["llama", "qwen2", "opt", "opt-postnorm"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def tiny(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    hf = make_tiny(request.param, root / "hf")
+    store = write_store(open_source(root / "hf"), root / "store", dtype="float32", progress=False)
+    return hf, FlashStore(store)
+
+
+def hf_logits(model, prompt, steps):
+    """Prompt logits, then greedy decode steps through transformers' KV cache."""
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        logits = [out.logits[0]]
+        past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        for _ in range(steps):
+            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits[0])
+            token = int(out.logits[0, -1].argmax())
+    return logits
+
+
+@pytest.mark.parametrize("mode", ["dram", "naive"])
+def test_logits_match_transformers(tiny, mode):
+    hf, store = tiny
+    prompt = [3, 17, 42, 5, 88, 9, 61]
+    ref = hf_logits(hf, prompt, steps=8)
+    with Engine(store, mode=mode) as engine:
+        engine.reset(len(prompt) + 9)
+        got = [engine.forward(torch.tensor(prompt), 0)]
+        pos = len(prompt)
+        for _ in range(8):
+            token = int(got[-1][-1].argmax())
+            got.append(engine.forward(torch.tensor([token]), pos))
+            pos += 1
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert a.shape == b.shape
+        err = (a - b).abs().max().item()
+        assert err < 1e-4, f"step {step}: max |logit diff| {err}"
