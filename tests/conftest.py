@@ -44,5 +44,5 @@ def smollm2_hf(smollm2_gguf):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                 torch_dtype="float32")
+                                                 dtype="float32")
     return model.eval()

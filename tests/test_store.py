@@ -1,0 +1,109 @@
+"""The store round-trips the source weights, and the reader returns exactly the bytes asked for."""
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from inaflash.ffn import bundle_views
+from inaflash.reader import FlashReader, aligned_buffer
+from inaflash.sources import open_source
+from inaflash.store import FlashStore, write_store
+from tiny import make_tiny
+
+
+def read_layer(store: FlashStore, layer: int, direct=True) -> torch.Tensor:
+    e = store.layers[layer]
+    buf = aligned_buffer(e.span)
+    with FlashReader(store.ffn_path, direct=direct) as r:
+        r.read([(e.offset, buf[:e.span])])
+    return buf
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_bundles_round_trip(kind, tmp_path):
+    make_tiny(kind, tmp_path / "hf")
+    src = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    store = FlashStore(write_store(open_source(tmp_path / "hf"), tmp_path / "s", dtype="float32", progress=False))
+    rng = random.Random(0)
+    for layer in range(store.config.num_layers):
+        assert store.layers[layer].offset % 4096 == 0
+        v = bundle_views(store, read_layer(store, layer))
+        for i in rng.sample(range(store.config.intermediate_size), 10):
+            if kind == "opt":
+                p = f"model.decoder.layers.{layer}."
+                assert torch.equal(v["fc1"][i], src[p + "fc1.weight"][i])
+                assert v["fc1_bias"][i] == src[p + "fc1.bias"][i]
+                assert torch.equal(v["fc2"][i], src[p + "fc2.weight"][:, i])
+            else:
+                p = f"model.layers.{layer}.mlp."
+                assert torch.equal(v["gate"][i], src[p + "gate_proj.weight"][i])
+                assert torch.equal(v["up"][i], src[p + "up_proj.weight"][i])
+                assert torch.equal(v["down"][i], src[p + "down_proj.weight"][:, i])
+
+
+def test_resident_file_holds_no_ffn_weights(tmp_path):
+    make_tiny("llama", tmp_path / "hf")
+    store = FlashStore(write_store(open_source(tmp_path / "hf"), tmp_path / "s", dtype="float16", progress=False))
+    names = set(store.resident_weights())
+    assert not any(".mlp." in n for n in names)
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # tied: stored once
+    assert store.resident_weights()["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float16
+
+
+def test_gguf_store_round_trips_dequantized_weights(smollm2_gguf, smollm2_store_f32):
+    """Bundle rows equal the gguf package's dequantization of the source tensors (HF orientation)."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(smollm2_gguf))
+    tensors = {t.name: t for t in reader.tensors}
+    store = FlashStore(smollm2_store_f32)
+    for layer in (0, 17, store.config.num_layers - 1):
+        v = bundle_views(store, read_layer(store, layer))
+        deq = {k: np.asarray(gguf.quants.dequantize(tensors[f"blk.{layer}.ffn_{k}.weight"].data,
+                                                    tensors[f"blk.{layer}.ffn_{k}.weight"].tensor_type))
+               for k in ("gate", "up", "down")}
+        for i in (0, 5, 1000, store.config.intermediate_size - 1):
+            assert np.array_equal(v["gate"][i].numpy(), deq["gate"][i])
+            assert np.array_equal(v["up"][i].numpy(), deq["up"][i])
+            assert np.array_equal(v["down"][i].numpy(), deq["down"][:, i])
+
+
+def test_reader_falls_back_when_o_direct_is_refused(tmp_path, capfd, monkeypatch):
+    """Filesystems without O_DIRECT (older tmpfs) answer EINVAL: buffered reads + fadvise(DONTNEED) instead."""
+    import errno
+    import os
+
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    data = os.urandom(3 * 4096)
+    (tmp_path / "f").write_bytes(data)
+    buf = aligned_buffer(8192)
+    with FlashReader(tmp_path / "f") as r:
+        r.read([(4096, buf)])
+        assert not r.direct
+        assert r.stats.bytes == 8192 and r.stats.requests == 1
+    assert bytes(buf.numpy()) == data[4096:]
+    assert "O_DIRECT refused" in capfd.readouterr().err
+
+
+def test_reader_splits_large_reads_and_counts_them(tmp_path):
+    import os
+
+    data = os.urandom(10 * 4096)
+    (tmp_path / "f").write_bytes(data)
+    buf = aligned_buffer(8 * 4096)
+    with FlashReader(tmp_path / "f", threads=3, chunk_bytes=3 * 4096) as r:
+        assert r.direct
+        r.read([(4096, buf[:6 * 4096]), (8 * 4096, buf[6 * 4096:8 * 4096])])
+        assert r.stats.requests == 3  # 6 pages in chunks of 3, then 2 pages
+        assert r.stats.bytes == 8 * 4096
+    assert bytes(buf.numpy()) == data[4096:7 * 4096] + data[8 * 4096:10 * 4096]
