@@ -7,23 +7,47 @@ import torch
 from .errors import InaflashError
 from .ffn import NaiveFlashFFN, ResidentFFN
 from .models import build_model
-from .reader import FlashReader, ReadStats
+from .planner import active_neurons_per_token, parse_memory, plan_memory
+from .reader import DEFAULT_MAX_GAP, FlashReader, ReadStats
+from .sparse import SparseFlashFFN, load_sparsity
 from .store import FlashStore
 
 MODES = {
-    "dram": ResidentFFN,  # whole model in memory: the upper bound
-    "naive": NaiveFlashFFN,  # every layer's whole FFN read from flash for every token: the paper's baseline
+    "dram": "whole model in memory: the upper bound",
+    "naive": "every layer's whole FFN read from flash for every token: the paper's baseline",
+    "sparse": "only predicted-active neurons, cached over a window of recent tokens, read from flash",
 }
+DEFAULT_CONTEXT = 1024
 
 
 class Engine:
-    def __init__(self, store: FlashStore, mode: str = "naive", io_threads: int = 8):
+    def __init__(self, store: FlashStore, mode: str = "naive", memory: str | int | None = None, window: int = 4,
+                 use_predictor: bool = True, context: int | None = None, max_gap: int = DEFAULT_MAX_GAP,
+                 io_threads: int = 8):
         if mode not in MODES:
             raise InaflashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if window < 0:
+            raise InaflashError("window must be >= 0")
         self.store, self.mode, self.config = store, mode, store.config
+        self.context = min(context or DEFAULT_CONTEXT, self.config.max_position_embeddings)
         self.reader = FlashReader(store.ffn_path, threads=io_threads)
-        self.ffn = MODES[mode](store, self.reader)
-        self.reader.stats = ReadStats()  # loading (dram mode) is not generation I/O
+        self.plan = None
+        if mode == "sparse":
+            sparsity = load_sparsity(store)
+            if sparsity is None:
+                raise InaflashError(f"store {store.path} is not calibrated for sparsity: run  "
+                                    f"inaflash calibrate {store.path}")
+            budget = None if memory is None else parse_memory(memory, store)
+            self.plan = plan_memory(store, budget, self.context, sparsity.predictor_bytes if use_predictor else 0,
+                                    window, active_neurons_per_token(store, sparsity))
+            self.ffn = SparseFlashFFN(store, self.reader, sparsity, self.plan.cache_capacity, self.plan.window,
+                                      use_predictor=use_predictor, max_gap=max_gap,
+                                      staging_bytes=self.plan.staging_bytes)
+        elif mode == "dram":
+            self.ffn = ResidentFFN(store, self.reader)
+        else:
+            self.ffn = NaiveFlashFFN(store, self.reader)
+        self.reader.stats = ReadStats()  # loading (dram mode, the oracle) is not generation I/O
         self.weights = store.resident_weights()
         self.tokenizer = store.tokenizer()
         self.model = None
@@ -34,6 +58,9 @@ class Engine:
         limit = self.config.max_position_embeddings
         if max_seq > limit:
             raise InaflashError(f"{max_seq} tokens exceed the model's context of {limit} (prompt + max tokens)")
+        if self.plan is not None and max_seq > self.context:
+            raise InaflashError(f"{max_seq} tokens exceed the planned context of {self.context} "
+                                "(prompt + max tokens; raise --context)")
         if self.model is None or max_seq > self.max_seq:
             self.model = None  # free the old cache first
             self.model = build_model(self.config, self.weights, self.ffn, max_seq)

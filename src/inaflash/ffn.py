@@ -19,27 +19,43 @@ TRANSPOSE_TILE = 256  # tiled transposes run ~3x faster than one strided copy_ f
 
 
 class FFNMath:
-    """FFN(x) from compute-layout weights: {"gate", "up": [n, d], "down": [d, n]} (SwiGLU) or
-    {"fc1": [n, d], "fc1_bias": [n], "fc2": [d, n]} (OPT; fc2's bias is resident and added by the model)."""
+    """FFN(x) from compute-layout weights: {"gate", "up": [n, d] (or "gate_up": [2n, d], rows interleaved),
+    "down": [d, n]} (SwiGLU) or {"fc1": [n, d], "fc1_bias": [n], "fc2": [d, n]} (OPT; fc2's bias is resident and
+    added by the model). Split in two so sparse modes can mask the hidden activations in between."""
 
     def __init__(self, store: FlashStore):
         self.family = store.config.family
         self.act = ACTIVATIONS[store.config.hidden_act]
+        self.down = DOWN[self.family]
+
+    def hidden(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[T, n] neuron activations: act(gate x) * (up x), or relu(fc1 x + b)."""
+        if self.family == "opt":
+            return self.act(linear(x, w["fc1"], w["fc1_bias"]))
+        if "gate_up" in w:
+            y = linear(x, w["gate_up"]).view(x.shape[0], -1, 2)
+            return self.act(y[..., 0]) * y[..., 1]
+        return self.act(linear(x, w["gate"])) * linear(x, w["up"])
+
+    def output(self, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        return linear(h, w[self.down])
 
     def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.family == "opt":
-            return linear(self.act(linear(x, w["fc1"], w["fc1_bias"])), w["fc2"])
-        return linear(self.act(linear(x, w["gate"])) * linear(x, w["up"]), w["down"])
+        return self.output(self.hidden(x, w), w)
 
 
-def bundle_views(store: FlashStore, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Views of a layer read into `buf` (uint8): each field as [neurons, field width] (down as neuron rows)."""
-    n = store.config.intermediate_size
-    bundles = buf[: n * store.bundle_bytes].view(store.dtype).view(n, store.bundle_width)
+def bundle_rows(store: FlashStore, bundles: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of bundle rows [m, width]: each field as [m, field width] (down still as neuron rows)."""
     views = {name: bundles[:, a:b] for name, (a, b) in store.fields.items()}
     if "fc1_bias" in views:
         views["fc1_bias"] = views["fc1_bias"].squeeze(1).float()
     return views
+
+
+def bundle_views(store: FlashStore, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """bundle_rows of a whole layer read into `buf` (uint8)."""
+    n = store.config.intermediate_size
+    return bundle_rows(store, buf[: n * store.bundle_bytes].view(store.dtype).view(n, store.bundle_width))
 
 
 def transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -54,7 +70,7 @@ class ResidentFFN:
 
     def __init__(self, store: FlashStore, reader: FlashReader):
         self.math = FFNMath(store)
-        down = DOWN[store.config.family]
+        down = self.math.down
         buf = aligned_buffer(max(e.span for e in store.layers))
         self.weights = []
         for e in store.layers:
@@ -79,7 +95,6 @@ class NaiveFlashFFN:
 
     def __init__(self, store: FlashStore, reader: FlashReader):
         self.store, self.reader, self.math = store, reader, FFNMath(store)
-        self.down = DOWN[store.config.family]
         span = max(e.span for e in store.layers)
         self.buffers = [aligned_buffer(span), aligned_buffer(span)]
         self.down_t = torch.empty(store.config.hidden_size, store.config.intermediate_size, dtype=store.dtype)
@@ -96,7 +111,7 @@ class NaiveFlashFFN:
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         self.pending.pop(layer).wait()
         w = bundle_views(self.store, self.buffers[layer % 2])
-        w[self.down] = transpose_into(self.down_t, w[self.down])
+        w[self.math.down] = transpose_into(self.down_t, w[self.math.down])
         out = self.math(x, w)
         if layer + 2 < len(self.store.layers):
             self._start_read(layer + 2)  # this buffer is free again; layer + 1 is already on its way

@@ -144,3 +144,70 @@ class FlashReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+DEFAULT_MAX_GAP = 16 << 10  # merge neighbouring reads when fewer bytes than this lie between them (MEASURED.md:
+                            # requests stop dominating at ~8-25 KiB on this disk); `inaflash probe` refines it
+
+
+@dataclass
+class ReadPlan:
+    """Aligned spans covering a sorted set of bundles, and where each bundle lands in the staging buffer."""
+
+    spans: list[tuple[int, int]]  # (file offset, length), both ALIGN-ed
+    element_offsets: torch.Tensor  # [m] offset of each bundle in the staging buffer, in dtype elements
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, length in self.spans)
+
+
+def plan_bundle_reads(layer_offset: int, bundle_bytes: int, itemsize: int, neurons: torch.Tensor,
+                      max_gap: int = DEFAULT_MAX_GAP) -> ReadPlan:
+    """Cover bundles `neurons` (sorted ids) of a layer with aligned spans, merging spans at most max_gap apart."""
+    if neurons.numel() == 0:
+        return ReadPlan([], torch.zeros(0, dtype=torch.long))
+    starts = layer_offset + neurons.long() * bundle_bytes
+    lo = starts // ALIGN * ALIGN
+    hi = (starts + bundle_bytes + ALIGN - 1) // ALIGN * ALIGN
+    breaks = torch.ones_like(lo, dtype=torch.bool)
+    breaks[1:] = lo[1:] - hi[:-1] > max_gap  # hi is non-decreasing: a gap only opens between neighbours
+    group = torch.cumsum(breaks, 0) - 1
+    first = breaks.nonzero().squeeze(1)
+    last = torch.cat([first[1:] - 1, torch.tensor([lo.numel() - 1])])
+    span_lo, span_hi = lo[first], hi[last]
+    lengths = span_hi - span_lo
+    staging_pos = torch.cumsum(lengths, 0) - lengths
+    element_offsets = (staging_pos[group] + starts - span_lo[group]) // itemsize
+    return ReadPlan(list(zip(span_lo.tolist(), lengths.tolist())), element_offsets)
+
+
+class BundleReader:
+    """Reads sets of neuron bundles of one layer through a staging buffer and returns them as rows [m, width]."""
+
+    def __init__(self, store, reader: FlashReader, staging_bytes: int | None = None,
+                 max_gap: int = DEFAULT_MAX_GAP):
+        self.store, self.reader, self.max_gap = store, reader, max_gap
+        layer_span = max(e.span for e in store.layers)
+        self.staging = aligned_buffer(min(layer_span, staging_bytes or layer_span))
+        self.bundle_cols = torch.arange(store.bundle_width)
+
+    def plan(self, layer: int, neurons: torch.Tensor) -> ReadPlan:
+        s = self.store
+        return plan_bundle_reads(s.layers[layer].offset, s.bundle_bytes, s.dtype.itemsize, neurons, self.max_gap)
+
+    def read(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        """Bundles of `neurons` (sorted ids), in that order; in several rounds if the staging buffer is short."""
+        plan = self.plan(layer, neurons)
+        if plan.nbytes > self.staging.numel():
+            if neurons.numel() == 1:
+                raise RuntimeError(f"staging buffer of {self.staging.numel()} bytes cannot hold one bundle")
+            half = neurons.numel() // 2
+            return torch.cat([self.read(layer, neurons[:half]), self.read(layer, neurons[half:])])
+        requests, pos = [], 0
+        for offset, length in plan.spans:
+            requests.append((offset, self.staging[pos:pos + length]))
+            pos += length
+        self.reader.read(requests)
+        elements = self.staging.view(self.store.dtype)
+        return elements[plan.element_offsets[:, None] + self.bundle_cols]

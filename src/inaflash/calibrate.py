@@ -1,0 +1,221 @@
+"""`inaflash calibrate`: choose what "active" means per layer and train the predictors, on real offline text.
+
+1. Run the dense model over calibration text (pydoc_data.topics, shipped with Python) and record every layer's
+   FFN input.
+2. SwiGLU: per layer, the threshold on |act(gate x) * (up x)| that drops the target fraction of neurons (CATS/TEAL
+   style, training-free). ReLU (OPT): exact zeros, nothing to choose. With --max-ppl-increase the largest target
+   whose perplexity on a validation slice of the calibration text stays within the bound is picked.
+3. Per layer, a low-rank predictor trained on (FFN input, active mask) pairs.
+4. Save thresholds, predictors and the report into the store; the manifest is replaced atomically.
+Held-out evaluation text (The Devil's Dictionary) is never used here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .engine import Engine
+from .errors import InaflashError
+from .ffn import FFNMath, ResidentFFN
+from .predictor import Predictor, train_predictor
+from .sparse import SPARSITY_FILE, Sparsity
+from .store import FlashStore
+
+DEVIL_DICT = Path("/usr/share/dictd/devil.dict.dz")
+CHUNK = 256  # tokens per forward pass when recording or scoring text
+GRID = [round(0.05 * i, 2) for i in range(4, 20)]  # candidate sparsity targets 0.20 .. 0.95
+
+
+def calibration_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def heldout_text() -> str:
+    """The Devil's Dictionary (Debian package dict-devil): public domain, unlike pydoc never used for fitting."""
+    if not DEVIL_DICT.exists():
+        raise InaflashError(f"held-out text {DEVIL_DICT} not found: apt-get install dict-devil (or pass --text)")
+    return gzip.decompress(DEVIL_DICT.read_bytes()).decode("utf-8", errors="replace")
+
+
+def read_texts(paths: list[Path] | None) -> str:
+    if not paths:
+        return calibration_text()
+    for p in paths:
+        if not Path(p).exists():
+            raise InaflashError(f"text file not found: {p}")
+    return "\n\n".join(Path(p).read_text(errors="replace") for p in paths)
+
+
+def token_ids(engine: Engine, text: str, limit: int) -> torch.Tensor:
+    ids = engine.tokenizer(text[: limit * 16], add_special_tokens=False)["input_ids"][:limit]
+    if len(ids) < limit:
+        raise InaflashError(f"text has only {len(ids)} tokens, {limit} needed")
+    return torch.tensor(ids)
+
+
+class _Recorder:
+    """A dense FFN that keeps every FFN input it sees."""
+
+    def __init__(self, inner: ResidentFFN, layers: int):
+        self.inner, self.inputs = inner, [[] for _ in range(layers)]
+
+    def begin_forward(self) -> None:
+        pass
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        self.inputs[layer].append(x.clone())
+        return self.inner(layer, x)
+
+
+class MaskedDenseFFN:
+    """Dense weights in DRAM, output restricted to the selected neurons: quality of a sparsity setting, fast."""
+
+    def __init__(self, resident: ResidentFFN, sparsity: Sparsity, use_predictor: bool):
+        self.resident, self.sparsity, self.use_predictor = resident, sparsity, use_predictor
+
+    def begin_forward(self) -> None:
+        pass
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        w, math_ = self.resident.weights[layer], self.resident.math
+        h = math_.hidden(x, w)
+        mask = self.sparsity.predictors[layer](x) if self.use_predictor else self.sparsity.true_active(layer, h)
+        return math_.output(h * mask, w)
+
+
+def run_chunks(engine: Engine, ids: torch.Tensor, ffn=None, progress: str | None = None) -> float:
+    """Feed `ids` through the model in CHUNK-token passes (fresh KV cache each); return the perplexity."""
+    if ffn is not None:
+        engine.ffn = ffn
+        engine.model = None  # rebuilt by reset() around the new FFN
+    nll, count = 0.0, 0
+    starts = range(0, len(ids) - 1, CHUNK)
+    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+        seg = ids[start:start + CHUNK + 1]
+        if len(seg) < 2:
+            break
+        engine.reset(len(seg))
+        logits = engine.forward(seg[:-1], 0)
+        nll += F.cross_entropy(logits, seg[1:], reduction="sum").item()
+        count += len(seg) - 1
+    return math.exp(nll / count)
+
+
+def default_rank(hidden: int) -> int:
+    return max(16, (hidden // 8 + 7) // 8 * 8)
+
+
+def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity: float | None = None,
+              max_ppl_increase: float | None = None, rank: int | None = None, tokens: int = 8192,
+              val_tokens: int = 2048, recall: float = 0.95, progress: bool = True) -> dict:
+    store = FlashStore(store_path)
+    cfg = store.config
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise InaflashError("--sparsity must be in [0, 1)")
+    relu = cfg.hidden_act == "relu"
+    engine = Engine(store, mode="dram", context=CHUNK + 1)
+    if engine.tokenizer is None:
+        raise InaflashError(f"store {store.path} has no tokenizer: cannot tokenize calibration text")
+    resident = engine.ffn
+    all_ids = token_ids(engine, read_texts(texts), tokens + val_tokens)
+    fit, val = all_ids[:tokens], all_ids[tokens:]
+
+    recorder = _Recorder(resident, cfg.num_layers)
+    run_chunks(engine, fit, recorder, progress="record FFN inputs" if progress else None)
+    xs = [torch.cat(r) for r in recorder.inputs]
+    recorder.inputs = None
+    math_ = FFNMath(store)
+
+    def thresholds_at(target: float) -> list[float]:
+        out = []
+        for layer, x in enumerate(xs):
+            h = math_.hidden(x, resident.weights[layer]).abs().flatten()
+            k = max(1, min(h.numel(), int(target * h.numel())))
+            out.append(float(torch.kthvalue(h, k).values) if target > 0 else 0.0)
+        return out
+
+    ppl = {"dense": run_chunks(engine, val, resident, progress="dense perplexity" if progress else None)}
+    if relu:
+        kind, target, thresholds = "relu", None, [0.0] * cfg.num_layers
+    elif max_ppl_increase is not None:
+        kind, bound = "threshold", ppl["dense"] * (1 + max_ppl_increase)
+        lo, hi, best = 0, len(GRID) - 1, None  # binary search: perplexity grows with sparsity
+        tried = {}
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            th = thresholds_at(GRID[mid])
+            p = run_chunks(engine, val, MaskedDenseFFN(resident, Sparsity("threshold", th), False))
+            tried[GRID[mid]] = p
+            if p <= bound:
+                best, lo = (GRID[mid], th), mid + 1
+            else:
+                hi = mid - 1
+        if best is None:
+            raise InaflashError(f"no sparsity >= {GRID[0]} keeps perplexity within +{max_ppl_increase:.1%} "
+                                f"(tried {tried})")
+        target, thresholds = best
+        ppl["search"] = {str(k): v for k, v in sorted(tried.items())}
+    else:
+        kind, target = "threshold", 0.5 if sparsity is None else sparsity
+        thresholds = thresholds_at(target)
+
+    spec = Sparsity(kind, thresholds)
+    ppl["oracle"] = run_chunks(engine, val, MaskedDenseFFN(resident, spec, False))
+    rank = rank or default_rank(cfg.hidden_size)
+    predictors, layers = [], []
+    for layer in tqdm(range(cfg.num_layers), desc="train predictors", disable=not progress):
+        x = xs[layer]
+        mask = spec.true_active(layer, math_.hidden(x, resident.weights[layer]))
+        pred, metrics = train_predictor(x, mask, rank, recall_target=recall)
+        pred = Predictor(pred.down.to(store.dtype), pred.up.to(store.dtype), pred.bias, pred.tau)
+        predictors.append(pred)
+        layers.append({"threshold": thresholds[layer], **metrics.__dict__})
+    spec.predictors = predictors
+    ppl["predictor"] = run_chunks(engine, val, MaskedDenseFFN(resident, spec, True))
+    engine.close()
+
+    report = {
+        "target_sparsity": target, "max_ppl_increase": max_ppl_increase, "rank": rank, "recall_target": recall,
+        "calibration_tokens": tokens, "validation_tokens": val_tokens, "perplexity": ppl, "layers": layers,
+        "predictor_bytes": sum(p.nbytes for p in predictors),
+    }
+    save_sparsity(store, kind, thresholds, predictors, report)
+    return report
+
+
+def save_sparsity(store: FlashStore, kind: str, thresholds: list[float], predictors: list[Predictor] | None,
+                  report: dict) -> None:
+    """Write the sparsity file (temp name, then rename) and replace the manifest atomically."""
+    from safetensors.torch import save_file
+
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    if predictors:
+        tensors = {}
+        for i, p in enumerate(predictors):
+            tensors.update({f"{i}.down": p.down.contiguous(), f"{i}.up": p.up.contiguous(),
+                            f"{i}.bias": p.bias.contiguous()})
+        tmp = store.path / f".{SPARSITY_FILE}.tmp"
+        save_file(tensors, str(tmp))
+        data = tmp.read_bytes()
+        os.replace(tmp, store.path / SPARSITY_FILE)
+        manifest["files"][SPARSITY_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    else:
+        manifest["files"].pop(SPARSITY_FILE, None)
+    entry = {"kind": kind, "thresholds": thresholds, **report}
+    if predictors:
+        entry["predictor"] = {"rank": predictors[0].down.shape[0], "tau": [p.tau for p in predictors]}
+    manifest["sparsity"] = json.loads(json.dumps(entry))
+    tmp = store.path / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, store.path / "manifest.json")

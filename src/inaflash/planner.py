@@ -1,0 +1,99 @@
+"""Plan DRAM use from a budget: resident part + predictors + KV cache + staging + per-layer neuron caches.
+
+The budget covers the model's data (what grows with the model); the Python/torch runtime itself is not in it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from .errors import InaflashError
+from .store import FlashStore
+
+UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+         "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+STAGING_BYTES = 4 << 20  # reads of missing neurons land here before joining the cache
+
+
+def model_bytes(store: FlashStore) -> int:
+    return store.resident_bytes + store.ffn_bytes
+
+
+def parse_memory(spec: str | int, store: FlashStore) -> int:
+    """'50%' (of the model's weight bytes), '300MiB', '4GB' or a byte count."""
+    if isinstance(spec, int):
+        return spec
+    s = str(spec).strip().lower()
+    if s.endswith("%"):
+        try:
+            return int(float(s[:-1]) / 100 * model_bytes(store))
+        except ValueError:
+            pass
+    m = re.fullmatch(r"([0-9.]+)\s*([a-z]*)", s)
+    if m and m.group(2) in UNITS:
+        try:
+            return int(float(m.group(1)) * UNITS[m.group(2)])
+        except ValueError:
+            pass
+    raise InaflashError(f"cannot read memory budget {spec!r}: use e.g. 50%, 300MiB or 4GB")
+
+
+@dataclass
+class MemoryPlan:
+    budget_bytes: int
+    resident_bytes: int
+    predictor_bytes: int
+    kv_bytes: int
+    staging_bytes: int
+    cache_capacity: int  # neurons per layer
+    window: int  # effective window (may be below the requested one when capacity is short)
+    cache_bytes: int  # all layers' neuron caches
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.resident_bytes + self.predictor_bytes + self.kv_bytes + self.staging_bytes + self.cache_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "planned_bytes": self.planned_bytes}
+
+
+def kv_bytes(store: FlashStore, context: int) -> int:
+    c = store.config
+    return 2 * c.num_layers * context * c.num_kv_heads * c.head_dim * 4
+
+
+def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_bytes: int, window: int,
+                active_neurons: int) -> MemoryPlan:
+    """`active_neurons`: neurons one token needs in the busiest layer (from calibration); the cache must hold them."""
+    c = store.config
+    n, per_neuron = c.intermediate_size, store.bundle_bytes  # cache rows + transposed down column = one bundle
+    staging = min(max(e.span for e in store.layers), STAGING_BYTES)
+    fixed = store.resident_bytes + predictor_bytes + kv_bytes(store, context) + staging
+    if budget is None:
+        capacity = n
+    else:
+        capacity = min(n, max(0, budget - fixed) // (c.num_layers * per_neuron))
+        if capacity < active_neurons:
+            minimum = fixed + c.num_layers * active_neurons * per_neuron
+            raise InaflashError(
+                f"memory budget {budget / 1e6:.1f} MB is too small: this model needs at least {minimum / 1e6:.1f} MB "
+                f"(resident {store.resident_bytes / 1e6:.1f} + predictors {predictor_bytes / 1e6:.1f} + "
+                f"KV cache for {context} tokens {kv_bytes(store, context) / 1e6:.1f} + staging {staging / 1e6:.1f} + "
+                f"neuron caches {c.num_layers * active_neurons * per_neuron / 1e6:.1f} MB for {active_neurons} "
+                f"neurons per layer)")
+    effective = window if window == 0 else max(1, min(window, capacity // max(active_neurons, 1)))
+    return MemoryPlan(budget or fixed + c.num_layers * capacity * per_neuron, store.resident_bytes,
+                      predictor_bytes, kv_bytes(store, context), staging, capacity, effective,
+                      c.num_layers * capacity * per_neuron)
+
+
+def active_neurons_per_token(store: FlashStore, sparsity) -> int:
+    """The busiest layer's predicted (or true) active count per token, from the calibration report."""
+    n = store.config.intermediate_size
+    layers = (sparsity.info or {}).get("layers") if sparsity is not None else None
+    if not layers:
+        return n // 2
+    key = "predicted_fraction" if sparsity.predictors else "true_fraction"
+    return math.ceil(max(layer.get(key, 0.5) for layer in layers) * n)

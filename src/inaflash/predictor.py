@@ -1,0 +1,83 @@
+"""Low-rank activation predictor per layer (paper section 3.1): scores = B (A x) + b; active = scores > tau.
+
+Trained on recorded (FFN input, active mask) pairs with a class-balanced loss; tau is then set on held-out pairs so
+that recall reaches the target (missing an active neuron costs quality, an extra one only costs a read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Predictor:
+    down: torch.Tensor  # A [rank, hidden]
+    up: torch.Tensor  # B [neurons, rank]
+    bias: torch.Tensor  # [neurons] float32
+    tau: float  # decision threshold on the scores
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.bias))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        from .ops import linear
+
+        return linear(linear(x, self.down), self.up, self.bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, neurons] bool: the neurons predicted active for each token."""
+        return self.scores(x) > self.tau
+
+
+@dataclass
+class PredictorMetrics:
+    recall: float
+    precision: float
+    predicted_fraction: float
+    true_fraction: float
+
+
+def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, recall_target: float = 0.95,
+                    epochs: int = 8, batch: int = 256, lr: float = 3e-3, seed: int = 0
+                    ) -> tuple[Predictor, PredictorMetrics]:
+    """x [N, hidden] float32 FFN inputs, mask [N, neurons] bool true active sets."""
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    order = torch.randperm(n, generator=g)
+    held = order[: max(1, n // 10)]
+    train = order[max(1, n // 10):]
+    hidden, neurons = x.shape[1], mask.shape[1]
+    a = torch.nn.Parameter(torch.randn(rank, hidden, generator=g) / hidden ** 0.5)
+    b = torch.nn.Parameter(torch.randn(neurons, rank, generator=g) / rank ** 0.5)
+    p = mask[train].float().mean(0).clamp(1e-4, 1 - 1e-4)
+    bias = torch.nn.Parameter(torch.log(p / (1 - p)))  # start at each neuron's base rate
+    pos_weight = ((1 - p) / p).clamp(max=50.0)  # balance the rare positives
+    opt = torch.optim.Adam([a, b, bias], lr=lr)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for idx in train[torch.randperm(train.numel(), generator=g)].split(batch):
+                logits = F.linear(F.linear(x[idx], a), b, bias)
+                loss = F.binary_cross_entropy_with_logits(logits, mask[idx].float(), pos_weight=pos_weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    with torch.no_grad():
+        scores = F.linear(F.linear(x[held], a), b, bias)
+        pos = scores[mask[held]]
+        tau = float(torch.quantile(pos, 1 - recall_target)) if pos.numel() else 0.0
+        pred = Predictor(a.detach().clone(), b.detach().clone(), bias.detach().clone(), tau)
+        return pred, measure(pred, x[held], mask[held])
+
+
+def measure(pred: Predictor, x: torch.Tensor, mask: torch.Tensor) -> PredictorMetrics:
+    with torch.no_grad():
+        guess = pred.scores(x) > pred.tau
+    tp = (guess & mask).sum().item()
+    return PredictorMetrics(
+        recall=tp / max(mask.sum().item(), 1), precision=tp / max(guess.sum().item(), 1),
+        predicted_fraction=guess.float().mean().item(), true_fraction=mask.float().mean().item(),
+    )

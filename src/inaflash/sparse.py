@@ -1,0 +1,128 @@
+"""`sparse` mode: per token, decide which FFN neurons matter, read only those not cached, compute only on those.
+
+Which neurons are active (the definition the predictor learns and the oracle applies):
+  ReLU models (OPT): relu(fc1 x + b) > 0, exactly.
+  SwiGLU models: |act(gate x) * (up x)| > t_layer, with t_layer calibrated on real text (`inaflash calibrate`).
+The FFN output is the dense FFN restricted to the selected neurons, whatever the cache holds: the window and the
+read pattern change I/O only, never the numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import NeuronCache
+from .errors import InaflashError
+from .ffn import FFNMath, ResidentFFN, bundle_rows, transpose_into
+from .predictor import Predictor
+from .reader import DEFAULT_MAX_GAP, BundleReader, FlashReader
+from .store import FlashStore
+
+SPARSITY_FILE = "sparsity.safetensors"
+
+
+@dataclass
+class Sparsity:
+    kind: str  # "relu" or "threshold"
+    thresholds: list[float]
+    predictors: list[Predictor] | None = None
+    info: dict = field(default_factory=dict)  # calibration report (target, metrics, perplexities)
+
+    def true_active(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return h > 0 if self.kind == "relu" else h.abs() > self.thresholds[layer]
+
+    @property
+    def predictor_bytes(self) -> int:
+        return sum(p.nbytes for p in self.predictors) if self.predictors else 0
+
+
+def load_sparsity(store: FlashStore) -> Sparsity | None:
+    """The calibrated sparsity of a store; for ReLU models without calibration, exact zeros (no predictor)."""
+    info = store.manifest.get("sparsity")
+    if info is None:
+        if store.config.hidden_act == "relu":
+            return Sparsity("relu", [0.0] * store.config.num_layers)
+        return None
+    from safetensors.torch import load_file
+
+    predictors = None
+    if info.get("predictor"):
+        t = load_file(str(store.path / SPARSITY_FILE))
+        taus = info["predictor"]["tau"]
+        predictors = [Predictor(t[f"{i}.down"], t[f"{i}.up"], t[f"{i}.bias"], taus[i])
+                      for i in range(store.config.num_layers)]
+    return Sparsity(info["kind"], info["thresholds"], predictors, info)
+
+
+@dataclass
+class SparseCounters:
+    neurons_needed: int = 0
+    neurons_read: int = 0
+    predictor_s: float = 0.0
+    streamed_steps: int = 0  # layer steps whose active set exceeded the cache and were streamed through staging
+
+    def copy(self) -> "SparseCounters":
+        return SparseCounters(**self.__dict__)
+
+
+class SparseFlashFFN:
+    def __init__(self, store: FlashStore, reader: FlashReader, sparsity: Sparsity, capacity: int, window: int,
+                 use_predictor: bool = True, max_gap: int = DEFAULT_MAX_GAP, staging_bytes: int | None = None):
+        if use_predictor and not sparsity.predictors:
+            raise InaflashError(f"store {store.path} has no predictors: run  inaflash calibrate {store.path}  "
+                                "(or use --no-predictor for the oracle)")
+        self.store, self.sparsity, self.math = store, sparsity, FFNMath(store)
+        self.predictors = sparsity.predictors if use_predictor else None
+        # the oracle needs every neuron's activation, so it holds the whole FFN: for measuring only
+        self.oracle = None if use_predictor else ResidentFFN(store, reader)
+        self.caches = [NeuronCache(store, capacity, window) for _ in store.layers]
+        self.bundles = BundleReader(store, reader, staging_bytes=staging_bytes, max_gap=max_gap)
+        self.counters = SparseCounters()
+        self.step = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    def begin_forward(self) -> None:
+        self.step += 1
+
+    def active(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """[T, neurons] bool: the neurons this layer computes for each token."""
+        if self.predictors is not None:
+            t0 = time.perf_counter()
+            mask = self.predictors[layer](x)
+            self.counters.predictor_s += time.perf_counter() - t0
+            return mask
+        return self.sparsity.true_active(layer, self.math.hidden(x, self.oracle.weights[layer]))
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        active = self.active(layer, x)
+        needed = active.any(0).nonzero().squeeze(1)
+        cache = self.caches[layer]
+        self.counters.neurons_needed += needed.numel()
+        if needed.numel() > cache.capacity:
+            return self._stream(layer, x, active, needed)
+        self.counters.neurons_read += cache.update(needed, self.step, lambda ids: self.bundles.read(layer, ids))
+        w = cache.weights()
+        h = self.math.hidden(x, w) * active[:, cache.live_neurons()]
+        return self.math.output(h, w)
+
+    def _stream(self, layer: int, x: torch.Tensor, active: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+        """More neurons than the cache holds (a long prompt): read them in groups and sum the partial FFNs."""
+        self.counters.streamed_steps += 1
+        out = None
+        down_start = self.caches[layer].down_start
+        for group in needed.split(self.caches[layer].capacity):
+            bundles = self.bundles.read(layer, group)
+            w = bundle_rows(self.store, bundles)
+            down = torch.empty(bundles.shape[1] - down_start, group.numel(), dtype=bundles.dtype)
+            w[self.math.down] = transpose_into(down, bundles[:, down_start:])
+            h = self.math.hidden(x, w) * active[:, group]
+            part = self.math.output(h, w)
+            out = part if out is None else out + part
+            self.counters.neurons_read += group.numel()
+        return out

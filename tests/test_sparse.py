@@ -1,0 +1,190 @@
+"""Sparse mode: the neuron cache's invariants, exact outputs against dense references, reads against the plan."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from inaflash.cache import NeuronCache
+from inaflash.calibrate import MaskedDenseFFN, save_sparsity
+from inaflash.engine import Engine
+from inaflash.errors import InaflashError
+from inaflash.ffn import ResidentFFN
+from inaflash.planner import parse_memory, plan_memory
+from inaflash.reader import BundleReader, FlashReader
+from inaflash.sources import open_source
+from inaflash.sparse import Sparsity
+from inaflash.store import FlashStore, write_store
+from tiny import make_tiny
+
+PROMPT = [3, 17, 42, 5, 88, 9, 61]
+
+
+def tiny_store(kind, root):
+    make_tiny(kind, root / "hf")
+    return FlashStore(write_store(open_source(root / "hf"), root / "store", dtype="float32", progress=False))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_store("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def opt(tmp_path_factory):
+    return tiny_store("opt", tmp_path_factory.mktemp("opt"))
+
+
+@pytest.fixture(scope="module")
+def layer0_bundles(llama):
+    with FlashReader(llama.ffn_path) as r:
+        return BundleReader(llama, r).read(0, torch.arange(llama.config.intermediate_size))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(window=st.integers(0, 4),
+       steps=st.lists(st.sets(st.integers(0, 159), max_size=40), min_size=1, max_size=12))
+def test_cache_holds_exactly_the_window(llama, layer0_bundles, window, steps):
+    capacity = 160  # room for any window: the cache must then hold exactly the union of the last `window` steps
+    cache = NeuronCache(llama, capacity, window)
+    rows_ptr, down_ptr = cache.rows.data_ptr(), cache.down_t.data_ptr()
+    history = []
+    for step, active in enumerate(steps, start=1):
+        needed = torch.tensor(sorted(active), dtype=torch.long)
+        before = set(cache.live_neurons().tolist())
+        read = cache.update(needed, step, lambda ids: layer0_bundles[ids])
+        history.append(active)
+        expected = set().union(*history[-window:]) | active if window else set(active)
+        live = cache.live_neurons().tolist()
+        assert set(live) == expected and len(live) == len(expected)
+        # only neurons not already cached are read; window 0 means no reuse at all
+        assert read == (len(active - before) if window else len(active))
+        assert cache.n <= capacity
+        for slot, neuron in enumerate(live):
+            assert torch.equal(cache.bundle(slot), layer0_bundles[neuron])
+            assert cache.slot_of_neuron[neuron] == slot
+        assert cache.rows.data_ptr() == rows_ptr and cache.down_t.data_ptr() == down_ptr  # never reallocated
+
+
+def test_cache_evicts_least_recently_used_when_full(llama, layer0_bundles):
+    cache = NeuronCache(llama, capacity=4, window=10)
+    for step, ids in enumerate([[0, 1], [2, 3], [4, 5]], start=1):
+        cache.update(torch.tensor(ids), step, lambda i: layer0_bundles[i])
+    assert sorted(cache.live_neurons().tolist()) == [2, 3, 4, 5]
+    with pytest.raises(RuntimeError, match="overflow"):
+        cache.append(torch.tensor([7, 8, 9]), layer0_bundles[[7, 8, 9]], 4)
+
+
+def logits_run(engine, steps=6):
+    engine.reset(len(PROMPT) + steps + 1)
+    out = [engine.forward(torch.tensor(PROMPT), 0)]
+    for i in range(steps):
+        out.append(engine.forward(torch.tensor([int(out[-1][-1].argmax())]), len(PROMPT) + i))
+    return out
+
+
+@pytest.mark.parametrize("window,memory", [(0, None), (1, None), (4, None), (4, "bind")])
+def test_relu_oracle_sparse_equals_dense(opt, window, memory):
+    if memory == "bind":  # a budget whose caches hold 100 of 160 neurons per layer: LRU evictions, streaming
+        free = plan_memory(opt, None, context=32, predictor_bytes=0, window=window, active_neurons=80)
+        memory = free.planned_bytes - free.cache_bytes + 2 * 100 * opt.bundle_bytes
+    with Engine(opt, mode="dram") as dense:
+        ref = logits_run(dense)
+    with Engine(opt, mode="sparse", use_predictor=False, window=window, memory=memory, context=32) as sparse:
+        got = logits_run(sparse)
+        assert sparse.ffn.counters.neurons_read > 0
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max().item() < 1e-4
+
+
+def test_threshold_sparse_equals_dense_restricted_to_active(llama, tmp_path):
+    import shutil
+
+    store = FlashStore(shutil.copytree(llama.path, tmp_path / "s"))
+    # thresholds dropping roughly half of each layer's neurons on this prompt
+    with Engine(store, mode="dram") as dense:
+        engine_x = []
+        dense.ffn = _Tap(dense.ffn, engine_x)
+        logits_run(dense, steps=0)
+        th = [float(dense.ffn.inner.math.hidden(x, dense.ffn.inner.weights[i]).abs().median())
+              for i, x in enumerate(engine_x)]
+    save_sparsity(store, "threshold", th, None, {})
+    store = FlashStore(store.path)
+    with Engine(store, mode="dram") as masked:
+        from inaflash.sparse import load_sparsity
+
+        spec = load_sparsity(store)
+        masked.ffn = MaskedDenseFFN(masked.ffn, spec, use_predictor=False)
+        ref = logits_run(masked)
+    with Engine(store, mode="dram") as dense:
+        full = logits_run(dense)
+    with Engine(store, mode="sparse", use_predictor=False, window=2, context=32) as sparse:
+        got = logits_run(sparse)
+        frac = sparse.ffn.counters.neurons_needed / (7 * 3 * store.config.intermediate_size)
+    assert 0.2 < frac < 0.8  # the thresholds really drop neurons
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(got, full)) > 1e-3  # and that changes the output
+
+
+class _Tap:
+    def __init__(self, inner, sink):
+        self.inner, self.sink = inner, sink
+
+    def begin_forward(self):
+        pass
+
+    def __call__(self, layer, x):
+        self.sink.append(x.clone())
+        return self.inner(layer, x)
+
+
+def test_reads_are_exactly_the_planned_spans_of_missing_neurons(opt):
+    with Engine(opt, mode="sparse", use_predictor=False, window=3, context=32) as engine:
+        planned = []
+        real_read = engine.ffn.bundles.read
+
+        def recording_read(layer, ids):
+            planned.append(engine.ffn.bundles.plan(layer, ids).nbytes)
+            return real_read(layer, ids)
+
+        engine.ffn.bundles.read = recording_read
+        logits_run(engine)
+        assert engine.reader.stats.bytes == sum(planned) > 0
+
+
+def test_window_cuts_bytes_read_per_token(opt):
+    per_token = {}
+    for window in (0, 4):
+        with Engine(opt, mode="sparse", use_predictor=False, window=window, context=64) as engine:
+            from inaflash.generate import generate_ids
+
+            _, stats = generate_ids(engine, PROMPT, 24, temperature=0.0, stop=set())
+            per_token[window] = stats.bytes_read_per_token
+    assert per_token[4] < 0.8 * per_token[0]
+
+
+def test_planner_refuses_a_budget_below_the_minimum(opt):
+    with pytest.raises(InaflashError, match=r"too small: this model needs at least [0-9.]+ MB"):
+        Engine(opt, mode="sparse", use_predictor=False, memory="10KB", context=32)
+
+
+def test_planner_stays_within_budget(opt):
+    unlimited = plan_memory(opt, None, context=32, predictor_bytes=0, window=4, active_neurons=80)
+    budget = unlimited.planned_bytes - unlimited.cache_bytes + 2 * 100 * opt.bundle_bytes + 1000  # 100 per layer
+    plan = plan_memory(opt, budget, context=32, predictor_bytes=0, window=4, active_neurons=80)
+    assert plan.cache_capacity == 100 and plan.window == 1  # a window of 4 does not fit: it adapts down
+    assert plan.planned_bytes <= budget
+    assert plan.cache_capacity < opt.config.intermediate_size  # the budget really binds
+    with Engine(opt, mode="sparse", use_predictor=False, memory=budget, context=32) as engine:
+        assert engine.ffn.cache_bytes == plan.cache_bytes
+        assert engine.plan.planned_bytes <= budget
+
+
+@pytest.mark.parametrize("spec,expected", [("300MiB", 300 << 20), ("4GB", 4_000_000_000), ("1234", 1234)])
+def test_parse_memory(opt, spec, expected):
+    assert parse_memory(spec, opt) == expected
+
+
+def test_parse_memory_rejects_nonsense(opt):
+    with pytest.raises(InaflashError, match="cannot read memory budget 'lots'"):
+        parse_memory("lots", opt)
