@@ -79,10 +79,12 @@ class _Recorder:
 
 
 class MaskedDenseFFN:
-    """Dense weights in DRAM, output restricted to the selected neurons: quality of a sparsity setting, fast."""
+    """Dense weights in DRAM, output restricted to the selected neurons: quality of a sparsity setting, fast.
+    (The sparse flash path computes the same numbers; tests/test_sparse.py checks it.)"""
 
     def __init__(self, resident: ResidentFFN, sparsity: Sparsity, use_predictor: bool):
         self.resident, self.sparsity, self.use_predictor = resident, sparsity, use_predictor
+        self.selected = self.total = 0
 
     def begin_forward(self) -> None:
         pass
@@ -91,11 +93,15 @@ class MaskedDenseFFN:
         w, math_ = self.resident.weights[layer], self.resident.math
         h = math_.hidden(x, w)
         mask = self.sparsity.predictors[layer](x) if self.use_predictor else self.sparsity.true_active(layer, h)
+        self.selected += int(mask.sum())
+        self.total += mask.numel()
         return math_.output(h * mask, w)
 
 
-def run_chunks(engine: Engine, ids: torch.Tensor, ffn=None, progress: str | None = None) -> float:
-    """Feed `ids` through the model in CHUNK-token passes (fresh KV cache each); return the perplexity."""
+def run_chunks(engine: Engine, ids: torch.Tensor, ffn=None, progress: str | None = None,
+               predictions: list | None = None) -> float:
+    """Feed `ids` through the model in CHUNK-token passes (fresh KV cache each); return the perplexity.
+    With `predictions`, the argmax token at every position is appended to it."""
     if ffn is not None:
         engine.ffn = ffn
         engine.model = None  # rebuilt by reset() around the new FFN
@@ -109,7 +115,39 @@ def run_chunks(engine: Engine, ids: torch.Tensor, ffn=None, progress: str | None
         logits = engine.forward(seg[:-1], 0)
         nll += F.cross_entropy(logits, seg[1:], reduction="sum").item()
         count += len(seg) - 1
+        if predictions is not None:
+            predictions.extend(logits.argmax(-1).tolist())
     return math.exp(nll / count)
+
+
+def evaluate(store_path: str | Path, texts: list[Path] | None = None, tokens: int = 4096,
+             progress: bool = True) -> dict:
+    """Perplexity on held-out text (default: The Devil's Dictionary) for dense, oracle-sparse and
+    predictor-sparse, and how often each picks dense's top token."""
+    from .sparse import load_sparsity
+
+    store = FlashStore(store_path)
+    engine = Engine(store, mode="dram", context=CHUNK + 1)
+    text = read_texts(texts) if texts else heldout_text()
+    ids = token_ids(engine, text, tokens)
+    resident, spec = engine.ffn, load_sparsity(store)
+    runs = {"dense": resident}
+    if spec is not None:
+        runs["oracle"] = MaskedDenseFFN(resident, spec, use_predictor=False)
+        if spec.predictors:
+            runs["predictor"] = MaskedDenseFFN(resident, spec, use_predictor=True)
+    results, dense_top = {}, None
+    for name, ffn in runs.items():
+        top: list[int] = []
+        ppl = run_chunks(engine, ids, ffn, progress=f"eval {name}" if progress else None, predictions=top)
+        dense_top = top if dense_top is None else dense_top
+        results[name] = {
+            "perplexity": ppl, "ppl_increase": ppl / results["dense"]["perplexity"] - 1 if results else 0.0,
+            "top1_agreement_with_dense": sum(a == b for a, b in zip(top, dense_top)) / len(top),
+            "ffn_fraction_computed": ffn.selected / ffn.total if name != "dense" else 1.0,
+        }
+    engine.close()
+    return {"tokens": tokens, "text": [str(t) for t in texts] if texts else str(DEVIL_DICT), "modes": results}
 
 
 def default_rank(hidden: int) -> int:

@@ -25,7 +25,14 @@ def run(
     prompt: str = typer.Argument(..., help="The prompt (sent through the model's chat template unless --raw)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     mode: str = typer.Option("naive", help="dram: whole model in memory (upper bound); "
-                                           "naive: every layer's FFN read from flash for every token."),
+                                           "naive: every layer's FFN read from flash for every token; "
+                                           "sparse: only predicted-active neurons, windowed cache (needs calibrate)."),
+    memory: Optional[str] = typer.Option(None, help="sparse: DRAM budget, e.g. 50% (of the weights), 300MiB, 4GB."),
+    window: int = typer.Option(4, min=0, help="sparse: keep neurons used in the last K tokens (0 = no reuse)."),
+    no_predictor: bool = typer.Option(False, "--no-predictor",
+                                      help="sparse: use the true active set (oracle; holds the FFN: measuring only)."),
+    context: Optional[int] = typer.Option(None, min=2, help="Tokens of context to plan the KV cache for "
+                                                             "(default 1024, capped by the model)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
     temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
@@ -38,7 +45,8 @@ def run(
     from .generate import generate
     from .loader import load
 
-    with load(model, mode=mode, dtype=dtype) as engine:
+    options = dict(memory=memory, window=window, use_predictor=not no_predictor, context=context)
+    with load(model, mode=mode, dtype=dtype, **options) as engine:
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -70,6 +78,48 @@ def convert(
     print(f"wrote {out}: resident {store.resident_bytes / 1e6:.1f} MB, FFN {store.ffn_bytes / 1e6:.1f} MB "
           f"({store.config.num_layers} layers x {store.config.intermediate_size} bundles of "
           f"{store.bundle_bytes} bytes)")
+
+
+@app.command()
+def calibrate(
+    store: Path = typer.Argument(..., help="A store directory (calibration is saved into it)."),
+    text: Optional[list[Path]] = typer.Option(None, help="Calibration text file(s). Default: pydoc_data.topics."),
+    sparsity: Optional[float] = typer.Option(None, help="Fraction of FFN neurons to drop per layer (default 0.5)."),
+    max_ppl_increase: Optional[str] = typer.Option(
+        None, help="Instead of --sparsity: the largest sparsity whose validation perplexity stays within this "
+                   "increase, e.g. 3%."),
+    rank: Optional[int] = typer.Option(None, min=1, help="Predictor rank (default hidden/8)."),
+    tokens: int = typer.Option(8192, min=256, help="Calibration tokens to record."),
+):
+    """Calibrate per-layer activation thresholds and train the low-rank predictors (saved into the store)."""
+    from .calibrate import calibrate as run_calibration
+
+    bound = None
+    if max_ppl_increase is not None:
+        try:
+            bound = float(max_ppl_increase.rstrip("%")) / (100 if max_ppl_increase.endswith("%") else 1)
+        except ValueError:
+            raise InaflashError(f"cannot read --max-ppl-increase {max_ppl_increase!r}: use e.g. 3%") from None
+    report = run_calibration(store, texts=text, sparsity=sparsity, max_ppl_increase=bound, rank=rank, tokens=tokens)
+    layers = report.pop("layers")
+    print(json.dumps(report, indent=1))
+    print("layer  threshold  recall  precision  predicted  true")
+    for i, m in enumerate(layers):
+        print(f"{i:5d}  {m['threshold']:9.4f}  {m['recall']:6.3f}  {m['precision']:9.3f}  "
+              f"{m['predicted_fraction']:9.3f}  {m['true_fraction']:.3f}")
+
+
+@app.command("eval")
+def evaluate(
+    store: Path = typer.Argument(..., help="A store directory."),
+    text: Optional[list[Path]] = typer.Option(None, help="Held-out text file(s). Default: The Devil's Dictionary "
+                                                          "(apt-get install dict-devil)."),
+    tokens: int = typer.Option(4096, min=64, help="Tokens of text to score."),
+):
+    """Perplexity on held-out text for dense, oracle-sparse and predictor-sparse, and top-1 agreement with dense."""
+    from .calibrate import evaluate as run_eval
+
+    print(json.dumps(run_eval(store, texts=text, tokens=tokens), indent=1))
 
 
 @app.command()

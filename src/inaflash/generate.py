@@ -23,6 +23,13 @@ class GenerationStats:
     bytes_read_per_token: float = 0.0
     reads_per_token: float = 0.0
     decode_steps: int = 0
+    # sparse mode only (None otherwise)
+    neurons_read_per_token: float | None = None
+    cache_hit_rate: float | None = None  # needed neurons found in the neuron cache
+    predictor_ms_per_token: float | None = None
+    peak_cache_bytes: int | None = None  # the neuron caches are preallocated: this is their fixed size
+    budget_bytes: int | None = None
+    planned_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -82,6 +89,7 @@ def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, tempera
 
     out: list[int] = []
     io0, t_decode = engine.reader.stats.copy(), 0.0
+    sparse0 = engine.ffn.counters.copy() if hasattr(engine.ffn, "counters") else None
     pos = len(prompt_ids)
     while True:
         token = sample(logits, temperature, top_p, generator)
@@ -104,6 +112,15 @@ def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, tempera
     stats.compute_ms_per_token = stats.ms_per_token - stats.io_ms_per_token
     stats.bytes_read_per_token = io.bytes / steps
     stats.reads_per_token = io.requests / steps
+    if sparse0 is not None:
+        c = engine.ffn.counters
+        read, needed = c.neurons_read - sparse0.neurons_read, c.neurons_needed - sparse0.neurons_needed
+        stats.neurons_read_per_token = read / steps
+        stats.cache_hit_rate = 1 - read / needed if needed else 0.0
+        stats.predictor_ms_per_token = (c.predictor_s - sparse0.predictor_s) * 1e3 / steps
+        stats.peak_cache_bytes = engine.ffn.cache_bytes
+    if engine.plan is not None:
+        stats.budget_bytes, stats.planned_bytes = engine.plan.budget_bytes, engine.plan.planned_bytes
     return out, stats
 
 

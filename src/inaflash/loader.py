@@ -65,8 +65,10 @@ def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, p
     return FlashStore(target)
 
 
-def load(model: str | Path | None = None, mode: str = "naive", dtype: str = DEFAULT_DTYPE):
-    """Open (converting on first use) a model and return an Engine ready to generate."""
+def load(model: str | Path | None = None, mode: str = "naive", dtype: str = DEFAULT_DTYPE, **engine_options):
+    """Open (converting on first use) a model and return an Engine ready to generate.
+
+    engine_options: memory ("50%", "300MiB", bytes), window, use_predictor, context (see Engine)."""
     from .engine import Engine
 
-    return Engine(resolve_store(model, dtype), mode=mode)
+    return Engine(resolve_store(model, dtype), mode=mode, **engine_options)

@@ -1,0 +1,49 @@
+"""Calibration on the real model: thresholds hit the target, predictors reach their recall on held-out pairs,
+results land in the store atomically, and sparse mode then reads only what it needs."""
+
+import json
+import shutil
+
+import pytest
+
+from inaflash.calibrate import calibrate
+from inaflash.engine import Engine
+from inaflash.generate import generate_ids
+from inaflash.store import FlashStore
+
+
+@pytest.fixture(scope="module")
+def calibrated(smollm2_store_f16, tmp_path_factory):
+    path = shutil.copytree(smollm2_store_f16, tmp_path_factory.mktemp("cal") / "store")
+    report = calibrate(path, sparsity=0.5, tokens=1024, val_tokens=256, rank=32, progress=False)
+    return path, report
+
+
+def test_report_and_store(calibrated):
+    path, report = calibrated
+    store = FlashStore(path)  # reopens: sizes of every file (the new sparsity file too) match the manifest
+    store.verify()
+    entry = store.manifest["sparsity"]
+    assert entry["kind"] == "threshold" and entry["target_sparsity"] == 0.5
+    assert len(entry["thresholds"]) == len(entry["predictor"]["tau"]) == store.config.num_layers
+    for layer in report["layers"]:
+        assert layer["true_fraction"] == pytest.approx(0.5, abs=0.05)  # measured on held-out pairs
+        assert layer["recall"] >= 0.9
+        assert layer["predicted_fraction"] >= layer["true_fraction"] * layer["recall"]
+    ppl = report["perplexity"]
+    assert ppl["dense"] < ppl["oracle"] < ppl["dense"] * 1.5
+    assert not list(path.glob(".*tmp"))  # no temp files left
+    print("\n" + json.dumps({k: v for k, v in report.items() if k != "layers"}))
+
+
+def test_sparse_mode_reads_a_fraction_of_naive(calibrated):
+    path, _ = calibrated
+    store = FlashStore(path)
+    prompt = [1, 504, 3458, 282, 2593, 30, 253, 1345]
+    with Engine(store, mode="sparse", window=4, context=64) as engine:
+        _, stats = generate_ids(engine, prompt, 16, temperature=0.0, stop=set())
+    print(f"\nsparse (predictor, window 4): {stats.bytes_read_per_token / store.ffn_read_bytes:.1%} of naive's bytes "
+          f"per token, cache hit rate {stats.cache_hit_rate:.2f}")
+    assert stats.bytes_read_per_token < 0.5 * store.ffn_read_bytes
+    assert stats.neurons_read_per_token < store.config.num_layers * store.config.intermediate_size
+    assert stats.predictor_ms_per_token > 0
