@@ -9,11 +9,9 @@ from inaflash.cache import NeuronCache
 from inaflash.calibrate import MaskedDenseFFN, save_sparsity
 from inaflash.engine import Engine
 from inaflash.errors import InaflashError
-from inaflash.ffn import ResidentFFN
 from inaflash.planner import parse_memory, plan_memory
 from inaflash.reader import BundleReader, FlashReader
 from inaflash.sources import open_source
-from inaflash.sparse import Sparsity
 from inaflash.store import FlashStore, write_store
 from tiny import make_tiny
 

@@ -5,7 +5,6 @@ Only safetensors and GGUF readers are used: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -175,7 +174,3 @@ def _gguf_to_hf(name: str) -> str | None:
         if rest in _GGUF_LAYER:
             return f"model.layers.{layer}.{_GGUF_LAYER[rest]}"
     return None  # e.g. rope_freqs: derived from the config instead
-
-
-def hf_config_json(source: ModelSource) -> str:
-    return json.dumps(source.hf_config, indent=2, sort_keys=True, default=str)
