@@ -27,7 +27,7 @@ def test_report_and_store(calibrated):
     assert entry["kind"] == "threshold" and entry["target_sparsity"] == 0.5
     assert len(entry["thresholds"]) == len(entry["predictor"]["tau"]) == store.config.num_layers
     for layer in report["layers"]:
-        assert layer["true_fraction"] == pytest.approx(0.5, abs=0.05)  # measured on held-out pairs
+        assert layer["true_fraction"] == pytest.approx(1 - 0.5, abs=0.05)  # kept active, on held-out pairs
         assert layer["recall"] >= 0.9
         assert layer["predicted_fraction"] >= layer["true_fraction"] * layer["recall"]
     ppl = report["perplexity"]
@@ -47,3 +47,18 @@ def test_sparse_mode_reads_a_fraction_of_naive(calibrated):
     assert stats.bytes_read_per_token < 0.5 * store.ffn_read_bytes
     assert stats.neurons_read_per_token < store.config.num_layers * store.config.intermediate_size
     assert stats.predictor_ms_per_token > 0
+
+
+def test_max_ppl_increase_picks_the_largest_level_within_the_bound(smollm2_store_f16, tmp_path):
+    from inaflash.calibrate import GRID
+
+    path = shutil.copytree(smollm2_store_f16, tmp_path / "store")
+    report = calibrate(path, max_ppl_increase=0.05, tokens=512, val_tokens=256, rank=16, progress=False)
+    ppl, target = report["perplexity"], report["target_sparsity"]
+    bound = ppl["dense"] * 1.05
+    tried = {float(k): v for k, v in ppl["search"].items()}
+    assert tried[target] <= bound and ppl["oracle"] == pytest.approx(tried[target])
+    above = [level for level in GRID if level > target]
+    if above:  # the binary search tried the next level up and it broke the bound
+        assert tried[above[0]] > bound
+    assert all(layer["true_fraction"] == pytest.approx(1 - target, abs=0.05) for layer in report["layers"])

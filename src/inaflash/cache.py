@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .ffn import DOWN
 from .store import FlashStore
 
 
@@ -19,7 +20,7 @@ class NeuronCache:
         cfg = store.config
         self.neurons, self.capacity, self.window = cfg.intermediate_size, capacity, window
         self.family = cfg.family
-        self.down_start = store.fields["fc2" if cfg.family == "opt" else "down"][0]
+        self.down_start = store.fields[DOWN[cfg.family]][0]
         self.rows = torch.zeros(capacity, self.down_start, dtype=store.dtype)
         self.down_t = torch.zeros(cfg.hidden_size, capacity, dtype=store.dtype)
         self.neuron_of_slot = torch.full((capacity,), -1, dtype=torch.long)
@@ -62,7 +63,6 @@ class NeuronCache:
         holes = slots[slots < new_n]  # freed slots inside the new live block
         tail = torch.arange(new_n, self.n)
         movers = tail[self.neuron_of_slot[tail] >= 0]  # survivors beyond the new end: as many as holes
-        holes = torch.sort(holes).values
         self.rows[holes] = self.rows[movers]
         self.down_t[:, holes] = self.down_t[:, movers]
         self.last_used[holes] = self.last_used[movers]

@@ -175,12 +175,13 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
     recorder.inputs = None
     math_ = FFNMath(store)
 
-    def thresholds_at(target: float) -> list[float]:
-        out = []
+    def thresholds_at(targets: list[float]) -> dict[float, list[float]]:
+        """Per-layer |h| thresholds dropping each target fraction: one activation pass and one sort per layer."""
+        out = {t: [] for t in targets}
         for layer, x in enumerate(xs):
-            h = math_.hidden(x, resident.weights[layer]).abs().flatten()
-            k = max(1, min(h.numel(), int(target * h.numel())))
-            out.append(float(torch.kthvalue(h, k).values) if target > 0 else 0.0)
+            h = math_.hidden(x, resident.weights[layer]).abs().flatten().sort().values
+            for t in targets:
+                out[t].append(float(h[max(1, min(h.numel(), int(t * h.numel()))) - 1]) if t > 0 else 0.0)
         return out
 
     ppl = {"dense": run_chunks(engine, val, resident, progress="dense perplexity" if progress else None)}
@@ -188,11 +189,12 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
         kind, target, thresholds = "relu", None, [0.0] * cfg.num_layers
     elif max_ppl_increase is not None:
         kind, bound = "threshold", ppl["dense"] * (1 + max_ppl_increase)
+        grid = thresholds_at(GRID)
         lo, hi, best = 0, len(GRID) - 1, None  # binary search: perplexity grows with sparsity
         tried = {}
         while lo <= hi:
             mid = (lo + hi) // 2
-            th = thresholds_at(GRID[mid])
+            th = grid[GRID[mid]]
             p = run_chunks(engine, val, MaskedDenseFFN(resident, Sparsity("threshold", th), False))
             tried[GRID[mid]] = p
             if p <= bound:
@@ -206,7 +208,7 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
         ppl["search"] = {str(k): v for k, v in sorted(tried.items())}
     else:
         kind, target = "threshold", 0.5 if sparsity is None else sparsity
-        thresholds = thresholds_at(target)
+        thresholds = thresholds_at([target])[target]
 
     spec = Sparsity(kind, thresholds)
     ppl["oracle"] = run_chunks(engine, val, MaskedDenseFFN(resident, spec, False))

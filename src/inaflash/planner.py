@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .errors import InaflashError
 from .store import FlashStore
@@ -55,9 +55,6 @@ class MemoryPlan:
     def planned_bytes(self) -> int:
         return self.resident_bytes + self.predictor_bytes + self.kv_bytes + self.staging_bytes + self.cache_bytes
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "planned_bytes": self.planned_bytes}
-
 
 def kv_bytes(store: FlashStore, context: int) -> int:
     c = store.config
@@ -70,23 +67,23 @@ def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_b
     c = store.config
     n, per_neuron = c.intermediate_size, store.bundle_bytes  # cache rows + transposed down column = one bundle
     staging = min(max(e.span for e in store.layers), STAGING_BYTES)
-    fixed = store.resident_bytes + predictor_bytes + kv_bytes(store, context) + staging
+    kv = kv_bytes(store, context)
+    fixed = store.resident_bytes + predictor_bytes + kv + staging
     if budget is None:
         capacity = n
     else:
         capacity = min(n, max(0, budget - fixed) // (c.num_layers * per_neuron))
         if capacity < active_neurons:
-            minimum = fixed + c.num_layers * active_neurons * per_neuron
+            caches = c.num_layers * active_neurons * per_neuron
             raise InaflashError(
-                f"memory budget {budget / 1e6:.1f} MB is too small: this model needs at least {minimum / 1e6:.1f} MB "
-                f"(resident {store.resident_bytes / 1e6:.1f} + predictors {predictor_bytes / 1e6:.1f} + "
-                f"KV cache for {context} tokens {kv_bytes(store, context) / 1e6:.1f} + staging {staging / 1e6:.1f} + "
-                f"neuron caches {c.num_layers * active_neurons * per_neuron / 1e6:.1f} MB for {active_neurons} "
-                f"neurons per layer)")
+                f"memory budget {budget / 1e6:.1f} MB is too small: this model needs at least "
+                f"{(fixed + caches) / 1e6:.1f} MB (resident {store.resident_bytes / 1e6:.1f} + predictors "
+                f"{predictor_bytes / 1e6:.1f} + KV cache for {context} tokens {kv / 1e6:.1f} + staging "
+                f"{staging / 1e6:.1f} + neuron caches {caches / 1e6:.1f} MB for {active_neurons} neurons per layer)")
+    cache_bytes = c.num_layers * capacity * per_neuron
     effective = window if window == 0 else max(1, min(window, capacity // max(active_neurons, 1)))
-    return MemoryPlan(budget or fixed + c.num_layers * capacity * per_neuron, store.resident_bytes,
-                      predictor_bytes, kv_bytes(store, context), staging, capacity, effective,
-                      c.num_layers * capacity * per_neuron)
+    return MemoryPlan(budget or fixed + cache_bytes, store.resident_bytes, predictor_bytes, kv, staging, capacity,
+                      effective, cache_bytes)
 
 
 def active_neurons_per_token(store: FlashStore, sparsity) -> int:

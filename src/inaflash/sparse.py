@@ -62,7 +62,6 @@ class SparseCounters:
     neurons_needed: int = 0
     neurons_read: int = 0
     predictor_s: float = 0.0
-    streamed_steps: int = 0  # layer steps whose active set exceeded the cache and were streamed through staging
 
     def copy(self) -> "SparseCounters":
         return SparseCounters(**self.__dict__)
@@ -113,7 +112,6 @@ class SparseFlashFFN:
 
     def _stream(self, layer: int, x: torch.Tensor, active: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
         """More neurons than the cache holds (a long prompt): read them in groups and sum the partial FFNs."""
-        self.counters.streamed_steps += 1
         out = None
         down_start = self.caches[layer].down_start
         for group in needed.split(self.caches[layer].capacity):
