@@ -116,12 +116,78 @@ def test_threshold_sparse_equals_dense_restricted_to_active(llama, tmp_path):
         ref = logits_run(masked)
     with Engine(store, mode="dram") as dense:
         full = logits_run(dense)
-    with Engine(store, mode="sparse", use_predictor=False, window=2, context=32) as sparse:
+    with Engine(store, mode="sparse", use_predictor=False, window=2, context=32, compute="active") as sparse:
         got = logits_run(sparse)
         frac = sparse.ffn.counters.neurons_needed / (7 * 3 * store.config.intermediate_size)
     assert 0.2 < frac < 0.8  # the thresholds really drop neurons
     assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-4
     assert max((a - b).abs().max().item() for a, b in zip(got, full)) > 1e-3  # and that changes the output
+
+
+@pytest.fixture
+def thresholded_llama(llama, tmp_path):
+    """The tiny Llama with thresholds dropping about half of each layer's neurons on PROMPT."""
+    import shutil
+
+    store = FlashStore(shutil.copytree(llama.path, tmp_path / "s"))
+    with Engine(store, mode="dram") as dense:
+        xs = []
+        dense.ffn = _Tap(dense.ffn, xs)
+        logits_run(dense, steps=0)
+        th = [float(dense.ffn.inner.math.hidden(x, dense.ffn.inner.weights[i]).abs().median())
+              for i, x in enumerate(xs)]
+    save_sparsity(store, "threshold", th, None, {})
+    return FlashStore(store.path)
+
+
+def test_cached_compute_is_dense_restricted_to_the_cache(thresholded_llama):
+    """compute="cached": each step's FFN output is the dense FFN over exactly the neurons the cache then holds."""
+    store = thresholded_llama
+    with Engine(store, mode="dram") as dense, \
+            Engine(store, mode="sparse", use_predictor=False, window=3, context=32, compute="cached") as sparse:
+        ffn, ref = sparse.ffn, dense.ffn
+        checked, beyond_active = [], 0
+
+        def checking_call(layer, x, inner=ffn.__call__):
+            nonlocal beyond_active
+            out = inner(layer, x)
+            w = ref.weights[layer]
+            mask = torch.zeros(store.config.intermediate_size, dtype=torch.bool)
+            mask[ffn.caches[layer].live_neurons()] = True
+            h = ref.math.hidden(x, w)
+            expected = ref.math.output(h * mask, w)
+            checked.append((out - expected).abs().max().item())
+            beyond_active += int((mask & ~ffn.sparsity.true_active(layer, h).any(0)).sum())
+            return out
+
+        sparse.ffn = _Callable(ffn, checking_call)
+        logits_run(sparse)
+    assert len(checked) == 7 * store.config.num_layers and max(checked) < 1e-5
+    assert beyond_active > 0  # the window really adds neurons beyond this token's active set
+
+
+class _Callable:
+    """`ffn` with its __call__ replaced (the model calls ffn(layer, x) and ffn.begin_forward())."""
+
+    def __init__(self, ffn, call):
+        self.ffn, self.call = ffn, call
+
+    def begin_forward(self):
+        self.ffn.begin_forward()
+
+    def __call__(self, layer, x):
+        return self.call(layer, x)
+
+
+@given(st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=1, max_size=9), st.integers(0, 5))
+def test_window_union_is_the_or_of_the_last_k_rows(rows, window):
+    from inaflash.sparse import window_union
+
+    mask = torch.tensor(rows)
+    got = window_union(mask, window)
+    for t in range(len(rows)):
+        expected = mask[max(0, t - max(window, 1) + 1): t + 1].any(0)
+        assert torch.equal(got[t], expected)
 
 
 class _Tap:
@@ -142,12 +208,35 @@ def test_reads_are_exactly_the_planned_spans_of_missing_neurons(opt):
         real_read = engine.ffn.bundles.read
 
         def recording_read(layer, ids):
-            planned.append(engine.ffn.bundles.plan(layer, ids).nbytes)
+            planned.append(engine.ffn.bundles.planned_bytes(layer, ids))
             return real_read(layer, ids)
 
         engine.ffn.bundles.read = recording_read
         logits_run(engine)
         assert engine.reader.stats.bytes == sum(planned) > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_unbundled_layout_reads_the_same_bundles_in_more_requests(kind, tmp_path):
+    """--no-bundling: the same rows come back (and the same logits), but each neuron costs one read per field."""
+    make_tiny(kind, tmp_path / "hf")
+    stores = {layout: FlashStore(write_store(open_source(tmp_path / "hf"), tmp_path / layout, dtype="float32",
+                                             progress=False, layout=layout))
+              for layout in ("bundled", "unbundled")}
+    ids = torch.tensor([0, 1, 2, 7, 40, 41, 90, 150, 159])
+    got, requests = {}, {}
+    for layout, store in stores.items():
+        with FlashReader(store.ffn_path) as r:
+            got[layout] = BundleReader(store, r, max_gap=0).read(1, ids)
+            requests[layout] = r.stats.requests
+    assert torch.equal(got["bundled"], got["unbundled"])
+    assert requests["unbundled"] > requests["bundled"]
+    logits = {}
+    for layout, store in stores.items():
+        with Engine(store, mode="naive") as engine:
+            logits[layout] = logits_run(engine, steps=3)
+    # (float32 sums may round differently: the unbundled views are contiguous, the bundled ones strided)
+    assert max((a - b).abs().max().item() for a, b in zip(logits["bundled"], logits["unbundled"])) < 1e-5
 
 
 def test_window_cuts_bytes_read_per_token(opt):

@@ -21,11 +21,16 @@ def read_layer(store: FlashStore, layer: int, direct=True) -> torch.Tensor:
     return buf
 
 
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
 @pytest.mark.parametrize("kind", ["llama", "opt"])
-def test_bundles_round_trip(kind, tmp_path):
+def test_bundles_round_trip(kind, layout, tmp_path):
     make_tiny(kind, tmp_path / "hf")
     src = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    store = FlashStore(write_store(open_source(tmp_path / "hf"), tmp_path / "s", dtype="float32", progress=False))
+    store = FlashStore(write_store(open_source(tmp_path / "hf"), tmp_path / "s", dtype="float32", progress=False,
+                                   layout=layout))
+    assert store.layout == layout
+    if layout == "unbundled":
+        assert all(offset % 4096 == 0 for offset in store.blocks.values()) and len(store.blocks) == 3
     rng = random.Random(0)
     for layer in range(store.config.num_layers):
         assert store.layers[layer].offset % 4096 == 0

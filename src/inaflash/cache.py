@@ -28,6 +28,12 @@ class NeuronCache:
         self.last_used = torch.zeros(capacity, dtype=torch.long)  # step at which each slot's neuron was last needed
         self.n = 0
         self.nbytes = (self.rows.numel() + self.down_t.numel()) * self.rows.element_size()
+        # eviction moves raw bytes: torch's index_put on float16 is slow, so rows move as the widest integers
+        # their byte width allows, and down_t's columns through numpy fancy indexing (3-6x faster here)
+        row_bytes = self.down_start * self.rows.element_size()
+        word = next(t for t in (torch.int64, torch.int32, torch.int16, torch.uint8) if row_bytes % t.itemsize == 0)
+        self._rows_raw = self.rows.view(word)
+        self._down_raw = self.down_t.view(torch.int16 if self.down_t.element_size() == 2 else torch.int32).numpy()
 
     def live_neurons(self) -> torch.Tensor:
         return self.neuron_of_slot[: self.n]
@@ -63,8 +69,8 @@ class NeuronCache:
         holes = slots[slots < new_n]  # freed slots inside the new live block
         tail = torch.arange(new_n, self.n)
         movers = tail[self.neuron_of_slot[tail] >= 0]  # survivors beyond the new end: as many as holes
-        self.rows[holes] = self.rows[movers]
-        self.down_t[:, holes] = self.down_t[:, movers]
+        self._rows_raw.index_copy_(0, holes, self._rows_raw.index_select(0, movers))
+        self._down_raw[:, holes.numpy()] = self._down_raw[:, movers.numpy()]
         self.last_used[holes] = self.last_used[movers]
         moved = self.neuron_of_slot[movers]
         self.neuron_of_slot[holes] = moved

@@ -3,9 +3,10 @@
 1. Run the dense model over calibration text (pydoc_data.topics, shipped with Python) and record every layer's
    FFN input.
 2. SwiGLU: per layer, the threshold on |act(gate x) * (up x)| that drops the target fraction of neurons (CATS/TEAL
-   style, training-free). ReLU (OPT): exact zeros, nothing to choose. With --max-ppl-increase the largest target
-   whose perplexity on a validation slice of the calibration text stays within the bound is picked.
-3. Per layer, a low-rank predictor trained on (FFN input, active mask) pairs.
+   style, training-free). ReLU (OPT): exact zeros, nothing to choose.
+3. Per layer, a low-rank predictor trained on (FFN input, active mask) pairs. With --max-ppl-increase, steps 2-3
+   are repeated in a binary search for the largest sparsity whose perplexity *as sparse mode runs it* (predictors,
+   window) on a validation slice of the calibration text stays within the bound.
 4. Save thresholds, predictors and the report into the store; the manifest is replaced atomically.
 Held-out evaluation text (The Devil's Dictionary) is never used here.
 """
@@ -27,7 +28,7 @@ from .engine import Engine
 from .errors import InaflashError
 from .ffn import FFNMath, ResidentFFN
 from .predictor import Predictor, train_predictor
-from .sparse import SPARSITY_FILE, Sparsity
+from .sparse import SPARSITY_FILE, Sparsity, window_union
 from .store import FlashStore
 
 DEVIL_DICT = Path("/usr/share/dictd/devil.dict.dz")
@@ -80,10 +81,12 @@ class _Recorder:
 
 class MaskedDenseFFN:
     """Dense weights in DRAM, output restricted to the selected neurons: quality of a sparsity setting, fast.
-    (The sparse flash path computes the same numbers; tests/test_sparse.py checks it.)"""
+    window > 1 selects, for each token, the union of the last `window` tokens' selections: sparse mode's default
+    compute="cached" while decoding with room for the window. (tests/test_sparse.py checks the sparse flash path
+    computes the same numbers.)"""
 
-    def __init__(self, resident: ResidentFFN, sparsity: Sparsity, use_predictor: bool):
-        self.resident, self.sparsity, self.use_predictor = resident, sparsity, use_predictor
+    def __init__(self, resident: ResidentFFN, sparsity: Sparsity, use_predictor: bool, window: int = 1):
+        self.resident, self.sparsity, self.use_predictor, self.window = resident, sparsity, use_predictor, window
         self.selected = self.total = 0
 
     def begin_forward(self) -> None:
@@ -93,6 +96,7 @@ class MaskedDenseFFN:
         w, math_ = self.resident.weights[layer], self.resident.math
         h = math_.hidden(x, w)
         mask = self.sparsity.predictors[layer](x) if self.use_predictor else self.sparsity.true_active(layer, h)
+        mask = window_union(mask, self.window)
         self.selected += int(mask.sum())
         self.total += mask.numel()
         return math_.output(h * mask, w)
@@ -120,10 +124,11 @@ def run_chunks(engine: Engine, ids: torch.Tensor, ffn=None, progress: str | None
     return math.exp(nll / count)
 
 
-def evaluate(store_path: str | Path, texts: list[Path] | None = None, tokens: int = 4096,
+def evaluate(store_path: str | Path, texts: list[Path] | None = None, tokens: int = 4096, window: int = 4,
              progress: bool = True) -> dict:
-    """Perplexity on held-out text (default: The Devil's Dictionary) for dense, oracle-sparse and
-    predictor-sparse, and how often each picks dense's top token."""
+    """Perplexity on held-out text (default: The Devil's Dictionary) and how often dense's top token is kept, for:
+    dense; oracle (true active set); predictor (this token's predicted set: the paper's); and predictor+window
+    (sparse mode's default: every neuron of the last `window` tokens' predictions, compute="cached")."""
     from .sparse import load_sparsity
 
     store = FlashStore(store_path)
@@ -136,6 +141,8 @@ def evaluate(store_path: str | Path, texts: list[Path] | None = None, tokens: in
         runs["oracle"] = MaskedDenseFFN(resident, spec, use_predictor=False)
         if spec.predictors:
             runs["predictor"] = MaskedDenseFFN(resident, spec, use_predictor=True)
+            if window > 1:
+                runs[f"predictor+window{window}"] = MaskedDenseFFN(resident, spec, True, window)
     results, dense_top = {}, None
     for name, ffn in runs.items():
         top: list[int] = []
@@ -156,11 +163,13 @@ def default_rank(hidden: int) -> int:
 
 def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity: float | None = None,
               max_ppl_increase: float | None = None, rank: int | None = None, tokens: int = 8192,
-              val_tokens: int = 2048, recall: float = 0.95, progress: bool = True) -> dict:
+              val_tokens: int = 2048, recall: float = 0.95, window: int = 4, progress: bool = True) -> dict:
     store = FlashStore(store_path)
     cfg = store.config
     if sparsity is not None and not 0 <= sparsity < 1:
         raise InaflashError("--sparsity must be in [0, 1)")
+    if max_ppl_increase is not None and max_ppl_increase <= 0:
+        raise InaflashError("--max-ppl-increase must be positive, e.g. 3%")
     relu = cfg.hidden_act == "relu"
     engine = Engine(store, mode="dram", context=CHUNK + 1)
     if engine.tokenizer is None:
@@ -174,6 +183,7 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
     xs = [torch.cat(r) for r in recorder.inputs]
     recorder.inputs = None
     math_ = FFNMath(store)
+    rank = rank or default_rank(cfg.hidden_size)
 
     def thresholds_at(targets: list[float]) -> dict[float, list[float]]:
         """Per-layer |h| thresholds dropping each target fraction: one activation pass and one sort per layer."""
@@ -184,53 +194,62 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
                 out[t].append(float(h[max(1, min(h.numel(), int(t * h.numel()))) - 1]) if t > 0 else 0.0)
         return out
 
+    def with_predictors(spec: Sparsity, desc: str) -> list[dict]:
+        """Train each layer's predictor for `spec`'s active sets; returns per-layer metrics (held-out pairs)."""
+        spec.predictors, layers = [], []
+        for layer in tqdm(range(cfg.num_layers), desc=desc, disable=not progress, leave=False):
+            x = xs[layer]
+            mask = spec.true_active(layer, math_.hidden(x, resident.weights[layer]))
+            pred, metrics = train_predictor(x, mask, rank, recall_target=recall)
+            spec.predictors.append(Predictor(pred.down.to(store.dtype), pred.up.to(store.dtype), pred.bias, pred.tau))
+            layers.append({"threshold": spec.thresholds[layer], **metrics.__dict__})
+        return layers
+
+    def deployed_ppl(spec: Sparsity) -> float:
+        """Validation perplexity as sparse mode runs by default: predictor, compute over the window's cache."""
+        return run_chunks(engine, val, MaskedDenseFFN(resident, spec, True, window))
+
     ppl = {"dense": run_chunks(engine, val, resident, progress="dense perplexity" if progress else None)}
     if relu:
-        kind, target, thresholds = "relu", None, [0.0] * cfg.num_layers
+        target, spec = None, Sparsity("relu", [0.0] * cfg.num_layers)
+        layers = with_predictors(spec, "train predictors")
     elif max_ppl_increase is not None:
-        kind, bound = "threshold", ppl["dense"] * (1 + max_ppl_increase)
+        # binary search over GRID for the largest sparsity whose *deployed* perplexity (predictors trained for
+        # that level, window union) stays within the bound; perplexity grows with sparsity
+        bound = ppl["dense"] * (1 + max_ppl_increase)
         grid = thresholds_at(GRID)
-        lo, hi, best = 0, len(GRID) - 1, None  # binary search: perplexity grows with sparsity
-        tried = {}
+        lo, hi, best, tried = 0, len(GRID) - 1, None, {}
         while lo <= hi:
             mid = (lo + hi) // 2
-            th = grid[GRID[mid]]
-            p = run_chunks(engine, val, MaskedDenseFFN(resident, Sparsity("threshold", th), False))
-            tried[GRID[mid]] = p
-            if p <= bound:
-                best, lo = (GRID[mid], th), mid + 1
+            spec = Sparsity("threshold", grid[GRID[mid]])
+            layers = with_predictors(spec, f"sparsity {GRID[mid]:.2f}: train predictors")
+            tried[GRID[mid]] = deployed_ppl(spec)
+            if tried[GRID[mid]] <= bound:
+                best, lo = (GRID[mid], spec, layers), mid + 1
             else:
                 hi = mid - 1
         if best is None:
             raise InaflashError(f"no sparsity >= {GRID[0]} keeps perplexity within +{max_ppl_increase:.1%} "
                                 f"(tried {tried})")
-        target, thresholds = best
+        target, spec, layers = best
         ppl["search"] = {str(k): v for k, v in sorted(tried.items())}
     else:
-        kind, target = "threshold", 0.5 if sparsity is None else sparsity
-        thresholds = thresholds_at([target])[target]
+        target = 0.5 if sparsity is None else sparsity
+        spec = Sparsity("threshold", thresholds_at([target])[target])
+        layers = with_predictors(spec, "train predictors")
 
-    spec = Sparsity(kind, thresholds)
     ppl["oracle"] = run_chunks(engine, val, MaskedDenseFFN(resident, spec, False))
-    rank = rank or default_rank(cfg.hidden_size)
-    predictors, layers = [], []
-    for layer in tqdm(range(cfg.num_layers), desc="train predictors", disable=not progress):
-        x = xs[layer]
-        mask = spec.true_active(layer, math_.hidden(x, resident.weights[layer]))
-        pred, metrics = train_predictor(x, mask, rank, recall_target=recall)
-        pred = Predictor(pred.down.to(store.dtype), pred.up.to(store.dtype), pred.bias, pred.tau)
-        predictors.append(pred)
-        layers.append({"threshold": thresholds[layer], **metrics.__dict__})
-    spec.predictors = predictors
     ppl["predictor"] = run_chunks(engine, val, MaskedDenseFFN(resident, spec, True))
+    ppl[f"predictor+window{window}"] = deployed_ppl(spec)
     engine.close()
 
+    predictors = spec.predictors
     report = {
-        "target_sparsity": target, "max_ppl_increase": max_ppl_increase, "rank": rank, "recall_target": recall,
-        "calibration_tokens": tokens, "validation_tokens": val_tokens, "perplexity": ppl, "layers": layers,
-        "predictor_bytes": sum(p.nbytes for p in predictors),
+        "target_sparsity": target, "max_ppl_increase": max_ppl_increase, "window": window, "rank": rank,
+        "recall_target": recall, "calibration_tokens": tokens, "validation_tokens": val_tokens, "perplexity": ppl,
+        "layers": layers, "predictor_bytes": sum(p.nbytes for p in predictors),
     }
-    save_sparsity(store, kind, thresholds, predictors, report)
+    save_sparsity(store, spec.kind, spec.thresholds, predictors, report)
     return report
 
 

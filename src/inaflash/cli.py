@@ -31,6 +31,12 @@ def run(
     window: int = typer.Option(4, min=0, help="sparse: keep neurons used in the last K tokens (0 = no reuse)."),
     no_predictor: bool = typer.Option(False, "--no-predictor",
                                       help="sparse: use the true active set (oracle; holds the FFN: measuring only)."),
+    compute: str = typer.Option("cached", help="sparse: cached = every neuron in the window cache (no extra I/O, "
+                                               "closer to dense); active = only this token's selected neurons "
+                                               "(the paper's definition)."),
+    no_bundling: bool = typer.Option(False, "--no-bundling",
+                                     help="Read gate, up and down of each neuron separately (ablation): needs a store "
+                                          "from `convert --unbundled`; a GGUF/HF --model is converted so."),
     context: Optional[int] = typer.Option(None, min=2, help="Tokens of context to plan the KV cache for "
                                                              "(default 1024, capped by the model)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
@@ -45,8 +51,9 @@ def run(
     from .generate import generate
     from .loader import load
 
-    options = dict(memory=memory, window=window, use_predictor=not no_predictor, context=context)
-    with load(model, mode=mode, dtype=dtype, **options) as engine:
+    options = {"memory": memory, "window": window, "use_predictor": not no_predictor, "context": context,
+               "compute": compute}
+    with load(model, mode=mode, dtype=dtype, bundling=False if no_bundling else None, **options) as engine:
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -68,16 +75,19 @@ def convert(
     out: Path = typer.Argument(..., help="The store directory to create."),
     dtype: str = typer.Option("float16", help="float32 | float16 | bfloat16: dtype of the stored weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    unbundled: bool = typer.Option(False, "--unbundled", help="Write gate rows, up rows and down columns as "
+                                                             "separate blocks (for the --no-bundling ablation)."),
 ):
     """Convert a model into a flash store (resident part + bundled FFN file)."""
     from .sources import open_source
     from .store import FlashStore, write_store
 
-    write_store(open_source(src), out, dtype=dtype, overwrite=overwrite)
+    write_store(open_source(src), out, dtype=dtype, overwrite=overwrite,
+                layout="unbundled" if unbundled else "bundled")
     store = FlashStore(out)
     print(f"wrote {out}: resident {store.resident_bytes / 1e6:.1f} MB, FFN {store.ffn_bytes / 1e6:.1f} MB "
-          f"({store.config.num_layers} layers x {store.config.intermediate_size} bundles of "
-          f"{store.bundle_bytes} bytes)")
+          f"({store.config.num_layers} layers x {store.config.intermediate_size} neurons of "
+          f"{store.bundle_bytes} bytes, {store.layout})")
 
 
 @app.command()
@@ -90,6 +100,8 @@ def calibrate(
                    "increase, e.g. 3%."),
     rank: Optional[int] = typer.Option(None, min=1, help="Predictor rank (default hidden/8)."),
     tokens: int = typer.Option(8192, min=256, help="Calibration tokens to record."),
+    window: int = typer.Option(4, min=0, help="The window sparse mode will run with: --max-ppl-increase holds "
+                                              "perplexity as computed over it."),
 ):
     """Calibrate per-layer activation thresholds and train the low-rank predictors (saved into the store)."""
     from .calibrate import calibrate as run_calibration
@@ -100,7 +112,8 @@ def calibrate(
             bound = float(max_ppl_increase.rstrip("%")) / (100 if max_ppl_increase.endswith("%") else 1)
         except ValueError:
             raise InaflashError(f"cannot read --max-ppl-increase {max_ppl_increase!r}: use e.g. 3%") from None
-    report = run_calibration(store, texts=text, sparsity=sparsity, max_ppl_increase=bound, rank=rank, tokens=tokens)
+    report = run_calibration(store, texts=text, sparsity=sparsity, max_ppl_increase=bound, rank=rank, tokens=tokens,
+                             window=window)
     layers = report.pop("layers")
     print(json.dumps(report, indent=1))
     print("layer  threshold  recall  precision  predicted  true")
@@ -115,11 +128,14 @@ def evaluate(
     text: Optional[list[Path]] = typer.Option(None, help="Held-out text file(s). Default: The Devil's Dictionary "
                                                           "(apt-get install dict-devil)."),
     tokens: int = typer.Option(4096, min=64, help="Tokens of text to score."),
+    window: int = typer.Option(4, min=0, help="Also score predictor-sparse computed over this window's cache "
+                                              "(sparse mode's default); 0 or 1 skips it."),
 ):
-    """Perplexity on held-out text for dense, oracle-sparse and predictor-sparse, and top-1 agreement with dense."""
+    """Perplexity on held-out text for dense, oracle-sparse, predictor-sparse (this token's predicted neurons) and
+    predictor+window (sparse mode's default), and how often each keeps dense's top token."""
     from .calibrate import evaluate as run_eval
 
-    print(json.dumps(run_eval(store, texts=text, tokens=tokens), indent=1))
+    print(json.dumps(run_eval(store, texts=text, tokens=tokens, window=window), indent=1))
 
 
 @app.command()
@@ -135,7 +151,7 @@ def info(store: Path = typer.Argument(..., help="A store directory."),
     print(json.dumps({
         "path": str(s.path), "model_type": c.model_type, "layers": c.num_layers, "hidden_size": c.hidden_size,
         "ffn_neurons": c.intermediate_size, "dtype": s.dtype_name, "resident_bytes": s.resident_bytes,
-        "ffn_bytes": s.ffn_bytes, "bundle_bytes": s.bundle_bytes, "verified": verify,
+        "ffn_bytes": s.ffn_bytes, "bundle_bytes": s.bundle_bytes, "layout": s.layout, "verified": verify,
     }, indent=1))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InaflashError
+from .memory import pin_mmap_threshold
 from .ffn import NaiveFlashFFN, ResidentFFN
 from .models import build_model
 from .planner import active_neurons_per_token, parse_memory, plan_memory
@@ -23,11 +24,12 @@ DEFAULT_CONTEXT = 1024
 class Engine:
     def __init__(self, store: FlashStore, mode: str = "naive", memory: str | int | None = None, window: int = 4,
                  use_predictor: bool = True, context: int | None = None, max_gap: int = DEFAULT_MAX_GAP,
-                 io_threads: int = 8):
+                 io_threads: int = 8, compute: str = "cached"):
         if mode not in MODES:
             raise InaflashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if window < 0:
             raise InaflashError("window must be >= 0")
+        pin_mmap_threshold()
         self.store, self.mode, self.config = store, mode, store.config
         self.context = min(context or DEFAULT_CONTEXT, self.config.max_position_embeddings)
         self.reader = FlashReader(store.ffn_path, threads=io_threads)
@@ -42,7 +44,7 @@ class Engine:
                                     window, active_neurons_per_token(store, sparsity))
             self.ffn = SparseFlashFFN(store, self.reader, sparsity, self.plan.cache_capacity, self.plan.window,
                                       use_predictor=use_predictor, max_gap=max_gap,
-                                      staging_bytes=self.plan.staging_bytes)
+                                      staging_bytes=self.plan.staging_bytes, compute=compute)
         elif mode == "dram":
             self.ffn = ResidentFFN(store, self.reader)
         else:

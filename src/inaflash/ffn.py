@@ -53,9 +53,17 @@ def bundle_rows(store: FlashStore, bundles: torch.Tensor) -> dict[str, torch.Ten
 
 
 def bundle_views(store: FlashStore, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """bundle_rows of a whole layer read into `buf` (uint8)."""
+    """bundle_rows of a whole layer read into `buf` (uint8), from either layout."""
     n = store.config.intermediate_size
-    return bundle_rows(store, buf[: n * store.bundle_bytes].view(store.dtype).view(n, store.bundle_width))
+    if store.layout == "bundled":
+        return bundle_rows(store, buf[: n * store.bundle_bytes].view(store.dtype).view(n, store.bundle_width))
+    views = {}
+    for name, (a, b) in store.fields.items():
+        start = store.blocks[name]
+        views[name] = buf[start: start + n * (b - a) * store.dtype.itemsize].view(store.dtype).view(n, b - a)
+    if "fc1_bias" in views:
+        views["fc1_bias"] = views["fc1_bias"].squeeze(1).float()
+    return views
 
 
 def transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -30,6 +30,7 @@ class GenerationStats:
     peak_cache_bytes: int | None = None  # the neuron caches are preallocated: this is their fixed size
     budget_bytes: int | None = None
     planned_bytes: int | None = None
+    peak_rss_bytes: int = 0  # the whole process's peak resident set so far (runtime included; see planner.py)
 
     def to_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -71,9 +72,11 @@ def stop_ids(engine: Engine) -> set[int]:
     return ids
 
 
-def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: set[int] | None = None,
-                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
+def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, stop: set[int] | None = None,
+               stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield generated token ids one by one; `stats` is filled in when the generator ends (also when the consumer
+    stops early: closing it is how a server cancels a generation)."""
     if not prompt_ids:
         raise InaflashError("empty prompt")
     if max_tokens < 1:
@@ -81,32 +84,35 @@ def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, tempera
     stop = stop_ids(engine) if stop is None else stop
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     engine.reset(len(prompt_ids) + max_tokens)
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    stats = GenerationStats() if stats is None else stats
+    stats.prompt_tokens = len(prompt_ids)
 
     t0 = time.perf_counter()
     logits = engine.forward(torch.tensor(prompt_ids), 0, last_only=True)[-1]
     stats.prefill_ms = (time.perf_counter() - t0) * 1e3
 
-    out: list[int] = []
     io0, t_decode = engine.reader.stats.copy(), 0.0
     sparse0 = engine.ffn.counters.copy() if hasattr(engine.ffn, "counters") else None
     pos = len(prompt_ids)
-    while True:
-        token = sample(logits, temperature, top_p, generator)
-        out.append(token)
-        if on_token is not None:
-            on_token(token)
-        if token in stop or len(out) >= max_tokens:
-            break
-        t0 = time.perf_counter()
-        logits = engine.forward(torch.tensor([token]), pos)[-1]
-        t_decode += time.perf_counter() - t0
-        pos += 1
-        stats.decode_steps += 1
+    try:
+        while True:
+            token = sample(logits, temperature, top_p, generator)
+            stats.generated_tokens += 1
+            yield token
+            if token in stop or stats.generated_tokens >= max_tokens:
+                break
+            t0 = time.perf_counter()
+            logits = engine.forward(torch.tensor([token]), pos)[-1]
+            t_decode += time.perf_counter() - t0
+            pos += 1
+            stats.decode_steps += 1
+    finally:
+        _finish_stats(engine, stats, io0, sparse0, t_decode)
 
+
+def _finish_stats(engine: Engine, stats: GenerationStats, io0, sparse0, t_decode: float) -> None:
     io = engine.reader.stats - io0
     steps = max(stats.decode_steps, 1)
-    stats.generated_tokens = len(out)
     stats.ms_per_token = t_decode * 1e3 / steps
     stats.io_ms_per_token = io.wait_s * 1e3 / steps
     stats.compute_ms_per_token = stats.ms_per_token - stats.io_ms_per_token
@@ -121,7 +127,25 @@ def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, tempera
         stats.peak_cache_bytes = engine.ffn.cache_bytes
     if engine.plan is not None:
         stats.budget_bytes, stats.planned_bytes = engine.plan.budget_bytes, engine.plan.planned_bytes
+    stats.peak_rss_bytes = peak_rss_bytes()
+
+
+def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: set[int] | None = None,
+                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
+    stats = GenerationStats()
+    out = []
+    for token in stream_ids(engine, prompt_ids, max_tokens, temperature, top_p, seed, stop, stats):
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
     return out, stats
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class TextStream:

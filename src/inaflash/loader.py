@@ -44,31 +44,43 @@ def _source_key(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def cached_store_path(source: Path, dtype: str) -> Path:
-    return home() / "stores" / f"{source.stem}-{dtype}-{_source_key(source)}"
+def cached_store_path(source: Path, dtype: str, layout: str = "bundled") -> Path:
+    suffix = "" if layout == "bundled" else f"-{layout}"
+    return home() / "stores" / f"{source.stem}-{dtype}{suffix}-{_source_key(source)}"
 
 
-def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, progress: bool = True) -> FlashStore:
+def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, progress: bool = True,
+                  layout: str | None = None) -> FlashStore:
+    """layout: None (a store as it is; sources converted bundled), or the FFN layout required ("unbundled" for the
+    bundling ablation)."""
     path = Path(model) if model is not None else default_model_path()
     if path.is_dir() and any((path / f).exists() for f in STORE_MARKERS):
-        return FlashStore(path)  # a store, or what is left of one (FlashStore says which)
+        store = FlashStore(path)  # a store, or what is left of one (FlashStore says which)
+        if layout is not None and store.layout != layout:
+            raise InaflashError(f"store {path} has a {store.layout} FFN layout, {layout} is needed: write one with  "
+                                f"inaflash convert SOURCE OUT{' --unbundled' if layout == 'unbundled' else ''}")
+        return store
     if not path.exists():
         raise InaflashError(f"model not found: {path}")
-    target = cached_store_path(path, dtype)
+    layout = layout or "bundled"
+    target = cached_store_path(path, dtype, layout)
     if (target / "manifest.json").exists():
         return FlashStore(target)
     from .sources import open_source
 
     source = open_source(path)
     print(f"inaflash: converting {path} into {target} (once)", file=sys.stderr)
-    write_store(source, target, dtype=dtype, overwrite=True, progress=progress)
+    write_store(source, target, dtype=dtype, overwrite=True, progress=progress, layout=layout)
     return FlashStore(target)
 
 
-def load(model: str | Path | None = None, mode: str = "naive", dtype: str = DEFAULT_DTYPE, **engine_options):
+def load(model: str | Path | None = None, mode: str = "naive", dtype: str = DEFAULT_DTYPE,
+         bundling: bool | None = None, **engine_options):
     """Open (converting on first use) a model and return an Engine ready to generate.
 
-    engine_options: memory ("50%", "300MiB", bytes), window, use_predictor, context (see Engine)."""
+    bundling=False requires (or converts into) the unbundled layout, for the bundling ablation.
+    engine_options: memory ("50%", "300MiB", bytes), window, use_predictor, compute, context (see Engine)."""
     from .engine import Engine
 
-    return Engine(resolve_store(model, dtype), mode=mode, **engine_options)
+    layout = None if bundling is None else ("bundled" if bundling else "unbundled")
+    return Engine(resolve_store(model, dtype, layout=layout), mode=mode, **engine_options)

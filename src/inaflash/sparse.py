@@ -3,8 +3,13 @@
 Which neurons are active (the definition the predictor learns and the oracle applies):
   ReLU models (OPT): relu(fc1 x + b) > 0, exactly.
   SwiGLU models: |act(gate x) * (up x)| > t_layer, with t_layer calibrated on real text (`inaflash calibrate`).
-The FFN output is the dense FFN restricted to the selected neurons, whatever the cache holds: the window and the
-read pattern change I/O only, never the numbers.
+What is computed (`compute`):
+  "cached" (default): every neuron the cache holds, i.e. the union of the selections of the last `window` tokens.
+            Those rows are in DRAM anyway and contiguous, so this costs no I/O and no gather; it is never further
+            from dense than "active". On SmolLM2 it is what keeps predictor-sparse perplexity near dense
+            (a weak predictor's misses for this token are usually selected by one of the previous ones).
+  "active": only this token's selected neurons (the paper's definition): the FFN output is the dense FFN restricted
+            to them, whatever the cache holds, so the window and the read pattern change I/O only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from .reader import DEFAULT_MAX_GAP, BundleReader, FlashReader
 from .store import FlashStore
 
 SPARSITY_FILE = "sparsity.safetensors"
+COMPUTE = {
+    "cached": "every neuron in the window cache (no extra I/O; closer to dense)",
+    "active": "only the neurons selected for this token (the paper's definition)",
+}
 
 
 @dataclass
@@ -37,6 +46,15 @@ class Sparsity:
     @property
     def predictor_bytes(self) -> int:
         return sum(p.nbytes for p in self.predictors) if self.predictors else 0
+
+
+def window_union(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """[T, n] -> [T, n]: row t is the OR of rows t-window+1 .. t, what a window-`window` cache holds while decoding
+    token by token (given room): how `compute="cached"` is simulated over a whole text in one pass."""
+    if window <= 1:
+        return mask
+    m = torch.nn.functional.pad(mask.T.unsqueeze(0).float(), (window - 1, 0))
+    return torch.nn.functional.max_pool1d(m, window, stride=1)[0].T > 0
 
 
 def load_sparsity(store: FlashStore) -> Sparsity | None:
@@ -69,7 +87,10 @@ class SparseCounters:
 
 class SparseFlashFFN:
     def __init__(self, store: FlashStore, reader: FlashReader, sparsity: Sparsity, capacity: int, window: int,
-                 use_predictor: bool = True, max_gap: int = DEFAULT_MAX_GAP, staging_bytes: int | None = None):
+                 use_predictor: bool = True, max_gap: int = DEFAULT_MAX_GAP, staging_bytes: int | None = None,
+                 compute: str = "cached"):
+        if compute not in COMPUTE:
+            raise InaflashError(f"unknown compute {compute!r}; choose one of {', '.join(COMPUTE)}")
         if use_predictor and not sparsity.predictors:
             raise InaflashError(f"store {store.path} has no predictors: run  inaflash calibrate {store.path}  "
                                 "(or use --no-predictor for the oracle)")
@@ -81,6 +102,7 @@ class SparseFlashFFN:
         self.bundles = BundleReader(store, reader, staging_bytes=staging_bytes, max_gap=max_gap)
         self.counters = SparseCounters()
         self.step = 0
+        self.compute = compute
 
     @property
     def cache_bytes(self) -> int:
@@ -107,7 +129,9 @@ class SparseFlashFFN:
             return self._stream(layer, x, active, needed)
         self.counters.neurons_read += cache.update(needed, self.step, lambda ids: self.bundles.read(layer, ids))
         w = cache.weights()
-        h = self.math.hidden(x, w) * active[:, cache.live_neurons()]
+        h = self.math.hidden(x, w)
+        if self.compute == "active":
+            h = h * active[:, cache.live_neurons()]
         return self.math.output(h, w)
 
     def _stream(self, layer: int, x: torch.Tensor, active: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
@@ -119,7 +143,9 @@ class SparseFlashFFN:
             w = bundle_rows(self.store, bundles)
             down = torch.empty(bundles.shape[1] - down_start, group.numel(), dtype=bundles.dtype)
             w[self.math.down] = transpose_into(down, bundles[:, down_start:])
-            h = self.math.hidden(x, w) * active[:, group]
+            h = self.math.hidden(x, w)
+            if self.compute == "active":
+                h = h * active[:, group]
             part = self.math.output(h, w)
             out = part if out is None else out + part
             self.counters.neurons_read += group.numel()

@@ -4,13 +4,17 @@ A store is a directory:
   manifest.json          format version, model config, dtype, file sizes + sha256, FFN layout
   resident.safetensors   everything that stays in DRAM: embeddings, attention, norms, head, fc2 bias
   ffn.bin                per layer, neuron i's bundle [gate_i | up_i | down[:, i]] (OPT: [fc1_i | b1_i | fc2[:, i]]),
-                         bundles back to back, each layer starting on a 4096-byte boundary
+                         bundles back to back, each layer starting on a 4096-byte boundary.
+                         `convert --unbundled` (for the bundling ablation) writes instead, per layer, one block per
+                         field ([n, field width]: gate rows, up rows, down columns), each block 4096-aligned, so a
+                         neuron takes one read per field
   tokenizer/             the tokenizer files (tokenizer.json, chat template, ...)
 The manifest is written last and the directory is renamed into place, so anything without a manifest is not a store.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -60,6 +64,18 @@ def build_bundles(cfg: ModelConfig, tensors: list[torch.Tensor]) -> torch.Tensor
     return torch.cat([gate, up, down.T], dim=1)
 
 
+def field_blocks(cfg: ModelConfig, itemsize: int) -> dict[str, int]:
+    """Unbundled layout: each field's block offset from the layer's start (blocks 4096-aligned)."""
+    blocks, pos = {}, 0
+    for name, (a, b) in bundle_fields(cfg).items():
+        blocks[name] = pos
+        pos += round_up(cfg.intermediate_size * (b - a) * itemsize)
+    return blocks
+
+
+LAYOUTS = ("bundled", "unbundled")
+
+
 @dataclass(frozen=True)
 class LayerExtent:
     offset: int  # byte offset of neuron 0's bundle in ffn.bin (4096-aligned)
@@ -82,6 +98,8 @@ class FlashStore:
         self.fields = {k: tuple(v) for k, v in ffn["fields"].items()}
         self.bundle_width = ffn["bundle_width"]
         self.bundle_bytes = ffn["bundle_bytes"]
+        self.layout = ffn.get("layout", "bundled")
+        self.blocks = ffn.get("blocks")  # unbundled: field -> block offset within the layer
         self.layers = [LayerExtent(**e) for e in ffn["layers"]]
         for name, info in m["files"].items():
             f = self.path / name
@@ -114,18 +132,22 @@ class FlashStore:
         return load_file(str(self.path / "resident.safetensors"))
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
         tok_dir = self.path / "tokenizer"
-        if not tok_dir.is_dir():
-            return None
-        return AutoTokenizer.from_pretrained(str(tok_dir))
+        return _load_tokenizer(str(tok_dir.resolve())) if tok_dir.is_dir() else None
 
     def verify(self) -> None:
         """Check every file's sha256 against the manifest (reads the whole store)."""
         for name, info in self.manifest["files"].items():
             if _sha256(self.path / name) != info["sha256"]:
                 raise StoreError(f"store {self.path}: {name} does not match its sha256 (corrupt; re-convert)")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path: str):
+    """Shared by every engine on the same store: a fast tokenizer costs ~60 MB of RSS (SmolLM2's), once."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _read_manifest(path: Path) -> dict:
@@ -162,13 +184,26 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
+def _layer_bytes(cfg: ModelConfig, bundles: torch.Tensor, layout: str) -> list[memoryview]:
+    """One layer's data for ffn.bin: the bundle matrix, or (unbundled) each field's block padded to alignment."""
+    if layout == "bundled":
+        return [_tensor_bytes(bundles)]
+    parts = []
+    for a, b in bundle_fields(cfg).values():
+        data = _tensor_bytes(bundles[:, a:b])
+        parts += [data, memoryview(bytes(round_up(len(data)) - len(data)))]
+    return parts[:-1]  # the layer's own padding follows
+
+
 def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool = False,
-                progress: bool = True) -> Path:
+                progress: bool = True, layout: str = "bundled") -> Path:
     """Convert `source` (a sources.ModelSource) into a store at `out`, atomically."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
         raise InaflashError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if layout not in LAYOUTS:
+        raise InaflashError(f"unknown FFN layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise InaflashError(f"{out} already exists (pass --overwrite to replace it)")
@@ -194,15 +229,16 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
         h = hashlib.sha256()
         with open(tmp / "ffn.bin", "wb") as f:
             for layer in tqdm(range(cfg.num_layers), desc="convert FFN", unit="layer", disable=not progress):
-                bundles = build_bundles(cfg, [source.tensor(n) for n in ffn_tensor_names(cfg, layer)])
-                data = _tensor_bytes(bundles.to(tdtype))
+                bundles = build_bundles(cfg, [source.tensor(n) for n in ffn_tensor_names(cfg, layer)]).to(tdtype)
                 offset = f.tell()
-                pad = bytes(round_up(len(data)) - len(data))
-                f.write(data)
+                for data in _layer_bytes(cfg, bundles, layout):
+                    f.write(data)
+                    h.update(data)
+                size = f.tell() - offset
+                pad = bytes(round_up(size) - size)
                 f.write(pad)
-                h.update(data)
                 h.update(pad)
-                layers.append({"offset": offset, "nbytes": len(data), "span": len(data) + len(pad)})
+                layers.append({"offset": offset, "nbytes": bundles.numel() * tdtype.itemsize, "span": size + len(pad)})
         files["ffn.bin"] = {"bytes": (tmp / "ffn.bin").stat().st_size, "sha256": h.hexdigest()}
 
         resident = {}
@@ -227,9 +263,10 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
             "dtype": dtype,
             "source": {"kind": source.kind, "path": str(source.path)},
             "ffn": {
-                "file": "ffn.bin", "layout": "bundled", "alignment": ALIGN, "fields": fields,
+                "file": "ffn.bin", "layout": layout, "alignment": ALIGN, "fields": fields,
                 "bundle_width": width, "bundle_bytes": bundle_bytes, "neurons": cfg.intermediate_size,
                 "layers": layers,
+                **({"blocks": field_blocks(cfg, tdtype.itemsize)} if layout == "unbundled" else {}),
             },
             "files": files,
             "hf_config": json.loads(json.dumps(source.hf_config, default=str)),

@@ -1,0 +1,29 @@
+"""Keep the process's resident memory close to what the planner accounts for.
+
+glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which per-token temporaries
+of a few MB come from the heap, whose freed space is rarely given back: measured here, RSS settled ~40 MB above the
+plan on SmolLM2 (tests/test_calibrate.py). Fixing the threshold keeps large temporaries mmapped, returned on free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+MMAP_THRESHOLD = 128 << 10  # glibc's initial value; setting it explicitly turns the dynamic raise off
+
+_done = False
+
+
+def pin_mmap_threshold() -> bool:
+    """Once per process; a no-op (False) where the C library is not glibc."""
+    global _done
+    if _done:
+        return True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+    return _done
