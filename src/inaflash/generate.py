@@ -41,6 +41,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    finish_reason: str | None = None  # "stop" (end of sequence or a stop string) or "length" (max_tokens)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -55,14 +56,31 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 
 def encode_prompt(engine: Engine, prompt: str, raw: bool = False) -> list[int]:
-    tok = engine.tokenizer
-    if tok is None:
-        raise InaflashError(f"store {engine.store.path} has no tokenizer; pass token ids instead of text")
+    """The prompt as one user message through the chat template (if the model has one), or as is with raw."""
+    tok = _tokenizer(engine)
     if not raw and tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                       tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
+        return encode_chat(engine, [{"role": "user", "content": prompt}])
     return tok(prompt)["input_ids"]
+
+
+def encode_chat(engine: Engine, messages: list[dict]) -> list[int]:
+    """[{"role": "system"|"user"|"assistant", "content": str}, ...] through the model's chat template, ready for
+    the assistant's turn."""
+    tok = _tokenizer(engine)
+    if not tok.chat_template:
+        raise InaflashError(f"the model in {engine.store.path} has no chat template")
+    return chat_template_ids(tok, messages)
+
+
+def chat_template_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _tokenizer(engine: Engine):
+    if engine.tokenizer is None:
+        raise InaflashError(f"store {engine.store.path} has no tokenizer; pass token ids instead of text")
+    return engine.tokenizer
 
 
 def stop_ids(engine: Engine) -> set[int]:
@@ -148,24 +166,62 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-class TextStream:
-    """Turns generated ids into text pieces as they arrive, holding back incomplete UTF-8 sequences."""
+class Generation:
+    """A generation in progress: iterate it for text pieces as they are decoded; afterwards `text`, `token_ids`,
+    `stats` and `finish_reason` ("stop": end of sequence or a stop string; "length": max_tokens) are set.
+    Incomplete UTF-8 sequences and text that may begin a stop string are held back until resolved.
+    `close()` (or breaking out of the loop) cancels it: the engine is free again right away."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None]):
-        self.tokenizer, self.on_text, self.ids, self.sent = tokenizer, on_text, [], 0
+    def __init__(self, engine: Engine, prompt_ids: list[int], max_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None):
+        self.engine, self.stop = engine, [s for s in (stop or []) if s]
+        self.stats = GenerationStats()
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self._eos = stop_ids(engine)
+        self._tokens = stream_ids(engine, prompt_ids, max_tokens, temperature, top_p, seed, self._eos, self.stats)
 
-    def __call__(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > self.sent:
-            self.on_text(text[self.sent:])
-            self.sent = len(text)
+    def __iter__(self) -> Iterator[str]:
+        tok, sent = self.engine.tokenizer, 0
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        try:
+            for token in self._tokens:
+                self.token_ids.append(token)
+                text = tok.decode(self.token_ids, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue
+                hits = [i for i in (text.find(s, max(0, sent - len(s))) for s in self.stop) if i >= 0]
+                if hits:
+                    self.text, self.finish_reason = text[: min(hits)], "stop"
+                    break
+                self.text = text
+                if len(text) - hold > sent:
+                    yield text[sent: len(text) - hold]
+                    sent = len(text) - hold
+            else:
+                last = self.token_ids[-1] if self.token_ids else None
+                self.finish_reason = "stop" if last in self._eos else "length"
+            if len(self.text) > sent:
+                yield self.text[sent:]
+        finally:
+            self._tokens.close()
+
+    def close(self) -> None:
+        self._tokens.close()
+
+    def result(self) -> GenerationResult:
+        """Run to the end (if not already) and return text, ids and stats."""
+        for _ in self:
+            pass
+        return GenerationResult(self.text, self.token_ids, self.stats, self.finish_reason)
 
 
 def generate(engine: Engine, prompt: str, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, raw: bool = False,
+             seed: int | None = None, raw: bool = False, stop: list[str] | None = None,
              on_text: Callable[[str], None] | None = None) -> GenerationResult:
-    prompt_ids = encode_prompt(engine, prompt, raw=raw)
-    stream = TextStream(engine.tokenizer, on_text) if on_text is not None else None
-    ids, stats = generate_ids(engine, prompt_ids, max_tokens, temperature, top_p, seed, on_token=stream)
-    return GenerationResult(engine.tokenizer.decode(ids, skip_special_tokens=True), ids, stats)
+    gen = Generation(engine, encode_prompt(engine, prompt, raw=raw), max_tokens, temperature, top_p, seed, stop)
+    for piece in gen:
+        if on_text is not None:
+            on_text(piece)
+    return gen.result()

@@ -76,11 +76,13 @@ def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, p
 
 def load(model: str | Path | None = None, mode: str = "naive", dtype: str = DEFAULT_DTYPE,
          bundling: bool | None = None, **engine_options):
-    """Open (converting on first use) a model and return an Engine ready to generate.
+    """Open (converting on first use) a model and return an api.Model (generate / stream / chat; .engine).
 
     bundling=False requires (or converts into) the unbundled layout, for the bundling ablation.
     engine_options: memory ("50%", "300MiB", bytes), window, use_predictor, compute, context (see Engine)."""
+    from .api import Model, model_name
     from .engine import Engine
 
     layout = None if bundling is None else ("bundled" if bundling else "unbundled")
-    return Engine(resolve_store(model, dtype, layout=layout), mode=mode, **engine_options)
+    engine = Engine(resolve_store(model, dtype, layout=layout), mode=mode, **engine_options)
+    return Model(engine, model_name(model, engine))

@@ -1,0 +1,80 @@
+"""The Python API, mirroring the CLI:
+
+    model = inaflash.load()                                   # or load("store|model.gguf|hf-folder", mode="sparse",
+    print(model.generate("Name three rivers.").text)          #         memory="50%")
+    for piece in model.stream("Tell me a story.", max_tokens=64):
+        print(piece, end="", flush=True)
+    reply = model.chat([{"role": "user", "content": "Hi!"}])
+
+One model runs one generation at a time (callers that share it across threads serialise; the server queues).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from .engine import Engine
+from .generate import Generation, GenerationResult, GenerationStats, encode_chat, encode_prompt
+
+
+class Model:
+    def __init__(self, engine: Engine, name: str):
+        self.engine, self.name = engine, name
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def context(self) -> int:
+        """Most tokens (prompt + generated) one generation may use."""
+        return self.engine.context if self.engine.plan is not None else self.engine.config.max_position_embeddings
+
+    def start(self, prompt_ids: list[int], max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+              seed: int | None = None, stop: list[str] | None = None) -> Generation:
+        """A generation from token ids: iterate it for text pieces (see generate.Generation)."""
+        return Generation(self.engine, prompt_ids, max_tokens, temperature, top_p, seed, stop)
+
+    def start_chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int | None = None, stop: list[str] | None = None) -> Generation:
+        return self.start(encode_chat(self.engine, messages), max_tokens, temperature, top_p, seed, stop)
+
+    def generate(self, prompt: str, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None, raw: bool = False) -> GenerationResult:
+        """`prompt` as one user turn through the chat template (raw=True: as is). Greedy by default."""
+        return self._finish(self.start(encode_prompt(self.engine, prompt, raw), max_tokens, temperature, top_p,
+                                       seed, stop))
+
+    def stream(self, prompt: str, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, stop: list[str] | None = None, raw: bool = False) -> Iterator[str]:
+        gen = self.start(encode_prompt(self.engine, prompt, raw), max_tokens, temperature, top_p, seed, stop)
+        yield from gen
+        self.last_stats = gen.stats
+
+    def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None, stop: list[str] | None = None) -> GenerationResult:
+        """The assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
+        return self._finish(self.start_chat(messages, max_tokens, temperature, top_p, seed, stop))
+
+    def chat_stream(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                    seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
+        gen = self.start_chat(messages, max_tokens, temperature, top_p, seed, stop)
+        yield from gen
+        self.last_stats = gen.stats
+
+    def _finish(self, gen: Generation) -> GenerationResult:
+        result = gen.result()
+        self.last_stats = result.stats
+        return result
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def model_name(path: str | Path | None, engine: Engine) -> str:
+    source = engine.store.manifest.get("source", {}).get("path")
+    return Path(source or path or engine.store.path).stem

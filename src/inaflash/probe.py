@@ -1,0 +1,153 @@
+"""`inaflash probe`: this device's random-read throughput and latency by request size and parallelism (the paper's
+Figure 2b), measured with the engine's own O_DIRECT reader; and the coalescing gap that follows from it.
+
+The profile (JSON) is saved to $INAFLASH_HOME/device-profile.json, where the engine picks up its `max_gap`: merge
+two neighbouring bundle reads when reading the bytes between them costs less time than a second request.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import InaflashError
+from .reader import DEFAULT_MAX_GAP, FlashReader, aligned_buffer
+from .store import ALIGN
+
+CHUNKS = [4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20]
+PARALLEL = [1, 2, 4, 8, 16, 32]
+PROFILE_NAME = "device-profile.json"
+ENGINE_PARALLEL = 8  # reads in flight the engine typically has (its reader's thread count)
+
+
+def measure_cell(reader: FlashReader, size: int, parallel: int, seconds: float, file_size: int,
+                 buffers: list, rng: random.Random) -> dict:
+    """Random aligned reads of `size` bytes, `parallel` at a time, for about `seconds`."""
+    slots = (file_size - size) // ALIGN
+    done_bytes, batches, t0 = 0, 0, time.perf_counter()
+    while True:
+        requests = [(rng.randrange(slots) * ALIGN, buffers[i][:size]) for i in range(parallel)]
+        reader.read(requests)
+        done_bytes += size * parallel
+        batches += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and batches >= 2:
+            break
+    return {"mb_per_s": done_bytes / elapsed / 1e6, "latency_us": elapsed / batches * 1e6,
+            "iops": batches * parallel / elapsed}
+
+
+def probe(path: str | Path, seconds: float = 60.0, repeat: int = 3, chunks: list[int] | None = None,
+          parallel: list[int] | None = None, progress: bool = True, seed: int = 0) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InaflashError(f"probe file not found: {path}")
+    chunks, parallel = chunks or CHUNKS, parallel or PARALLEL
+    file_size = path.stat().st_size
+    if file_size < 4 * max(chunks):
+        raise InaflashError(f"probe file {path} is {file_size} bytes: at least {4 * max(chunks)} needed")
+    cell_s = seconds / (repeat * len(chunks) * len(parallel))
+    rng = random.Random(seed)
+    buffers = [aligned_buffer(max(chunks)) for _ in range(max(parallel))]
+    runs: dict[tuple[int, int], list[dict]] = {(c, p): [] for c in chunks for p in parallel}
+    cells = [(c, p) for c in chunks for p in parallel]
+    bar = tqdm(total=repeat * len(cells), desc="probe", unit="cell", disable=not progress)
+    readers = {p: FlashReader(path, threads=p) for p in parallel}
+    try:
+        direct = all(r.direct for r in readers.values())
+        for _ in range(repeat):  # rounds interleave the grid, so the disk's drift over minutes hits every cell
+            rng.shuffle(cells)
+            for c, p in cells:
+                runs[(c, p)].append(measure_cell(readers[p], c, p, cell_s, file_size, buffers, rng))
+                bar.update()
+    finally:
+        bar.close()
+        for r in readers.values():
+            r.close()
+    grid = []
+    for (c, p), rs in sorted(runs.items()):
+        row = {"chunk_bytes": c, "parallel": p}
+        for key in ("mb_per_s", "latency_us", "iops"):
+            values = [r[key] for r in rs]
+            row[key] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
+        grid.append(row)
+    profile = {"file": str(path), "file_bytes": file_size, "o_direct": direct, "repeat": repeat,
+               "seconds_per_cell": cell_s, "grid": grid, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    profile["max_gap"] = coalescing_gap(profile)
+    return profile
+
+
+def throughput(profile: dict, size: int, parallel: int = ENGINE_PARALLEL) -> float:
+    """Median MB/s for reads of `size` bytes at `parallel` in flight, interpolated (log-size) between grid points."""
+    import math
+
+    rows = sorted((r["chunk_bytes"], r["mb_per_s"]["median"]) for r in profile["grid"]
+                  if r["parallel"] == min({x["parallel"] for x in profile["grid"]}, key=lambda q: abs(q - parallel)))
+    if size <= rows[0][0]:
+        return rows[0][1] * size / rows[0][0]  # below the smallest size, requests bound the rate
+    for (s0, t0), (s1, t1) in zip(rows, rows[1:]):
+        if size <= s1:
+            f = (math.log(size) - math.log(s0)) / (math.log(s1) - math.log(s0))
+            return t0 + f * (t1 - t0)
+    return rows[-1][1]
+
+
+def coalescing_gap(profile: dict, bundle_bytes: int = 8 << 10) -> int:
+    """The largest gap g (multiple of 4 KiB) such that one read of 2b + g takes no longer than two reads of b."""
+    def cost(size: int) -> float:
+        return size / throughput(profile, size)
+
+    b = (bundle_bytes + ALIGN - 1) // ALIGN * ALIGN
+    gap = 0
+    while gap < (1 << 20) and cost(2 * b + gap + ALIGN) <= 2 * cost(b):
+        gap += ALIGN
+    return gap
+
+
+def profile_path() -> Path:
+    from .loader import home
+
+    return home() / PROFILE_NAME
+
+
+def load_max_gap() -> int:
+    """The probed coalescing gap if `inaflash probe` has run on this machine, else the default from MEASURED.md."""
+    path = profile_path()
+    if path.exists():
+        try:
+            return int(json.loads(path.read_text())["max_gap"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return DEFAULT_MAX_GAP
+
+
+def plot(profile: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for p in sorted({r["parallel"] for r in profile["grid"]}):
+        rows = [r for r in profile["grid"] if r["parallel"] == p]
+        x = [r["chunk_bytes"] / 1024 for r in rows]
+        med = [r["mb_per_s"]["median"] for r in rows]
+        ax1.plot(x, med, marker="o", label=f"{p} in flight")
+        ax1.fill_between(x, [r["mb_per_s"]["min"] for r in rows], [r["mb_per_s"]["max"] for r in rows], alpha=0.15)
+        ax2.plot(x, [r["latency_us"]["median"] / 1e3 for r in rows], marker="o", label=f"{p} in flight")
+    for ax, label in ((ax1, "MB/s (median; band: min-max)"), (ax2, "batch latency, ms (median)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("read size, KiB")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    direct = "O_DIRECT" if profile["o_direct"] else "buffered + DONTNEED"
+    fig.suptitle(f"random reads, {direct}: {profile['file']} (coalescing gap {profile['max_gap'] // 1024} KiB)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,291 @@
+"""`inaflash serve`: an OpenAI-compatible HTTP API over one model (FastAPI + uvicorn).
+
+One generation runs at a time, on one worker thread; other requests wait in a bounded queue (over the bound: 429).
+A streamed generation whose client goes away is cancelled between two tokens, so the next request starts at once.
+User errors get OpenAI-style error bodies ({"error": {"message", "type", "param", "code"}}) with 400/401/429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from .api import Model
+from .errors import InaflashError
+from .generate import Generation, chat_template_ids
+
+DEFAULT_MAX_TOKENS = 512  # when a request names none (capped by what the context leaves)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, stream_options, ...)
+    model: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, strict=True)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1, strict=True)] = 1.0
+    seed: StrictInt | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    stream: StrictBool = False
+    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
+    stream_options: dict | None = None
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(SamplingRequest):
+    messages: Annotated[list[Message], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+
+
+class Metrics:
+    def __init__(self):
+        self.requests = self.completed = self.cancelled = self.rejected = 0
+        self.prompt_tokens = self.generated_tokens = 0
+        self.last: dict | None = None
+
+    def record(self, gen: Generation, cancelled: bool) -> None:
+        self.completed += not cancelled
+        self.cancelled += cancelled
+        self.prompt_tokens += gen.stats.prompt_tokens
+        self.generated_tokens += gen.stats.generated_tokens
+        self.last = gen.stats.to_dict()
+
+
+class Server:
+    def __init__(self, model: Model, api_key: str | None = None, max_queue: int = 8):
+        self.model, self.api_key, self.max_queue = model, api_key, max_queue
+        # requests are tokenized on the event loop while the worker decodes: Rust tokenizers must not be shared
+        self.tokenizer = copy.deepcopy(model.engine.tokenizer)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inaflash-generate")
+        self.lock: asyncio.Lock | None = None  # created on the server's event loop
+        self.pending = 0  # admitted requests: the one generating + those waiting
+        self.metrics = Metrics()
+        self.started = int(time.time())
+
+    def admit(self) -> None:
+        if self.pending >= self.max_queue + 1:
+            self.metrics.rejected += 1
+            raise APIError(429, f"server busy: {self.pending} requests already running or queued "
+                                f"(--max-queue {self.max_queue}); retry later", "rate_limit_error",
+                           code="queue_full")
+        self.pending += 1
+        self.metrics.requests += 1
+
+    def prepare(self, req: SamplingRequest, prompt_ids: list[int]) -> Generation:
+        if req.model != self.model.name:
+            raise APIError(400, f"unknown model {req.model!r}; this server serves {self.model.name!r}",
+                           param="model", code="model_not_found")
+        room = self.model.context - len(prompt_ids)
+        wanted = req.max_completion_tokens or req.max_tokens
+        if wanted is not None and wanted > room:
+            raise APIError(400, f"max_tokens {wanted} + {len(prompt_ids)} prompt tokens exceed the context of "
+                                f"{self.model.context} tokens", param="max_tokens", code="context_length_exceeded")
+        if room < 1:
+            raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) fills the context of {self.model.context}",
+                           param="messages", code="context_length_exceeded")
+        return self.model.start(prompt_ids, wanted or min(DEFAULT_MAX_TOKENS, room), float(req.temperature),
+                                float(req.top_p), req.seed, req.stops())
+
+    async def run(self, gen: Generation) -> None:
+        """Non-streamed: wait for the slot, generate on the worker thread."""
+        try:
+            async with self._lock():
+                await asyncio.get_running_loop().run_in_executor(self.worker, gen.result)
+            self.metrics.record(gen, cancelled=False)
+        finally:
+            self.pending -= 1
+
+    async def pieces(self, gen: Generation):
+        """Streamed: text pieces as the worker thread decodes them; cancelled if the consumer stops."""
+        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def produce() -> None:
+            try:
+                for piece in gen:
+                    if cancel.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+            except Exception as e:  # handed to the response
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+            finally:
+                gen.close()
+                self.metrics.record(gen, cancelled=gen.finish_reason is None)
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+
+        try:
+            async with self._lock():
+                done = loop.run_in_executor(self.worker, produce)
+                try:
+                    while True:
+                        kind, value = await queue.get()
+                        if kind == "end":
+                            break
+                        if kind == "error":
+                            raise value
+                        yield value
+                finally:
+                    # a no-op when finished; otherwise the client left and this task is being cancelled: the
+                    # worker stops after the token it is on (the next generation queues behind it on the same
+                    # single worker thread, so releasing the lock now is safe)
+                    cancel.set()
+                    del done
+        finally:
+            self.pending -= 1
+
+    def _lock(self) -> asyncio.Lock:
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        return self.lock
+
+
+def usage(gen: Generation) -> dict:
+    p, c = gen.stats.prompt_tokens, gen.stats.generated_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> FastAPI:
+    server = Server(model, api_key, max_queue)
+    app = FastAPI(title="inaflash", description="OpenAI-compatible API over an inaflash model")
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+        return error_response(400, message, param=".".join(loc) or None)
+
+    @app.exception_handler(InaflashError)
+    async def _inaflash_error(request: Request, e: InaflashError):
+        return error_response(400, str(e))
+
+    def authorize(request: Request) -> None:
+        if server.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not secrets.compare_digest(header.encode(), f"Bearer {server.api_key}".encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
+                           code="invalid_api_key")
+
+    auth = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model.name, "pending": server.pending}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        return {"object": "list", "data": [{"id": model.name, "object": "model", "created": server.started,
+                                            "owned_by": "inaflash"}]}
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics():
+        m = server.metrics
+        return {"model": model.name, "mode": model.engine.mode, "pending": server.pending, "requests": m.requests,
+                "completed": m.completed, "cancelled": m.cancelled, "rejected": m.rejected,
+                "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens, "last_generation": m.last}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(req: ChatRequest):
+        messages = [m.model_dump() for m in req.messages]
+        if not server.tokenizer.chat_template:
+            raise APIError(400, f"model {model.name} has no chat template: use /v1/completions")
+        gen = server.prepare(req, chat_template_ids(server.tokenizer, messages))
+        return await respond(req, gen, "chat.completion", "chatcmpl")
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(req: CompletionRequest):
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        gen = server.prepare(req, server.tokenizer(prompt)["input_ids"])
+        return await respond(req, gen, "text_completion", "cmpl")
+
+    async def respond(req: SamplingRequest, gen: Generation, kind: str, prefix: str):
+        server.admit()
+        rid, created = f"{prefix}-{secrets.token_hex(12)}", int(time.time())
+        chat = kind == "chat.completion"
+        if not req.stream:
+            await server.run(gen)
+            choice = ({"message": {"role": "assistant", "content": gen.text}} if chat
+                      else {"text": gen.text, "logprobs": None})
+            return {"id": rid, "object": kind, "created": created, "model": model.name,
+                    "choices": [{"index": 0, **choice, "finish_reason": gen.finish_reason}], "usage": usage(gen)}
+
+        def chunk(piece: str | None, finish: str | None = None, first: bool = False) -> str:
+            if chat:
+                delta = {} if piece is None else {"content": piece}
+                if first:
+                    delta = {"role": "assistant", **delta}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            body = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": model.name,
+                    "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events():
+            first = True
+            async for piece in server.pieces(gen):
+                yield chunk(piece, first=first)
+                first = False
+            if first and chat:
+                yield chunk(None, first=True)
+            yield chunk(None, gen.finish_reason)
+            if (req.stream_options or {}).get("include_usage"):
+                body = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created,
+                        "model": model.name, "choices": [], "usage": usage(gen)}
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_queue: int = 8) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(model, api_key, max_queue), host=host, port=port, log_level="info")

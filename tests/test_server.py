@@ -1,0 +1,241 @@
+"""The OpenAI-compatible server, over loopback, with the embedded model: the official client, validation, auth,
+the queue bound, cancellation on disconnect; and the Python API against the CLI."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+import inaflash
+
+CHAT = [{"role": "user", "content": "Name three rivers."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, model, **options):
+        import uvicorn
+
+        from inaflash.server import create_app
+
+        self.app = create_app(model, **options)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model():
+    with inaflash.load(mode="dram") as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def live(model):
+    server = LiveServer(model, max_queue=1)
+    yield server
+    server.stop()
+
+
+def test_openai_client_chat_and_stream_agree(live, model):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=live.url + "/v1", api_key="unused", timeout=120)
+    assert [m.id for m in client.models.list().data] == [model.name]
+    full = client.chat.completions.create(model=model.name, messages=CHAT, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    assert text and full.usage.completion_tokens == 24 and full.choices[0].finish_reason == "length"
+    assert full.usage.prompt_tokens > 5
+    pieces, finish = [], None
+    for chunk in client.chat.completions.create(model=model.name, messages=CHAT, max_tokens=24, temperature=0,
+                                                stream=True):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert len([p for p in pieces if p]) > 3  # really streamed, piece by piece
+    assert "".join(pieces) == text and finish == "length"
+    # and the same as the Python API
+    assert model.chat(CHAT, max_tokens=24).text == text
+
+
+def test_completions_and_stop_strings(live, model):
+    body = {"model": model.name, "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
+    r = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert text == model.generate("The capital of France is", max_tokens=16, raw=True).text
+    word = text.split()[1]  # stop at the second word: the text ends right before it
+    r = httpx.post(live.url + "/v1/completions", json={**body, "stop": [word]}, timeout=60)
+    choice = r.json()["choices"][0]
+    assert choice["text"] == text[: text.index(word)] and choice["finish_reason"] == "stop"
+    lines = []
+    with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1]) == text
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ('{"model": "m", "messages": [', 400, "not valid JSON"),
+    ({"messages": CHAT}, 400, "model"),
+    ({"model": "MODEL", "messages": CHAT, "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "MODEL", "messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "MODEL", "messages": CHAT, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "MODEL", "messages": CHAT, "temperature": 7}, 400, "temperature"),
+    ({"model": "MODEL", "messages": CHAT, "stream": "yes"}, 400, "stream"),
+    ({"model": "MODEL", "messages": []}, 400, "messages"),
+    ({"model": "MODEL", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": 5}]}, 400, "content"),
+    ({"model": "gpt-4o", "messages": CHAT}, 400, "unknown model 'gpt-4o'"),
+    ({"model": "MODEL", "messages": CHAT, "max_tokens": 10 ** 6}, 400, "exceed the context"),
+])
+def test_bad_requests_get_openai_style_400s(live, model, body, status, needle):
+    if isinstance(body, dict):
+        content = json.dumps({k: (model.name if v == "MODEL" else v) for k, v in body.items()})
+    else:
+        content = body
+    r = httpx.post(live.url + "/v1/chat/completions", content=content,
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] or needle == error["param"], error
+    assert error["type"] == "invalid_request_error"
+
+
+def test_api_key_is_required_when_set(model):
+    server = LiveServer(model, api_key="sesame")
+    try:
+        body = {"model": model.name, "messages": CHAT, "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(server.url + "/v1/models", timeout=30).status_code == 401
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sesame"},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        server.stop()
+
+
+def wait_for(predicate, seconds=60):
+    deadline = time.time() + seconds
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_queue_bound_gives_429_and_a_disconnect_frees_the_model(live, model):
+    """max_queue=1: one generating + one waiting; a third request gets 429. Leaving a stream mid-way cancels its
+    generation: the waiting request then completes promptly instead of after the abandoned one's 2000 tokens."""
+    long = {"model": model.name, "messages": CHAT, "max_tokens": 2000, "temperature": 0.8, "seed": 1, "stream": True}
+    short = {"model": model.name, "messages": CHAT, "max_tokens": 4, "temperature": 0}
+    cancelled0 = live.state.metrics.cancelled
+    client = httpx.Client(timeout=120)
+    stream = client.stream("POST", live.url + "/v1/chat/completions", json=long)
+    response = stream.__enter__()
+    lines = response.iter_lines()
+    got = [next(lines) for _ in range(3)]  # generation is under way
+    assert all(g.startswith("data: ") or g == "" for g in got)
+
+    waiting = {}
+    t = threading.Thread(target=lambda: waiting.update(
+        r=httpx.post(live.url + "/v1/chat/completions", json=short, timeout=120), t=time.time()))
+    t.start()
+    wait_for(lambda: live.state.pending == 2)
+    r = httpx.post(live.url + "/v1/chat/completions", json=short, timeout=30)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+
+    left = time.time()
+    stream.__exit__(None, None, None)  # the client goes away mid-stream
+    client.close()
+    t.join(timeout=120)
+    assert waiting["r"].status_code == 200 and waiting["r"].json()["usage"]["completion_tokens"] == 4
+    assert waiting["t"] - left < 15  # 2000 tokens would take well over a minute
+    wait_for(lambda: live.state.metrics.cancelled == cancelled0 + 1)
+    assert live.state.metrics.last is not None
+    m = httpx.get(live.url + "/metrics", timeout=30).json()
+    assert m["rejected"] >= 1 and m["cancelled"] >= 1 and m["pending"] == 0
+
+
+def test_python_api_greedy_equals_cli(model):
+    prompt = "Give me two facts about owls."
+    out = subprocess.run([sys.executable, "-m", "inaflash", "run", "--mode", "dram", "--temperature", "0",
+                          "--max-tokens", "24", "--json", prompt], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cli = json.loads(out.stdout)
+    result = model.generate(prompt, max_tokens=24, temperature=0)
+    assert result.token_ids == cli["token_ids"] and result.text == cli["text"]
+    assert "".join(model.stream(prompt, max_tokens=24)) == cli["text"]
+
+
+class InterruptingOut:
+    """A terminal whose user presses Ctrl-C during the first answer, as its second piece arrives (writes 1-2 are the
+    banner line)."""
+
+    def __init__(self):
+        self.parts, self.writes, self.fired = [], 0, False
+
+    def write(self, s):
+        self.writes += 1
+        if not self.fired and self.writes == 4:
+            self.fired = True
+            raise KeyboardInterrupt
+        self.parts.append(s)
+
+    def flush(self):
+        pass
+
+
+def scripted(*lines):
+    it = iter(lines)
+
+    def fake_input(prompt):
+        line = next(it, EOFError)
+        if line in (KeyboardInterrupt, EOFError):
+            raise line  # Ctrl-C / Ctrl-D at the prompt
+        return line
+
+    return fake_input
+
+
+def test_chat_repl_turns_commands_and_ctrl_c(model):
+    from inaflash.chat import repl
+
+    out = InterruptingOut()
+    messages = repl(model, system="Be brief.", max_tokens=12, temperature=0, out=out,
+                    input_fn=scripted("Hello!", KeyboardInterrupt, "/stats", "What is 2+2?", "/bogus", "/exit"))
+    text = "".join(out.parts)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    shown = text.split("\n", 1)[1].split(" [stopped]")[0]
+    assert shown and messages[2]["content"].startswith(shown)  # Ctrl-C keeps the answer so far in the history
+    assert "ms/token" in text and "unknown command /bogus" in text
+    # the second answer is the model's greedy reply to the whole conversation, the stopped answer included
+    assert messages[4]["content"] == model.chat(messages[:4], max_tokens=12, temperature=0).text
+
+    messages = repl(model, system="Be brief.", max_tokens=4, temperature=0, out=InterruptingOut(),
+                    input_fn=scripted("Hi", "/reset"))  # then Ctrl-D
+    assert messages == [{"role": "system", "content": "Be brief."}]
