@@ -1,4 +1,4 @@
-"""dram and naive modes reproduce transformers' logits (float32) for a prompt and 8 cached decode steps."""
+"""dram, naive and hybrid modes reproduce transformers' logits (float32) for a prompt and 8 cached decode steps."""
 
 import pytest
 import torch
@@ -33,12 +33,23 @@ def hf_logits(model, prompt, steps):
     return logits
 
 
-@pytest.mark.parametrize("mode", ["dram", "naive"])
+@pytest.mark.parametrize("mode", ["dram", "naive", "hybrid"])
 def test_logits_match_transformers(tiny, mode):
     hf, store = tiny
     prompt = [3, 17, 42, 5, 88, 9, 61]
     ref = hf_logits(hf, prompt, steps=8)
-    with Engine(store, mode=mode) as engine:
+    memory = None
+    if mode == "hybrid":  # room for exactly one layer's FFN in DRAM: the other is streamed
+        from inaflash.ffn import NaiveFlashFFN
+        from inaflash.planner import kv_bytes
+
+        context = min(1024, store.config.max_position_embeddings)
+        memory = (store.resident_bytes + kv_bytes(store, context) + NaiveFlashFFN.dram_bytes(store)
+                  + store.layers[0].nbytes + 100)
+    with Engine(store, mode=mode, memory=memory) as engine:
+        if mode == "hybrid":
+            assert engine.ffn.resident_layers == [0]
+            assert engine.ffn.flash.streamed == list(range(1, store.config.num_layers))
         engine.reset(len(prompt) + 9)
         got = [engine.forward(torch.tensor(prompt), 0)]
         pos = len(prompt)

@@ -204,16 +204,19 @@ class _Tap:
 
 def test_reads_are_exactly_the_planned_spans_of_missing_neurons(opt):
     with Engine(opt, mode="sparse", use_predictor=False, window=3, context=32) as engine:
-        planned = []
-        real_read = engine.ffn.bundles.read
+        planned, cached_before = [], []
+        real_start = engine.ffn.bundles.start  # every read goes through start (read() too)
 
-        def recording_read(layer, ids):
+        def recording_start(layer, ids):
+            cache = engine.ffn.caches[layer]
+            cached_before.append(bool((cache.slot_of_neuron[ids] >= 0).any()))
             planned.append(engine.ffn.bundles.planned_bytes(layer, ids))
-            return real_read(layer, ids)
+            return real_start(layer, ids)
 
-        engine.ffn.bundles.read = recording_read
+        engine.ffn.bundles.start = recording_start
         logits_run(engine)
         assert engine.reader.stats.bytes == sum(planned) > 0
+        assert not any(cached_before)  # never a neuron the cache already holds
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])

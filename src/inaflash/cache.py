@@ -106,10 +106,11 @@ class NeuronCache:
         """The store's bundle row for the neuron in `slot` (for checks)."""
         return torch.cat([self.rows[slot], self.down_t[:, slot]])
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Compute-layout views over the live block (see ffn.FFNMath)."""
-        n, rows = self.n, self.rows[: self.n]
+    def weights(self, start: int = 0, end: int | None = None) -> dict[str, torch.Tensor]:
+        """Compute-layout views over live slots start..end (default: the whole live block; see ffn.FFNMath)."""
+        end = self.n if end is None else end
+        rows = self.rows[start:end]
         if self.family == "opt":
             d = self.down_start - 1
-            return {"fc1": rows[:, :d], "fc1_bias": rows[:, d].float(), "fc2": self.down_t[:, :n]}
-        return {"gate_up": rows.view(2 * n, -1), "down": self.down_t[:, :n]}
+            return {"fc1": rows[:, :d], "fc1_bias": rows[:, d].float(), "fc2": self.down_t[:, start:end]}
+        return {"gate_up": rows.view(2 * (end - start), -1), "down": self.down_t[:, start:end]}

@@ -278,3 +278,16 @@ def save_sparsity(store: FlashStore, kind: str, thresholds: list[float], predict
     tmp = store.path / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, store.path / "manifest.json")
+
+
+def copy_sparsity(src: FlashStore, dst: FlashStore) -> None:
+    """Give `dst` (the same weights in another layout) `src`'s calibration."""
+    from .sparse import load_sparsity
+
+    spec = load_sparsity(src)
+    if spec is None or src.manifest.get("sparsity") is None:
+        raise InaflashError(f"store {src.path} is not calibrated")
+    if src.config.to_dict() != dst.config.to_dict():
+        raise InaflashError(f"stores {src.path} and {dst.path} hold different models")
+    report = {k: v for k, v in src.manifest["sparsity"].items() if k not in ("kind", "thresholds", "predictor")}
+    save_sparsity(dst, spec.kind, spec.thresholds, spec.predictors, report)

@@ -205,6 +205,68 @@ def evaluate(
 
 
 @app.command()
+def probe(
+    file: Optional[Path] = typer.Option(None, help="File to read (on the device to profile; >= 4 MiB). Default: the "
+                                                   "default model's ffn.bin."),
+    seconds: float = typer.Option(60.0, min=1.0, help="Total measuring time, spread over the grid and rounds."),
+    repeat: int = typer.Option(3, min=1, help="Rounds over the grid (min/median/max are reported)."),
+    out_dir: Path = typer.Option(Path("bench/results"), help="Where the JSON copy and the plot go."),
+):
+    """Profile random-read throughput and latency (O_DIRECT) by read size and parallelism; save the device profile
+    that sets the engine's read-coalescing gap ($INAFLASH_HOME/device-profile.json), a JSON copy and a plot."""
+    import time
+
+    from .probe import plot, probe as run_probe, profile_path
+
+    if file is None:
+        from .loader import resolve_store
+
+        file = resolve_store(None).ffn_path
+    profile = run_probe(file, seconds=seconds, repeat=repeat)
+    path = profile_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile, indent=1))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{time.strftime('%Y-%m-%d')}-probe"
+    stem.with_suffix(".json").write_text(json.dumps(profile, indent=1))
+    plot(profile, stem.with_suffix(".png"))
+    print("read size  in flight   MB/s (min / median / max)   batch latency ms (median)")
+    for r in profile["grid"]:
+        m, lat = r["mb_per_s"], r["latency_us"]["median"] / 1e3
+        print(f"{r['chunk_bytes'] // 1024:6d} KiB  {r['parallel']:9d}   {m['min']:7.0f} / {m['median']:7.0f} / "
+              f"{m['max']:7.0f}   {lat:8.2f}")
+    print(f"coalescing gap: {profile['max_gap'] // 1024} KiB; profile saved to {path}, plot {stem}.png")
+
+
+@app.command()
+def bench(
+    model: Optional[str] = MODEL,
+    memory: str = typer.Option("50%", help="DRAM budget for the hybrid and full rows, and the baselines' limit."),
+    prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (real text the calibration never saw)."),
+    gen_tokens: int = typer.Option(256, min=2, help="Tokens generated per configuration (greedy)."),
+    repeat: int = typer.Option(1, min=1, help="Rounds; every configuration runs once per round (interleaved)."),
+    config: Optional[list[str]] = typer.Option(None, help="Only these configurations (repeatable): dram, naive, "
+                                                          "hybrid, +predictor, +windowing, +bundling, +coalescing, "
+                                                          "full."),
+    baselines: bool = typer.Option(True, help="Also run llama.cpp-mmap and transformers-offload under a cgroup "
+                                              "memory limit."),
+    limit: Optional[str] = typer.Option(None, help="The baselines' whole-process memory limit (default: --memory)."),
+    max_seconds: float = typer.Option(120.0, min=1.0, help="Cut a configuration's run after this long (its row "
+                                                           "says how many tokens it made)."),
+    out_dir: Path = typer.Option(Path("bench/results"), help="Where <date>-<model>.json/.md/.png go."),
+):
+    """Reproduce the paper's ablation (naive -> +predictor -> +windowing -> +bundling) and per-token latency
+    split (I/O, predictor, memory management, compute) on this machine, next to dram, hybrid and the baselines."""
+    from .bench import bench as run_bench
+    from .bench import markdown
+
+    result = run_bench(model, memory=memory, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
+                       configs=config, baselines=baselines, limit=limit, out_dir=out_dir,
+                       max_seconds=max_seconds)
+    print(markdown(result))
+
+
+@app.command()
 def info(store: Path = typer.Argument(..., help="A store directory."),
          verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256.")):
     """Describe a store: model shape, dtype, resident and FFN sizes."""

@@ -6,16 +6,17 @@ import torch
 
 from .errors import InaflashError
 from .memory import pin_mmap_threshold
-from .ffn import NaiveFlashFFN, ResidentFFN
+from .ffn import HybridFFN, NaiveFlashFFN, ResidentFFN
 from .models import build_model
-from .planner import active_neurons_per_token, parse_memory, plan_memory
-from .reader import DEFAULT_MAX_GAP, FlashReader, ReadStats
+from .planner import active_neurons_per_token, parse_memory, plan_hybrid, plan_memory
+from .reader import FlashReader, ReadStats
 from .sparse import SparseFlashFFN, load_sparsity
 from .store import FlashStore
 
 MODES = {
     "dram": "whole model in memory: the upper bound",
     "naive": "every layer's whole FFN read from flash for every token: the paper's baseline",
+    "hybrid": "as many layers' FFN in DRAM as --memory allows, the others read whole every token",
     "sparse": "only predicted-active neurons, cached over a window of recent tokens, read from flash",
 }
 DEFAULT_CONTEXT = 1024
@@ -23,7 +24,7 @@ DEFAULT_CONTEXT = 1024
 
 class Engine:
     def __init__(self, store: FlashStore, mode: str = "naive", memory: str | int | None = None, window: int = 4,
-                 use_predictor: bool = True, context: int | None = None, max_gap: int = DEFAULT_MAX_GAP,
+                 use_predictor: bool = True, context: int | None = None, max_gap: int | None = None,
                  io_threads: int = 8, compute: str = "cached"):
         if mode not in MODES:
             raise InaflashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -35,6 +36,10 @@ class Engine:
         self.reader = FlashReader(store.ffn_path, threads=io_threads)
         self.plan = None
         if mode == "sparse":
+            if max_gap is None:  # the gap `inaflash probe` measured on this machine, else the default
+                from .probe import load_max_gap
+
+                max_gap = load_max_gap()
             sparsity = load_sparsity(store)
             if sparsity is None:
                 raise InaflashError(f"store {store.path} is not calibrated for sparsity: run  "
@@ -47,6 +52,9 @@ class Engine:
                                       staging_bytes=self.plan.staging_bytes, compute=compute)
         elif mode == "dram":
             self.ffn = ResidentFFN(store, self.reader)
+        elif mode == "hybrid":
+            budget = None if memory is None else parse_memory(memory, store)
+            self.ffn = HybridFFN(store, self.reader, plan_hybrid(store, budget, self.context))
         else:
             self.ffn = NaiveFlashFFN(store, self.reader)
         self.reader.stats = ReadStats()  # loading (dram mode, the oracle) is not generation I/O

@@ -74,19 +74,21 @@ def transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 
 
 class ResidentFFN:
-    """`dram` mode: every layer's weights held in memory in compute layout (the upper bound on speed)."""
+    """`dram` mode: every layer's weights held in memory in compute layout (the upper bound on speed).
+    With `layers`, only those (hybrid mode's resident part)."""
 
-    def __init__(self, store: FlashStore, reader: FlashReader):
+    def __init__(self, store: FlashStore, reader: FlashReader, layers: list[int] | None = None):
         self.math = FFNMath(store)
         down = self.math.down
         buf = aligned_buffer(max(e.span for e in store.layers))
-        self.weights = []
-        for e in store.layers:
+        self.weights = {}
+        for i in range(len(store.layers)) if layers is None else layers:
+            e = store.layers[i]
             reader.read([(e.offset, buf[:e.span])])
             views = bundle_views(store, buf)
             w = {k: v.contiguous().clone() for k, v in views.items() if k != down}
             w[down] = views[down].T.contiguous()
-            self.weights.append(w)
+            self.weights[i] = w
 
     def begin_forward(self) -> None:
         pass
@@ -97,30 +99,59 @@ class ResidentFFN:
 
 class NaiveFlashFFN:
     """`naive` mode (the paper's baseline): every layer's whole FFN is read from flash for every forward pass.
+    With `layers`, only those are streamed (hybrid mode's flash part).
 
-    Two buffers alternate: layer l+1 is read while layer l's FFN and layer l+1's attention compute.
+    Two buffers alternate: the next streamed layer is read while this one's FFN and the next attention compute.
     """
 
-    def __init__(self, store: FlashStore, reader: FlashReader):
+    def __init__(self, store: FlashStore, reader: FlashReader, layers: list[int] | None = None):
         self.store, self.reader, self.math = store, reader, FFNMath(store)
+        self.streamed = list(range(len(store.layers))) if layers is None else sorted(layers)
+        self.order = {layer: k for k, layer in enumerate(self.streamed)}
         span = max(e.span for e in store.layers)
         self.buffers = [aligned_buffer(span), aligned_buffer(span)]
         self.down_t = torch.empty(store.config.hidden_size, store.config.intermediate_size, dtype=store.dtype)
         self.pending: dict[int, object] = {}
 
-    def _start_read(self, layer: int) -> None:
-        e = self.store.layers[layer]
-        self.pending[layer] = self.reader.submit([(e.offset, self.buffers[layer % 2][: e.span])])
+    @staticmethod
+    def dram_bytes(store: FlashStore) -> int:
+        """Two read buffers + the transposed down projection."""
+        c = store.config
+        return 2 * max(e.span for e in store.layers) + c.hidden_size * c.intermediate_size * store.dtype.itemsize
+
+    def _start_read(self, k: int) -> None:
+        if k < len(self.streamed):
+            e = self.store.layers[self.streamed[k]]
+            self.pending[k] = self.reader.submit([(e.offset, self.buffers[k % 2][: e.span])])
 
     def begin_forward(self) -> None:
-        for layer in range(min(2, len(self.store.layers))):
-            self._start_read(layer)
+        self._start_read(0)
+        self._start_read(1)
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        self.pending.pop(layer).wait()
-        w = bundle_views(self.store, self.buffers[layer % 2])
+        k = self.order[layer]
+        self.pending.pop(k).wait()
+        w = bundle_views(self.store, self.buffers[k % 2])
         w[self.math.down] = transpose_into(self.down_t, w[self.math.down])
         out = self.math(x, w)
-        if layer + 2 < len(self.store.layers):
-            self._start_read(layer + 2)  # this buffer is free again; layer + 1 is already on its way
+        self._start_read(k + 2)  # this buffer is free again; the next streamed layer is already on its way
         return out
+
+
+class HybridFFN:
+    """`hybrid` mode (the paper's middle row): the first `resident` layers' FFN in DRAM, the rest read whole from
+    flash every token. Streaming starts at begin_forward, so the first streamed reads overlap resident compute."""
+
+    def __init__(self, store: FlashStore, reader: FlashReader, resident: int):
+        n = len(store.layers)
+        self.resident_layers = list(range(min(resident, n)))
+        self.dram = ResidentFFN(store, reader, self.resident_layers)
+        self.flash = NaiveFlashFFN(store, reader, list(range(len(self.resident_layers), n))) \
+            if resident < n else None
+
+    def begin_forward(self) -> None:
+        if self.flash is not None:
+            self.flash.begin_forward()
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.dram(layer, x) if layer in self.dram.weights else self.flash(layer, x)

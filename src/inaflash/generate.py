@@ -19,7 +19,7 @@ class GenerationStats:
     prefill_ms: float = 0.0
     ms_per_token: float = 0.0  # decode steps only (each step: one forward pass for one new token)
     io_ms_per_token: float = 0.0  # time blocked on flash reads (not hidden behind compute)
-    compute_ms_per_token: float = 0.0  # the rest of the step
+    compute_ms_per_token: float = 0.0  # the rest of the step (sparse: also less predictor and memory management)
     bytes_read_per_token: float = 0.0
     reads_per_token: float = 0.0
     decode_steps: int = 0
@@ -27,6 +27,7 @@ class GenerationStats:
     neurons_read_per_token: float | None = None
     cache_hit_rate: float | None = None  # needed neurons found in the neuron cache
     predictor_ms_per_token: float | None = None
+    memory_ms_per_token: float | None = None  # neuron-cache bookkeeping: evict, gather, append (I/O wait excluded)
     peak_cache_bytes: int | None = None  # the neuron caches are preallocated: this is their fixed size
     budget_bytes: int | None = None
     planned_bytes: int | None = None
@@ -142,6 +143,8 @@ def _finish_stats(engine: Engine, stats: GenerationStats, io0, sparse0, t_decode
         stats.neurons_read_per_token = read / steps
         stats.cache_hit_rate = 1 - read / needed if needed else 0.0
         stats.predictor_ms_per_token = (c.predictor_s - sparse0.predictor_s) * 1e3 / steps
+        stats.memory_ms_per_token = max(0.0, (c.update_s - sparse0.update_s) * 1e3 / steps - stats.io_ms_per_token)
+        stats.compute_ms_per_token -= stats.predictor_ms_per_token + stats.memory_ms_per_token
         stats.peak_cache_bytes = engine.ffn.cache_bytes
     if engine.plan is not None:
         stats.budget_bytes, stats.planned_bytes = engine.plan.budget_bytes, engine.plan.planned_bytes

@@ -94,3 +94,20 @@ def active_neurons_per_token(store: FlashStore, sparsity) -> int:
         return n // 2
     key = "predicted_fraction" if sparsity.predictors else "true_fraction"
     return math.ceil(max(layer.get(key, 0.5) for layer in layers) * n)
+
+
+def plan_hybrid(store: FlashStore, budget: int | None, context: int) -> int:
+    """Hybrid mode: how many layers' FFN fit in DRAM next to the resident part, the KV cache and the two streaming
+    buffers (all of them without a budget)."""
+    from .ffn import NaiveFlashFFN
+
+    n = store.config.num_layers
+    if budget is None:
+        return n
+    fixed = store.resident_bytes + kv_bytes(store, context) + NaiveFlashFFN.dram_bytes(store)
+    if budget < fixed:
+        raise InaflashError(
+            f"memory budget {budget / 1e6:.1f} MB is too small for hybrid mode: it needs at least {fixed / 1e6:.1f} MB "
+            f"(resident {store.resident_bytes / 1e6:.1f} + KV cache for {context} tokens "
+            f"{kv_bytes(store, context) / 1e6:.1f} + streaming buffers {NaiveFlashFFN.dram_bytes(store) / 1e6:.1f} MB)")
+    return min(n, (budget - fixed) // max(e.nbytes for e in store.layers))

@@ -147,7 +147,8 @@ def plot(profile: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
     direct = "O_DIRECT" if profile["o_direct"] else "buffered + DONTNEED"
-    fig.suptitle(f"random reads, {direct}: {profile['file']} (coalescing gap {profile['max_gap'] // 1024} KiB)")
+    fig.suptitle(f"random reads ({direct}) of {Path(profile['file']).name}; coalescing gap "
+                 f"{profile['max_gap'] // 1024} KiB")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

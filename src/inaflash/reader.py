@@ -35,7 +35,7 @@ def aligned_buffer(nbytes: int) -> torch.Tensor:
 class ReadStats:
     bytes: int = 0  # bytes requested from the device (aligned spans)
     requests: int = 0  # preadv calls
-    wait_s: float = 0.0  # time the caller spent blocked waiting for reads to finish
+    wait_s: float = 0.0  # time the caller spent issuing reads and blocked waiting for them to finish
 
     def copy(self) -> "ReadStats":
         return ReadStats(self.bytes, self.requests, self.wait_s)
@@ -96,20 +96,25 @@ class FlashReader:
 
     def submit(self, requests: list[tuple[int, torch.Tensor]]) -> ReadBatch:
         """Start reading each (file offset, destination uint8 tensor) pair; offsets/lengths/addresses ALIGN-ed."""
-        pieces = []
+        t0 = time.perf_counter()
+        pieces, nbytes = [], 0
         for offset, dest in requests:
             n = dest.numel()
             if offset % ALIGN or n % ALIGN or dest.data_ptr() % ALIGN:
                 raise ValueError(f"unaligned read: offset {offset}, length {n}")
             if offset + n > self.size:
                 raise StoreError(f"read past the end of {self.path} ({offset + n} > {self.size} bytes): truncated store?")
-            for start in range(0, n, self.chunk_bytes):
-                pieces.append((offset + start, dest[start:start + self.chunk_bytes]))
+            nbytes += n
+            if n <= self.chunk_bytes:
+                pieces.append((offset, dest))
+            else:
+                pieces.extend((offset + s, dest[s:s + self.chunk_bytes]) for s in range(0, n, self.chunk_bytes))
         batch = ReadBatch(self, len(pieces))
         self.stats.requests += len(pieces)
-        self.stats.bytes += sum(p[1].numel() for p in pieces)
+        self.stats.bytes += nbytes
         for offset, dest in pieces:
             self._queue.put((offset, dest, batch))
+        self.stats.wait_s += time.perf_counter() - t0  # issuing reads is I/O time too (100k+ small reads add up)
         return batch
 
     def read(self, requests: list[tuple[int, torch.Tensor]]) -> None:
@@ -173,7 +178,8 @@ def plan_bundle_reads(layer_offset: int, bundle_bytes: int, itemsize: int, neuro
     lo = starts // ALIGN * ALIGN
     hi = (starts + bundle_bytes + ALIGN - 1) // ALIGN * ALIGN
     breaks = np.ones(lo.size, dtype=bool)
-    breaks[1:] = lo[1:] - hi[:-1] > max_gap  # hi is non-decreasing: a gap only opens between neighbours
+    if max_gap >= 0:  # negative: no coalescing at all, one read per bundle (the ablation)
+        breaks[1:] = lo[1:] - hi[:-1] > max_gap  # hi is non-decreasing: a gap only opens between neighbours
     group = np.cumsum(breaks) - 1
     first = np.flatnonzero(breaks)
     last = np.append(first[1:] - 1, lo.size - 1)
@@ -209,23 +215,36 @@ class BundleReader:
 
     def read(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
         """Bundles of `neurons` (sorted ids), in that order; in several rounds if the staging buffer is short."""
+        pending = self.start(layer, neurons)
+        if pending is not None:
+            return self.finish(pending)
+        if neurons.numel() == 1:
+            raise RuntimeError(f"staging buffer of {self.staging.numel()} bytes cannot hold one bundle")
+        half = neurons.numel() // 2
+        return torch.cat([self.read(layer, neurons[:half]), self.read(layer, neurons[half:])])
+
+    def start(self, layer: int, neurons: torch.Tensor):
+        """Submit the reads and return at once (None if they do not fit the staging buffer: use read()).
+        The staging buffer holds one batch: finish() it before starting another."""
         plans = self.plan(layer, neurons)
         if sum(p.nbytes for _, p in plans) > self.staging.numel():
-            if neurons.numel() == 1:
-                raise RuntimeError(f"staging buffer of {self.staging.numel()} bytes cannot hold one bundle")
-            half = neurons.numel() // 2
-            return torch.cat([self.read(layer, neurons[:half]), self.read(layer, neurons[half:])])
+            return None
         requests, pos, bases = [], 0, []
         for _, plan in plans:
             bases.append(pos // self.store.dtype.itemsize)
             for offset, length in plan.spans:
                 requests.append((offset, self.staging[pos:pos + length]))
                 pos += length
-        self.reader.read(requests)
+        return self.reader.submit(requests), plans, bases, neurons.numel()
+
+    def finish(self, pending) -> torch.Tensor:
+        """Wait for a started batch; its bundles as rows [m, width]."""
+        batch, plans, bases, m = pending
+        batch.wait()
         elements = self.staging.view(self.store.dtype)
         if len(plans) == 1:
             return _gather_rows(elements, plans[0][1].element_offsets, self.store.bundle_width)
-        out = torch.empty(neurons.numel(), self.store.bundle_width, dtype=self.store.dtype)
+        out = torch.empty(m, self.store.bundle_width, dtype=self.store.dtype)
         for ((a, b), plan), base in zip(plans, bases):
             out[:, a:b] = _gather_rows(elements, base + plan.element_offsets, b - a)
         return out

@@ -80,6 +80,7 @@ class SparseCounters:
     neurons_needed: int = 0
     neurons_read: int = 0
     predictor_s: float = 0.0
+    update_s: float = 0.0  # cache bookkeeping + reads of missing neurons (I/O wait included; see generate.py)
 
     def copy(self) -> "SparseCounters":
         return SparseCounters(**self.__dict__)
@@ -127,11 +128,35 @@ class SparseFlashFFN:
         self.counters.neurons_needed += needed.numel()
         if needed.numel() > cache.capacity:
             return self._stream(layer, x, active, needed)
-        self.counters.neurons_read += cache.update(needed, self.step, lambda ids: self.bundles.read(layer, ids))
-        w = cache.weights()
+        # the cache update of NeuronCache.update, split so that the missing neurons' reads overlap the FFN over
+        # the neurons already cached; the new rows' part is added when they arrive (the same sum, reordered)
+        t0 = time.perf_counter()
+        cache.touch(needed, self.step)
+        cache.evict_outside_window(self.step)
+        missing = cache.missing(needed)
+        pending = None
+        if missing.numel():
+            cache.make_room(missing.numel(), keep=needed)
+            pending = self.bundles.start(layer, missing)
+            if pending is None:  # larger than the staging buffer: read in rounds, no overlap
+                cache.append(missing, self.bundles.read(layer, missing), self.step)
+        self.counters.neurons_read += missing.numel()
+        self.counters.update_s += time.perf_counter() - t0
+        start = cache.n
+        out = self._compute(x, active, cache, 0, start) if start else None
+        if pending is not None:
+            t0 = time.perf_counter()
+            cache.append(missing, self.bundles.finish(pending), self.step)
+            self.counters.update_s += time.perf_counter() - t0
+            new = self._compute(x, active, cache, start, cache.n)
+            out = new if out is None else out + new
+        return out if out is not None else torch.zeros(x.shape[0], self.store.config.hidden_size)
+
+    def _compute(self, x: torch.Tensor, active: torch.Tensor, cache: NeuronCache, start: int, end: int):
+        w = cache.weights(start, end)
         h = self.math.hidden(x, w)
         if self.compute == "active":
-            h = h * active[:, cache.live_neurons()]
+            h = h * active[:, cache.neuron_of_slot[start:end]]
         return self.math.output(h, w)
 
     def _stream(self, layer: int, x: torch.Tensor, active: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""What users run today, measured in the bench: llama.cpp with mmap (llama-cpp-python) and transformers +
+accelerate disk offload, each in a child process under the same whole-process memory limit (cgroup v1), on the
+same model file and prompt. A baseline that cannot run gets a row that says why; nothing is estimated.
+
+Each child prints one line per generated token (its time), so a run cut off by the timeout still reports its rate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .cgroup import CgroupUnavailable, evict_from_page_cache, run_limited
+
+TIMEOUT_S = 600
+
+LLAMA_CPP = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+llm = Llama(model_path=path, n_ctx=1024, n_threads=2, use_mmap=True, verbose=False)
+print(json.dumps({"event": "loaded", "t": time.perf_counter()}), flush=True)
+for chunk in llm.create_completion(prompt, max_tokens=n, temperature=0.0, stream=True):
+    print(json.dumps({"event": "token", "t": time.perf_counter()}), flush=True)
+"""
+
+TRANSFORMERS_OFFLOAD = r"""
+import json, sys, time
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM
+path, ids, n, offload, cpu_bytes = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+model = AutoModelForCausalLM.from_pretrained(str(path.parent if kw else path), dtype=torch.float32, device_map="auto",
+                                             max_memory={"cpu": cpu_bytes}, offload_folder=offload, **kw)
+print(json.dumps({"event": "loaded", "t": time.perf_counter()}), flush=True)
+past, x = None, torch.tensor([ids])
+with torch.no_grad():
+    for _ in range(n):
+        out = model(x, past_key_values=past, use_cache=True)
+        past, x = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        print(json.dumps({"event": "token", "t": time.perf_counter()}), flush=True)
+"""
+
+
+def _rate(stdout: str) -> dict:
+    times = []
+    for line in stdout.splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("event") == "token":
+            times.append(event["t"])
+    if len(times) < 2:
+        return {"tokens": len(times)}
+    decode_s = times[-1] - times[0]
+    return {"tokens": len(times), "tokens_per_s": (len(times) - 1) / decode_s,
+            "ms_per_token": decode_s * 1e3 / (len(times) - 1)}
+
+
+def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, gen_tokens: int) -> dict:
+    row = {"name": name, "limit_bytes": limit}
+    evict_from_page_cache(model_file)
+    try:
+        run = run_limited([sys.executable, "-c", script, *args], limit, TIMEOUT_S, name=f"inaflash-{name}")
+    except CgroupUnavailable as e:
+        return {**row, "status": "unavailable", "reason": f"no memory limit possible: {e}"}
+    row.update(_rate(run.stdout), max_usage_bytes=run.max_usage_bytes, seconds=run.seconds)
+    if run.oom_killed:
+        row.update(status="killed", reason=f"out of memory under the {limit / 1e6:.0f} MB limit "
+                                           f"(after {row.get('tokens', 0)} tokens)")
+    elif run.returncode != 0 and row.get("tokens", 0) < gen_tokens:
+        cause = "timeout" if run.seconds >= TIMEOUT_S else f"exit {run.returncode}"
+        tail = run.stderr.strip().splitlines()[-1:] or [""]
+        row.update(status="partial" if row.get("tokens_per_s") else "failed",
+                   reason=f"{cause} after {row.get('tokens', 0)} tokens: {tail[0][:200]}")
+    else:
+        row["status"] = "ok"
+    return row
+
+
+def run_baselines(store, prompt_ids: list[int], gen_tokens: int, limit: int, progress: bool = True) -> list[dict]:
+    source = Path(store.manifest.get("source", {}).get("path", ""))
+    rows = []
+    if not source.exists():
+        reason = f"the store's source model {source} is not available"
+        return [{"name": n, "status": "unavailable", "reason": reason} for n in ("llama.cpp-mmap", "transformers-offload")]
+    if progress:
+        print(f"inaflash: baselines under a {limit / 1e6:.0f} MB limit", file=sys.stderr)
+    if source.suffix != ".gguf":
+        rows.append({"name": "llama.cpp-mmap", "status": "unavailable", "reason": "the source is not a GGUF file"})
+    elif importlib.util.find_spec("llama_cpp") is None:
+        rows.append({"name": "llama.cpp-mmap", "status": "unavailable",
+                     "reason": "llama-cpp-python is not installed (pip install 'inaflash[baselines]'; it builds "
+                               "llama.cpp from source)"})
+    else:
+        prompt = store.tokenizer().decode(prompt_ids)
+        rows.append(_run("llama.cpp-mmap", LLAMA_CPP, [str(source), prompt, str(gen_tokens)], limit, source,
+                         gen_tokens))
+    if importlib.util.find_spec("accelerate") is None:
+        rows.append({"name": "transformers-offload", "status": "unavailable", "reason": "accelerate not installed"})
+    else:
+        with tempfile.TemporaryDirectory(prefix="inaflash-offload-") as offload:
+            rows.append(_run("transformers-offload", TRANSFORMERS_OFFLOAD,
+                             [str(source), json.dumps(prompt_ids), str(gen_tokens), offload, str(limit // 2)],
+                             limit, source, gen_tokens))
+    return rows

@@ -1,0 +1,149 @@
+"""The benchmark harness on a tiny model, the cgroup helper, and the read planner's coalescing."""
+
+import json
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inaflash.calibrate import save_sparsity
+from inaflash.cgroup import CgroupUnavailable, own_memory_cgroup, run_limited
+from inaflash.engine import Engine
+from inaflash.predictor import train_predictor
+from inaflash.reader import plan_bundle_reads
+from inaflash.sources import open_source
+from inaflash.store import ALIGN, FlashStore, write_store
+from tiny import make_tiny
+
+
+def calibrated_tiny_llama(root):
+    """A tiny Llama store with real (if small) calibration: thresholds at each layer's median |h| on random tokens,
+    predictors trained on those inputs."""
+    make_tiny("llama", root / "hf")
+    store = FlashStore(write_store(open_source(root / "hf"), root / "store", dtype="float32", progress=False))
+    xs = [[] for _ in store.layers]
+    with Engine(store, mode="dram") as engine:
+        inner = engine.ffn
+
+        class Tap:
+            def begin_forward(self):
+                pass
+
+            def __call__(self, layer, x):
+                xs[layer].append(x.clone())
+                return inner(layer, x)
+
+        engine.ffn = Tap()
+        engine.reset(64)
+        engine.forward(torch.randint(0, store.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)),
+                       0)
+        thresholds, predictors = [], []
+        for layer, chunks in enumerate(xs):
+            x = torch.cat(chunks)
+            h = inner.math.hidden(x, inner.weights[layer]).abs()
+            thresholds.append(float(h.median()))
+            pred, _ = train_predictor(x, h > thresholds[-1], rank=8, epochs=4)
+            predictors.append(pred)
+    save_sparsity(store, "threshold", thresholds, predictors, {"target_sparsity": 0.5, "rank": 8, "window": 4,
+                                                               "layers": [{"predicted_fraction": 0.8}] * 3})
+    return root / "store"
+
+
+def test_bench_on_a_tiny_model_writes_complete_json_and_markdown(tmp_path):
+    from inaflash.bench import CONFIGS, bench
+
+    path = calibrated_tiny_llama(tmp_path)
+    result = bench(str(path), memory="300%", gen_tokens=6, prompt_ids=[3, 17, 42, 5, 88, 9, 61, 2],
+                   out_dir=tmp_path / "results", progress=False)
+    files = sorted(p.suffix for p in (tmp_path / "results").iterdir())
+    assert files == [".json", ".md", ".png"]
+    saved = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert [r["name"] for r in saved["rows"]] == [c.name for c in CONFIGS]
+    rows = {r["name"]: r for r in saved["rows"]}
+    for r in saved["rows"]:
+        assert r["status"] == "ok", r
+        assert r["ms_per_token"] > 0 and r["generated_tokens"] == 6 and r["peak_rss_bytes"] > 0
+    for name in ("naive", "+predictor", "+windowing", "+bundling", "+coalescing"):
+        assert rows[name]["bytes_read_per_token"] > 0 and rows[name]["reads_per_token"] > 0
+    assert rows["dram"]["bytes_read_per_token"] == 0
+    # the ablation steps do what they say: no reuse -> reuse; separate fields -> bundles; coalescing merges reads
+    assert rows["+predictor"]["cache_hit_rate"] == 0 < rows["+windowing"]["cache_hit_rate"]
+    assert rows["+bundling"]["reads_per_token"] < rows["+windowing"]["reads_per_token"]
+    assert rows["+coalescing"]["reads_per_token"] < rows["+bundling"]["reads_per_token"]
+    assert rows["naive"]["bytes_read_per_token"] == FlashStore(path).ffn_read_bytes
+    for b in saved["baselines"]:  # measured, or saying why not
+        assert b["status"] in ("ok", "partial", "killed", "failed", "unavailable")
+        assert b["status"] == "ok" or b["reason"]
+    assert next(b for b in saved["baselines"] if b["name"] == "llama.cpp-mmap")["status"] == "unavailable"
+    md = next((tmp_path / "results").glob("*.md")).read_text()
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| configuration"))
+    table = lines[start: lines.index("", start)]
+    assert len(table) == 2 + len(CONFIGS)
+    assert len({line.count("|") for line in table}) == 1  # every row of the main table has every column
+    assert all(c.name in md for c in CONFIGS) and "Key ratios" in md
+
+
+def test_cgroup_helper_says_why_it_cannot_limit(monkeypatch, tmp_path):
+    import inaflash.cgroup as cg
+
+    monkeypatch.setattr(cg, "CGROUP_V1", tmp_path / "nowhere")
+    with pytest.raises(CgroupUnavailable, match="no memory.limit_in_bytes"):
+        own_memory_cgroup()
+    with pytest.raises(CgroupUnavailable, match="not a cgroup-v1 memory hierarchy"):
+        run_limited([sys.executable, "-c", "pass"], 1 << 30, timeout=10)
+
+
+def test_cgroup_limit_really_binds():
+    try:
+        own_memory_cgroup()
+    except CgroupUnavailable as e:
+        pytest.skip(f"no cgroup here: {e}")
+    grab = "b = bytearray(300 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('survived')"
+    run = run_limited([sys.executable, "-c", grab], 100 << 20, timeout=60)
+    assert run.oom_killed and "survived" not in run.stdout
+    ok = run_limited([sys.executable, "-c", "print('fine')"], 100 << 20, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "fine" and not ok.oom_killed
+    assert 0 < ok.max_usage_bytes <= 100 << 20
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.sets(st.integers(0, 499), min_size=1, max_size=60), bundle=st.integers(1, 3000).map(lambda b: b * 4),
+       max_gap=st.sampled_from([-1, 0, 4096, 16384, 65536]), offset=st.integers(0, 3).map(lambda k: k * ALIGN))
+def test_coalescing_reads_exactly_the_bundles_plus_allowed_gaps(ids, bundle, max_gap, offset):
+    neurons = torch.tensor(sorted(ids))
+    plan = plan_bundle_reads(offset, bundle, 4, neurons, max_gap)
+    spans = plan.spans
+    assert all(o % ALIGN == 0 and n % ALIGN == 0 and n > 0 for o, n in spans)
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]) if max_gap >= 0)  # sorted, disjoint
+    # every requested byte is read, and lands where element_offsets says
+    staging_pos, pos = [], 0
+    for _, n in spans:
+        staging_pos.append(pos)
+        pos += n
+    for k, i in enumerate(neurons.tolist()):
+        start, end = offset + i * bundle, offset + (i + 1) * bundle
+        where = plan.element_offsets[k].item() * 4
+        hits = [(o, n, p) for (o, n), p in zip(spans, staging_pos) if o <= start and end <= o + n]
+        assert hits, f"bundle {i} not covered"
+        assert any(p + start - o == where for o, n, p in hits)
+    # no byte is read outside the requested bundles' aligned pages, except gaps of at most max_gap between them
+    pages = set()
+    for i in neurons.tolist():
+        lo = (offset + i * bundle) // ALIGN
+        hi = (offset + (i + 1) * bundle + ALIGN - 1) // ALIGN
+        pages.update(range(lo, hi))
+    for o, n in spans:
+        read = range(o // ALIGN, (o + n) // ALIGN)
+        extra = sorted(set(read) - pages)
+        runs = []
+        for p in extra:
+            if runs and runs[-1][1] == p:
+                runs[-1][1] = p + 1
+            else:
+                runs.append([p, p + 1])
+        for a, b in runs:
+            assert a > read.start and b < read.stop  # a gap lies between requested pages, never at a span's ends
+            assert (b - a) * ALIGN <= max(max_gap, 0)
