@@ -102,7 +102,7 @@ def test_process_memory_growth_stays_within_the_budget(calibrated):
     free = plan_memory(store, None, 64, spec.predictor_bytes, 4, active_neurons_per_token(store, spec))
     n = store.config.intermediate_size
     capacity = max(active_neurons_per_token(store, spec), int(0.95 * n))
-    budget = free.planned_bytes - free.cache_bytes + store.config.num_layers * capacity * store.bundle_bytes
+    budget = free.planned_bytes - free.cache_bytes + store.config.num_layers * capacity * store.row_bytes
     out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path), str(budget)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -85,7 +85,7 @@ def logits_run(engine, steps=6):
 def test_relu_oracle_sparse_equals_dense(opt, window, memory):
     if memory == "bind":  # a budget whose caches hold 100 of 160 neurons per layer: LRU evictions, streaming
         free = plan_memory(opt, None, context=32, predictor_bytes=0, window=window, active_neurons=80)
-        memory = free.planned_bytes - free.cache_bytes + 2 * 100 * opt.bundle_bytes
+        memory = free.planned_bytes - free.cache_bytes + 2 * 100 * opt.row_bytes
     with Engine(opt, mode="dram") as dense:
         ref = logits_run(dense)
     with Engine(opt, mode="sparse", use_predictor=False, window=window, memory=memory, context=32) as sparse:
@@ -249,7 +249,7 @@ def test_planner_refuses_a_budget_below_the_minimum(opt):
 
 def test_planner_stays_within_budget(opt):
     unlimited = plan_memory(opt, None, context=32, predictor_bytes=0, window=4, active_neurons=80)
-    budget = unlimited.planned_bytes - unlimited.cache_bytes + 2 * 100 * opt.bundle_bytes + 1000  # 100 per layer
+    budget = unlimited.planned_bytes - unlimited.cache_bytes + 2 * 100 * opt.row_bytes + 1000  # 100 per layer
     plan = plan_memory(opt, budget, context=32, predictor_bytes=0, window=4, active_neurons=80)
     assert plan.cache_capacity == 100 and plan.window == 1  # a window of 4 does not fit: it adapts down
     assert plan.planned_bytes <= budget

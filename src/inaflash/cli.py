@@ -143,17 +143,19 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     unbundled: bool = typer.Option(False, "--unbundled", help="Write gate rows, up rows and down columns as "
                                                              "separate blocks (for the --no-bundling ablation)."),
+    ffn_format: str = typer.Option("float", help="float: FFN bundles in --dtype; int8: int8 codes with a float16 "
+                                                 "scale per neuron and field (half the bytes read per neuron)."),
 ):
     """Convert a model into a flash store (resident part + bundled FFN file)."""
     from .sources import open_source
     from .store import FlashStore, write_store
 
     write_store(open_source(src), out, dtype=dtype, overwrite=overwrite,
-                layout="unbundled" if unbundled else "bundled")
+                layout="unbundled" if unbundled else "bundled", ffn_format=ffn_format)
     store = FlashStore(out)
     print(f"wrote {out}: resident {store.resident_bytes / 1e6:.1f} MB, FFN {store.ffn_bytes / 1e6:.1f} MB "
           f"({store.config.num_layers} layers x {store.config.intermediate_size} neurons of "
-          f"{store.bundle_bytes} bytes, {store.layout})")
+          f"{store.bundle_bytes} bytes, {store.layout}, {store.ffn_format})")
 
 
 @app.command()
@@ -295,7 +297,8 @@ def info(store: Path = typer.Argument(..., help="A store directory."),
     print(json.dumps({
         "path": str(s.path), "model_type": c.model_type, "layers": c.num_layers, "hidden_size": c.hidden_size,
         "ffn_neurons": c.intermediate_size, "dtype": s.dtype_name, "resident_bytes": s.resident_bytes,
-        "ffn_bytes": s.ffn_bytes, "bundle_bytes": s.bundle_bytes, "layout": s.layout, "verified": verify,
+        "ffn_bytes": s.ffn_bytes, "bundle_bytes": s.bundle_bytes, "layout": s.layout,
+        "ffn_format": s.ffn_format, "verified": verify,
     }, indent=1))
 
 

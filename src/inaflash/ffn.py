@@ -12,7 +12,7 @@ import torch
 
 from .ops import ACTIVATIONS, linear
 from .reader import FlashReader, aligned_buffer
-from .store import FlashStore
+from .store import FlashStore, dequantize_int8
 
 DOWN = {"llama": "down", "opt": "fc2"}
 TRANSPOSE_TILE = 256  # tiled transposes run ~3x faster than one strided copy_ for large layers
@@ -55,6 +55,9 @@ def bundle_rows(store: FlashStore, bundles: torch.Tensor) -> dict[str, torch.Ten
 def bundle_views(store: FlashStore, buf: torch.Tensor) -> dict[str, torch.Tensor]:
     """bundle_rows of a whole layer read into `buf` (uint8), from either layout."""
     n = store.config.intermediate_size
+    if store.quantized:
+        raw = buf[: n * store.bundle_bytes].view(n, store.bundle_bytes)
+        return bundle_rows(store, dequantize_int8(raw, store.fields, store.bundle_width, store.dtype, store.int8_group))
     if store.layout == "bundled":
         return bundle_rows(store, buf[: n * store.bundle_bytes].view(store.dtype).view(n, store.bundle_width))
     views = {}
@@ -115,9 +118,11 @@ class NaiveFlashFFN:
 
     @staticmethod
     def dram_bytes(store: FlashStore) -> int:
-        """Two read buffers + the transposed down projection."""
+        """Two read buffers + the transposed down projection (+ the dequantized layer for int8 stores)."""
         c = store.config
-        return 2 * max(e.span for e in store.layers) + c.hidden_size * c.intermediate_size * store.dtype.itemsize
+        dequantized = c.intermediate_size * store.row_bytes if store.quantized else 0
+        return 2 * max(e.span for e in store.layers) + c.hidden_size * c.intermediate_size * store.dtype.itemsize \
+            + dequantized
 
     def _start_read(self, k: int) -> None:
         if k < len(self.streamed):

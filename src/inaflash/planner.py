@@ -65,7 +65,7 @@ def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_b
                 active_neurons: int) -> MemoryPlan:
     """`active_neurons`: neurons one token needs in the busiest layer (from calibration); the cache must hold them."""
     c = store.config
-    n, per_neuron = c.intermediate_size, store.bundle_bytes  # cache rows + transposed down column = one bundle
+    n, per_neuron = c.intermediate_size, store.row_bytes  # cache rows + transposed down column: one bundle in DRAM
     staging = min(max(e.span for e in store.layers), STAGING_BYTES)
     kv = kv_bytes(store, context)
     fixed = store.resident_bytes + predictor_bytes + kv + staging

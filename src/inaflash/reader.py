@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import StoreError
-from .store import ALIGN
+from .store import ALIGN, dequantize_int8
 
 
 def aligned_buffer(nbytes: int) -> torch.Tensor:
@@ -205,6 +205,8 @@ class BundleReader:
     def plan(self, layer: int, neurons: torch.Tensor) -> list[tuple[tuple[int, int], ReadPlan]]:
         """(bundle columns, plan) per region read: one for bundled stores, one per field for unbundled ones."""
         s, offset, item = self.store, self.store.layers[layer].offset, self.store.dtype.itemsize
+        if s.quantized:  # rows of raw bytes (codes + scales), dequantized in finish()
+            return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, 1, neurons, self.max_gap))]
         if s.layout == "bundled":
             return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, item, neurons, self.max_gap))]
         return [((a, b), plan_bundle_reads(offset + s.blocks[name], (b - a) * item, item, neurons, self.max_gap))
@@ -231,7 +233,7 @@ class BundleReader:
             return None
         requests, pos, bases = [], 0, []
         for _, plan in plans:
-            bases.append(pos // self.store.dtype.itemsize)
+            bases.append(pos // (1 if self.store.quantized else self.store.dtype.itemsize))
             for offset, length in plan.spans:
                 requests.append((offset, self.staging[pos:pos + length]))
                 pos += length
@@ -241,6 +243,10 @@ class BundleReader:
         """Wait for a started batch; its bundles as rows [m, width]."""
         batch, plans, bases, m = pending
         batch.wait()
+        s = self.store
+        if s.quantized:
+            raw = _gather_rows(self.staging, plans[0][1].element_offsets, s.bundle_bytes)
+            return dequantize_int8(raw, s.fields, s.bundle_width, s.dtype, s.int8_group)
         elements = self.staging.view(self.store.dtype)
         if len(plans) == 1:
             return _gather_rows(elements, plans[0][1].element_offsets, self.store.bundle_width)
