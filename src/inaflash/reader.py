@@ -202,18 +202,35 @@ class BundleReader:
         layer_span = max(e.span for e in store.layers)
         self.staging = aligned_buffer(min(layer_span, staging_bytes or layer_span))
 
-    def plan(self, layer: int, neurons: torch.Tensor) -> list[tuple[tuple[int, int], ReadPlan]]:
+    def plan(self, layer: int, neurons: torch.Tensor, max_gap: int | None = None
+             ) -> list[tuple[tuple[int, int], ReadPlan]]:
         """(bundle columns, plan) per region read: one for bundled stores, one per field for unbundled ones."""
         s, offset, item = self.store, self.store.layers[layer].offset, self.store.dtype.itemsize
+        gap = self.max_gap if max_gap is None else max_gap
         if s.quantized:  # rows of raw bytes (codes + scales), dequantized in finish()
-            return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, 1, neurons, self.max_gap))]
+            return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, 1, neurons, gap))]
         if s.layout == "bundled":
-            return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, item, neurons, self.max_gap))]
-        return [((a, b), plan_bundle_reads(offset + s.blocks[name], (b - a) * item, item, neurons, self.max_gap))
+            return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, item, neurons, gap))]
+        return [((a, b), plan_bundle_reads(offset + s.blocks[name], (b - a) * item, item, neurons, gap))
                 for name, (a, b) in s.fields.items()]
 
+    def fitting_plan(self, layer: int, neurons: torch.Tensor):
+        """The plan with the configured gap, or with smaller gaps until it fits the staging buffer (wide gaps over
+        a dense set of neurons can add up to more than the buffer); None if not even a gap of 0 fits."""
+        gap = self.max_gap
+        while True:
+            plans = self.plan(layer, neurons, gap)
+            if sum(p.nbytes for _, p in plans) <= self.staging.numel():
+                return plans
+            if gap <= 0:
+                return None
+            gap = gap // 4 if gap >= 4 * ALIGN else 0
+
     def planned_bytes(self, layer: int, neurons: torch.Tensor) -> int:
-        return sum(p.nbytes for _, p in self.plan(layer, neurons))
+        """What reading `neurons` costs: the plan start() will use (read() splits further only if even that is
+        too big)."""
+        plans = self.fitting_plan(layer, neurons)
+        return sum(p.nbytes for _, p in (plans or self.plan(layer, neurons, 0)))
 
     def read(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
         """Bundles of `neurons` (sorted ids), in that order; in several rounds if the staging buffer is short."""
@@ -228,8 +245,8 @@ class BundleReader:
     def start(self, layer: int, neurons: torch.Tensor):
         """Submit the reads and return at once (None if they do not fit the staging buffer: use read()).
         The staging buffer holds one batch: finish() it before starting another."""
-        plans = self.plan(layer, neurons)
-        if sum(p.nbytes for _, p in plans) > self.staging.numel():
+        plans = self.fitting_plan(layer, neurons)
+        if plans is None:
             return None
         requests, pos, bases = [], 0, []
         for _, plan in plans:
