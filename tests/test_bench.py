@@ -56,7 +56,7 @@ def test_bench_on_a_tiny_model_writes_complete_json_and_markdown(tmp_path):
     from inaflash.bench import CONFIGS, bench
 
     path = calibrated_tiny_llama(tmp_path)
-    result = bench(str(path), memory="300%", gen_tokens=6, prompt_ids=[3, 17, 42, 5, 88, 9, 61, 2],
+    bench(str(path), memory="300%", gen_tokens=6, prompt_ids=[3, 17, 42, 5, 88, 9, 61, 2],
                    out_dir=tmp_path / "results", progress=False)
     files = sorted(p.suffix for p in (tmp_path / "results").iterdir())
     assert files == [".json", ".md", ".png"]

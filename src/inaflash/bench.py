@@ -13,7 +13,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -33,7 +33,6 @@ class Config:
     bundled: bool = True
     coalesce: bool = True
     budget: bool = False  # run under --memory (else unlimited)
-    options: dict = field(default_factory=dict)
 
 
 CONFIGS = [
@@ -71,11 +70,6 @@ def reset_peak_rss() -> None:
         pass
 
 
-def vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def prepare_stores(model, progress: bool):
     """The bundled store (calibrated here if it is not yet) and its unbundled twin with the same calibration."""
     from .calibrate import calibrate, copy_sparsity
@@ -90,8 +84,6 @@ def prepare_stores(model, progress: bool):
         calibrate(store.path, progress=progress)
         store = FlashStore(store.path)
     source = store.manifest.get("source", {}).get("path")
-    if model is not None and Path(model).is_dir() and (Path(model) / "manifest.json").exists():
-        source = source if source and Path(source).exists() else None
     if source is None or not Path(source).exists():
         return store, None, f"the store's source model {source} is not available to write the unbundled layout"
     unbundled = resolve_store(source, dtype=store.dtype_name, layout="unbundled", progress=progress)
@@ -110,7 +102,7 @@ def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tok
     target = store if cfg.bundled else unbundled
     if target is None:
         return {"status": "unavailable", "reason": "no unbundled store"}
-    options = dict(mode=cfg.mode, context=len(prompt) + gen_tokens + 1, **cfg.options)
+    options = dict(mode=cfg.mode, context=len(prompt) + gen_tokens + 1)
     if cfg.mode in ("sparse", "hybrid"):
         options["memory"] = memory if cfg.budget else None
     if cfg.mode == "sparse":
@@ -131,7 +123,6 @@ def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tok
                 tokens.close()
             row = {k: getattr(stats, k) for k in FIELDS}
             row["generated_tokens"] = stats.generated_tokens
-            row["peak_rss_bytes"] = vm_hwm()
             if engine.plan is not None:
                 row.update(budget_bytes=engine.plan.budget_bytes, planned_bytes=engine.plan.planned_bytes,
                            window=engine.plan.window, cache_capacity=engine.plan.cache_capacity)

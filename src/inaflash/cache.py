@@ -94,13 +94,20 @@ class NeuronCache:
     def update(self, needed: torch.Tensor, step: int, read_bundles) -> int:
         """One step: keep what the window covers, read what `needed` lacks (read_bundles(ids) -> [m, width])
         and append it. Returns how many neurons were read."""
+        missing = self.prepare(needed, step)
+        if missing.numel():
+            self.append(missing, read_bundles(missing), step)
+        return missing.numel()
+
+    def prepare(self, needed: torch.Tensor, step: int) -> torch.Tensor:
+        """update() up to the read: refresh, evict outside the window, make room; returns the neurons to read and
+        append (sparse mode reads them while it computes over what is cached)."""
         self.touch(needed, step)
         self.evict_outside_window(step)
         missing = self.missing(needed)
         if missing.numel():
             self.make_room(missing.numel(), keep=needed)
-            self.append(missing, read_bundles(missing), step)
-        return missing.numel()
+        return missing
 
     def bundle(self, slot: int) -> torch.Tensor:
         """The store's bundle row for the neuron in `slot` (for checks)."""

@@ -70,15 +70,11 @@ def run_limited(cmd: list[str], limit_bytes: int, timeout: float, name: str = "i
                 swap.write_text(str(limit_bytes))
             except OSError:
                 pass
-        procs = str(group / "cgroup.procs")
-
-        def enter() -> None:  # runs in the child between fork and exec: it is limited from its first byte
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-
+        # a shell joins the group, then execs the command: limited from its first byte (a preexec_fn would do
+        # the same but is unsafe in a process with threads, as torch's)
+        enter = ['sh', '-c', 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs"), *cmd]
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=enter,
-                             env=env)
+        p = subprocess.Popen(enter, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -108,7 +104,6 @@ def evict_from_page_cache(path: str | Path) -> None:
     """Drop a file's cached pages (so a limited run reads it from the device and is charged for it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd) if os.access(path, os.W_OK) else None
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

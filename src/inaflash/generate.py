@@ -164,9 +164,14 @@ def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, tempera
 
 
 def peak_rss_bytes() -> int:
-    import resource
+    """The process's peak resident set: VmHWM (which bench resets per configuration), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class Generation:

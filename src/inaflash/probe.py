@@ -86,8 +86,8 @@ def throughput(profile: dict, size: int, parallel: int = ENGINE_PARALLEL) -> flo
     """Median MB/s for reads of `size` bytes at `parallel` in flight, interpolated (log-size) between grid points."""
     import math
 
-    rows = sorted((r["chunk_bytes"], r["mb_per_s"]["median"]) for r in profile["grid"]
-                  if r["parallel"] == min({x["parallel"] for x in profile["grid"]}, key=lambda q: abs(q - parallel)))
+    nearest = min({r["parallel"] for r in profile["grid"]}, key=lambda q: abs(q - parallel))
+    rows = sorted((r["chunk_bytes"], r["mb_per_s"]["median"]) for r in profile["grid"] if r["parallel"] == nearest)
     if size <= rows[0][0]:
         return rows[0][1] * size / rows[0][0]  # below the smallest size, requests bound the rate
     for (s0, t0), (s1, t1) in zip(rows, rows[1:]):

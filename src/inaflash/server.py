@@ -147,7 +147,7 @@ class Server:
 
         try:
             async with self._lock():
-                done = loop.run_in_executor(self.worker, produce)
+                loop.run_in_executor(self.worker, produce)
                 try:
                     while True:
                         kind, value = await queue.get()
@@ -161,7 +161,6 @@ class Server:
                     # worker stops after the token it is on (the next generation queues behind it on the same
                     # single worker thread, so releasing the lock now is safe)
                     cancel.set()
-                    del done
         finally:
             self.pending -= 1
 

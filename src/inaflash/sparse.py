@@ -131,12 +131,9 @@ class SparseFlashFFN:
         # the cache update of NeuronCache.update, split so that the missing neurons' reads overlap the FFN over
         # the neurons already cached; the new rows' part is added when they arrive (the same sum, reordered)
         t0 = time.perf_counter()
-        cache.touch(needed, self.step)
-        cache.evict_outside_window(self.step)
-        missing = cache.missing(needed)
+        missing = cache.prepare(needed, self.step)
         pending = None
         if missing.numel():
-            cache.make_room(missing.numel(), keep=needed)
             pending = self.bundles.start(layer, missing)
             if pending is None:  # larger than the staging buffer: read in rounds, no overlap
                 cache.append(missing, self.bundles.read(layer, missing), self.step)
