@@ -34,7 +34,7 @@ def test_bundles_round_trip(kind, layout, tmp_path):
     rng = random.Random(0)
     for layer in range(store.config.num_layers):
         assert store.layers[layer].offset % 4096 == 0
-        v = bundle_views(store, read_layer(store, layer))
+        v = bundle_views(store, read_layer(store, layer), layer)
         for i in rng.sample(range(store.config.intermediate_size), 10):
             if kind == "opt":
                 p = f"model.decoder.layers.{layer}."
@@ -66,7 +66,7 @@ def test_gguf_store_round_trips_dequantized_weights(smollm2_gguf, smollm2_store_
     tensors = {t.name: t for t in reader.tensors}
     store = FlashStore(smollm2_store_f32)
     for layer in (0, 17, store.config.num_layers - 1):
-        v = bundle_views(store, read_layer(store, layer))
+        v = bundle_views(store, read_layer(store, layer), layer)
         deq = {k: np.asarray(gguf.quants.dequantize(tensors[f"blk.{layer}.ffn_{k}.weight"].data,
                                                     tensors[f"blk.{layer}.ffn_{k}.weight"].tensor_type))
                for k in ("gate", "up", "down")}

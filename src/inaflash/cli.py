@@ -10,6 +10,8 @@ from typing import Optional
 import typer
 
 from .errors import InaflashError
+from .quant import FFN_FORMATS
+from .store import RESIDENT_FORMATS
 
 app = typer.Typer(
     help="Run LLMs whose weights do not fit in DRAM: the FFN is streamed from a flash store on disk.",
@@ -143,19 +145,28 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     unbundled: bool = typer.Option(False, "--unbundled", help="Write gate rows, up rows and down columns as "
                                                              "separate blocks (for the --no-bundling ablation)."),
-    ffn_format: str = typer.Option("float", help="float: FFN bundles in --dtype; int8: int8 codes with a float16 "
-                                                 "scale per neuron and field (half the bytes read per neuron)."),
+    ffn_format: str = typer.Option("float", help="How FFN bundles are stored and read: " + "; ".join(
+        f"{k}: {v}" for k, v in FFN_FORMATS.items()) + "."),
+    resident_format: str = typer.Option("float", help="; ".join(f"{k}: {v}" for k, v in RESIDENT_FORMATS.items())
+                                        + "."),
+    embeddings: str = typer.Option("flash", help="flash: an untied input embedding is read from flash one row per "
+                                                 "token; dram: held in memory. (A tied one is the head: in DRAM.)"),
 ):
     """Convert a model into a flash store (resident part + bundled FFN file)."""
     from .sources import open_source
     from .store import FlashStore, write_store
 
+    if embeddings not in ("flash", "dram"):
+        raise InaflashError(f"--embeddings must be flash or dram, not {embeddings!r}")
     write_store(open_source(src), out, dtype=dtype, overwrite=overwrite,
-                layout="unbundled" if unbundled else "bundled", ffn_format=ffn_format)
+                layout="unbundled" if unbundled else "bundled", ffn_format=ffn_format,
+                resident_format=resident_format, embeddings_on_flash=embeddings == "flash")
     store = FlashStore(out)
-    print(f"wrote {out}: resident {store.resident_bytes / 1e6:.1f} MB, FFN {store.ffn_bytes / 1e6:.1f} MB "
-          f"({store.config.num_layers} layers x {store.config.intermediate_size} neurons of "
-          f"{store.bundle_bytes} bytes, {store.layout}, {store.ffn_format})")
+    on_flash = f", embedding on flash {store.embed['rows'] * store.embed['row_bytes'] / 1e6:.1f} MB" \
+        if store.embed else ""
+    print(f"wrote {out}: resident {store.resident_bytes / 1e6:.1f} MB ({store.resident_format}){on_flash}, "
+          f"FFN {store.ffn_bytes / 1e6:.1f} MB ({store.config.num_layers} layers x {store.config.intermediate_size} "
+          f"neurons of {store.bundle_bytes} bytes, {store.layout}, {store.ffn_format})")
 
 
 @app.command()

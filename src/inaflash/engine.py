@@ -59,6 +59,13 @@ class Engine:
             self.ffn = NaiveFlashFFN(store, self.reader)
         self.reader.stats = ReadStats()  # loading (dram mode, the oracle) is not generation I/O
         self.weights = store.resident_weights()
+        self.embedding = None
+        if store.embed is not None:
+            from .embedding import FlashEmbedding
+
+            self.embedding = FlashEmbedding(store)
+            self.embedding.reader.stats = self.reader.stats  # its reads count with the FFN's
+            self.weights[store.embed["name"]] = self.embedding
         self.tokenizer = store.tokenizer()
         self.model = None
         self.max_seq = 0
@@ -82,6 +89,8 @@ class Engine:
 
     def close(self) -> None:
         self.reader.close()
+        if self.embedding is not None:
+            self.embedding.close()
 
     def __enter__(self):
         return self

@@ -12,7 +12,7 @@ import torch
 
 from .ops import ACTIVATIONS, linear
 from .reader import FlashReader, aligned_buffer
-from .store import FlashStore, dequantize_int8
+from .store import FlashStore
 
 DOWN = {"llama": "down", "opt": "fc2"}
 TRANSPOSE_TILE = 256  # tiled transposes run ~3x faster than one strided copy_ for large layers
@@ -52,12 +52,11 @@ def bundle_rows(store: FlashStore, bundles: torch.Tensor) -> dict[str, torch.Ten
     return views
 
 
-def bundle_views(store: FlashStore, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """bundle_rows of a whole layer read into `buf` (uint8), from either layout."""
+def bundle_views(store: FlashStore, buf: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+    """bundle_rows of a whole layer read into `buf` (uint8), from either layout, dequantized if compressed."""
     n = store.config.intermediate_size
     if store.quantized:
-        raw = buf[: n * store.bundle_bytes].view(n, store.bundle_bytes)
-        return bundle_rows(store, dequantize_int8(raw, store.fields, store.bundle_width, store.dtype, store.int8_group))
+        return bundle_rows(store, store.decode(buf[: n * store.bundle_bytes].view(n, store.bundle_bytes), layer))
     if store.layout == "bundled":
         return bundle_rows(store, buf[: n * store.bundle_bytes].view(store.dtype).view(n, store.bundle_width))
     views = {}
@@ -88,7 +87,7 @@ class ResidentFFN:
         for i in range(len(store.layers)) if layers is None else layers:
             e = store.layers[i]
             reader.read([(e.offset, buf[:e.span])])
-            views = bundle_views(store, buf)
+            views = bundle_views(store, buf, i)
             w = {k: v.contiguous().clone() for k, v in views.items() if k != down}
             w[down] = views[down].T.contiguous()
             self.weights[i] = w
@@ -118,7 +117,7 @@ class NaiveFlashFFN:
 
     @staticmethod
     def dram_bytes(store: FlashStore) -> int:
-        """Two read buffers + the transposed down projection (+ the dequantized layer for int8 stores)."""
+        """Two read buffers + the transposed down projection (+ the dequantized layer for compressed stores)."""
         c = store.config
         dequantized = c.intermediate_size * store.row_bytes if store.quantized else 0
         return 2 * max(e.span for e in store.layers) + c.hidden_size * c.intermediate_size * store.dtype.itemsize \
@@ -136,7 +135,7 @@ class NaiveFlashFFN:
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         k = self.order[layer]
         self.pending.pop(k).wait()
-        w = bundle_views(self.store, self.buffers[k % 2])
+        w = bundle_views(self.store, self.buffers[k % 2], layer)
         w[self.math.down] = transpose_into(self.down_t, w[self.math.down])
         out = self.math(x, w)
         self._start_read(k + 2)  # this buffer is free again; the next streamed layer is already on its way

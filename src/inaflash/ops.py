@@ -18,8 +18,11 @@ ACTIVATIONS = {
 }
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 x [T, in] @ w[out, in].T (+ b), w in its stored dtype; the result is float32."""
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 x [T, in] @ w[out, in].T (+ b), w in its stored dtype (or a quant.Int8Matrix); the result is float32."""
+    if not isinstance(w, torch.Tensor):
+        y = w.linear(x)
+        return y if b is None else y + b
     if w.dtype != torch.float32 and x.shape[0] >= FLOAT32_FROM_TOKENS:
         w = w.float()
     y = F.linear(x.to(w.dtype), w)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import StoreError
-from .store import ALIGN, dequantize_int8
+from .store import ALIGN
 
 
 def aligned_buffer(nbytes: int) -> torch.Tensor:
@@ -207,7 +207,7 @@ class BundleReader:
         """(bundle columns, plan) per region read: one for bundled stores, one per field for unbundled ones."""
         s, offset, item = self.store, self.store.layers[layer].offset, self.store.dtype.itemsize
         gap = self.max_gap if max_gap is None else max_gap
-        if s.quantized:  # rows of raw bytes (codes + scales), dequantized in finish()
+        if s.quantized:  # rows of raw bytes (codes + scales or indices), decoded in finish()
             return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, 1, neurons, gap))]
         if s.layout == "bundled":
             return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, item, neurons, gap))]
@@ -254,16 +254,15 @@ class BundleReader:
             for offset, length in plan.spans:
                 requests.append((offset, self.staging[pos:pos + length]))
                 pos += length
-        return self.reader.submit(requests), plans, bases, neurons.numel()
+        return self.reader.submit(requests), plans, bases, neurons.numel(), layer
 
     def finish(self, pending) -> torch.Tensor:
         """Wait for a started batch; its bundles as rows [m, width]."""
-        batch, plans, bases, m = pending
+        batch, plans, bases, m, layer = pending
         batch.wait()
         s = self.store
         if s.quantized:
-            raw = _gather_rows(self.staging, plans[0][1].element_offsets, s.bundle_bytes)
-            return dequantize_int8(raw, s.fields, s.bundle_width, s.dtype, s.int8_group)
+            return s.decode(_gather_rows(self.staging, plans[0][1].element_offsets, s.bundle_bytes), layer)
         elements = self.staging.view(self.store.dtype)
         if len(plans) == 1:
             return _gather_rows(elements, plans[0][1].element_offsets, self.store.bundle_width)

@@ -2,9 +2,13 @@
 
 A store is a directory:
   manifest.json          format version, model config, dtype, file sizes + sha256, FFN layout
-  resident.safetensors   everything that stays in DRAM: embeddings, attention, norms, head, fc2 bias
+  resident.safetensors   everything that stays in DRAM: attention, norms, head, fc2 bias (the embedding too when it is
+                         tied to the head); `--resident-format int8`: matrices as int8 codes + `NAME.scale` per row
+  embed.bin              an untied input embedding, rows back to back (read one row per token; see embedding.py)
+  palettes.safetensors   palette FFN formats: per layer and field, the k-means codebook (see quant.py)
   ffn.bin                per layer, neuron i's bundle [gate_i | up_i | down[:, i]] (OPT: [fc1_i | b1_i | fc2[:, i]]),
-                         bundles back to back, each layer starting on a 4096-byte boundary.
+                         bundles back to back, each layer starting on a 4096-byte boundary; `--ffn-format` int8,
+                         int4, palette4, palette3 compress each bundle in place (see quant.py).
                          `convert --unbundled` (for the bundling ablation) writes instead, per layer, one block per
                          field ([n, field width]: gate rows, up rows, down columns), each block 4096-aligned, so a
                          neuron takes one read per field
@@ -27,6 +31,8 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 from .errors import InaflashError, StoreError, UnsupportedModelError
+from . import quant
+from .quant import FFN_FORMATS, PALETTE_FILE, Int8Matrix
 
 FORMAT = "inaflash-store"
 FORMAT_VERSION = 1
@@ -74,56 +80,17 @@ def field_blocks(cfg: ModelConfig, itemsize: int) -> dict[str, int]:
 
 
 LAYOUTS = ("bundled", "unbundled")
-FFN_FORMATS = ("float", "int8")  # "float": bundles in the store dtype
-INT8_GROUP = 64  # weights per scale along the hidden dimension: per-row scales cost SmolLM2 +5.0% perplexity on
-                 # held-out text, groups of 64 +0.2% (groups of 32: +0.4%, noise), at 54 bytes of scales per neuron
+RESIDENT_FORMATS = {
+    "float": "attention, embeddings and head in --dtype",
+    "int8": "attention, embeddings and head as int8 with a per-row scale (norms and biases stay float32)",
+}
+EMBED_FILE = "embed.bin"
+EMBED_BATCH = 64  # embedding rows looked up per read batch (embedding.py), so its buffer stays small
 
 
-def int8_groups(fields: dict[str, tuple[int, int]], group: int = INT8_GROUP) -> list[tuple[int, int, int]]:
-    """(start, end, group size) per field: groups of `group` where the field divides into them, else one group."""
-    return [(a, b, group if (b - a) % group == 0 else b - a) for a, b in fields.values()]
-
-
-def int8_bundle_bytes(width: int, fields: dict[str, tuple[int, int]]) -> int:
-    """int8 codes (padded to an even count, so the float16 scales that follow are 2-byte aligned) + the scales."""
-    return round_up(width, 2) + 2 * sum((b - a) // g for a, b, g in int8_groups(fields))
-
-
-def quantize_int8(bundles: torch.Tensor, fields: dict[str, tuple[int, int]]) -> torch.Tensor:
-    """[n, width] float -> [n, int8_bundle_bytes] uint8, one neuron's bundle still contiguous and self-describing:
-    per group of weights, scale = absmax / 127 as float16 rounded up (so no code exceeds 127), codes round(w / scale):
-    q * scale is within scale / 2 of w."""
-    n, width = bundles.shape
-    qw = round_up(width, 2)
-    out = torch.zeros(n, int8_bundle_bytes(width, fields), dtype=torch.uint8)
-    codes = out[:, :width].view(torch.int8)
-    x, scales = bundles.float(), []
-    for a, b, g in int8_groups(fields):
-        xg = x[:, a:b].reshape(n, (b - a) // g, g)
-        exact = xg.abs().amax(-1) / 127
-        scale = exact.half().clamp(min=2 ** -24)
-        scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.tensor(float("inf"), dtype=scale.dtype)),
-                            scale)
-        codes[:, a:b] = (xg / scale.float()[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, b - a)
-        scales.append(scale)
-    out[:, qw:] = torch.cat(scales, 1).view(torch.uint8)
-    return out
-
-
-def dequantize_int8(raw: torch.Tensor, fields: dict[str, tuple[int, int]], width: int, dtype: torch.dtype,
-                    group: int = INT8_GROUP) -> torch.Tensor:
-    """[m, int8_bundle_bytes] uint8 -> [m, width] `dtype`: each code times its group's scale."""
-    m, qw = raw.shape[0], round_up(width, 2)
-    codes = raw[:, :width].view(torch.int8)
-    scales = raw[:, qw:].contiguous().view(torch.float16).to(dtype)
-    out = torch.empty(m, width, dtype=dtype)
-    k = 0
-    for a, b, g in int8_groups(fields, group):
-        groups = (b - a) // g
-        torch.mul(codes[:, a:b].to(dtype).view(m, groups, g), scales[:, k:k + groups, None],
-                  out=out[:, a:b].view(m, groups, g))
-        k += groups
-    return out
+def is_resident_matrix(name: str) -> bool:
+    """The resident tensors --resident-format int8 quantizes: the attention projections, embeddings and head."""
+    return name.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight"))
 
 
 @dataclass(frozen=True)
@@ -151,7 +118,15 @@ class FlashStore:
         self.ffn_format = ffn.get("format", "float")
         self.quantized = self.ffn_format != "float"
         self.row_bytes = self.bundle_width * self.dtype.itemsize  # one neuron in DRAM, in the compute dtype
-        self.int8_group = ffn.get("int8_group", INT8_GROUP)
+        self.resident_format = m.get("resident", {}).get("format", "float")
+        self.embed = m.get("resident", {}).get("embed")  # {"file", "row_bytes", "rows"} when embeddings are on flash
+        self.palettes = None
+        if self.ffn_format.startswith("palette"):
+            from safetensors.torch import load_file
+
+            books = load_file(str(self.path / PALETTE_FILE))
+            self.palettes = [{f: books[f"{i}.{f}"] for f in quant.palettized(self.fields)} for i in
+                             range(len(ffn["layers"]))]
         self.layout = ffn.get("layout", "bundled")
         self.blocks = ffn.get("blocks")  # unbundled: field -> block offset within the layer
         self.layers = [LayerExtent(**e) for e in ffn["layers"]]
@@ -166,6 +141,11 @@ class FlashStore:
                     f"(truncated or modified; re-run inaflash convert)"
                 )
 
+    def decode(self, raw: torch.Tensor, layer: int) -> torch.Tensor:
+        """Bundles of `layer` as stored ([m, bundle_bytes] uint8) -> [m, bundle_width] in the compute dtype."""
+        books = self.palettes[layer] if self.palettes else None
+        return quant.decode(self.ffn_format, raw, self.fields, self.bundle_width, self.dtype, books)
+
     @property
     def ffn_bytes(self) -> int:
         """Bytes of FFN weights (all bundles of all layers)."""
@@ -178,12 +158,21 @@ class FlashStore:
 
     @property
     def resident_bytes(self) -> int:
-        return self.manifest["files"]["resident.safetensors"]["bytes"]
+        """What the resident part holds in DRAM: its tensors, the palettes' codebooks, and for an embedding on flash
+        only the read buffer of its lookups."""
+        files = self.manifest["files"]
+        embed_buffer = EMBED_BATCH * (round_up(self.embed["row_bytes"]) + ALIGN) if self.embed else 0
+        return files["resident.safetensors"]["bytes"] + files.get(PALETTE_FILE, {}).get("bytes", 0) + embed_buffer
 
     def resident_weights(self) -> dict[str, torch.Tensor]:
+        """Name -> tensor, or quant.Int8Matrix for int8 matrices (stored as `name` codes + `name.scale`)."""
         from safetensors.torch import load_file
 
-        return load_file(str(self.path / "resident.safetensors"))
+        w = load_file(str(self.path / "resident.safetensors"))
+        for name in [n for n in w if n.endswith(".scale")]:
+            base = name[: -len(".scale")]
+            w[base] = Int8Matrix(w[base], w.pop(name))
+        return w
 
     def tokenizer(self):
         tok_dir = self.path / "tokenizer"
@@ -240,8 +229,8 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def _layer_bytes(cfg: ModelConfig, bundles: torch.Tensor, layout: str, ffn_format: str) -> list[memoryview]:
     """One layer's data for ffn.bin: the bundle matrix, or (unbundled) each field's block padded to alignment."""
-    if ffn_format == "int8":
-        return [_tensor_bytes(quantize_int8(bundles, bundle_fields(cfg)))]
+    if ffn_format != "float":
+        raise AssertionError("compressed bundles are encoded by write_store")
     if layout == "bundled":
         return [_tensor_bytes(bundles)]
     parts = []
@@ -252,8 +241,12 @@ def _layer_bytes(cfg: ModelConfig, bundles: torch.Tensor, layout: str, ffn_forma
 
 
 def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool = False,
-                progress: bool = True, layout: str = "bundled", ffn_format: str = "float") -> Path:
-    """Convert `source` (a sources.ModelSource) into a store at `out`, atomically."""
+                progress: bool = True, layout: str = "bundled", ffn_format: str = "float",
+                resident_format: str = "float", embeddings_on_flash: bool = True) -> Path:
+    """Convert `source` (a sources.ModelSource) into a store at `out`, atomically.
+
+    `embeddings_on_flash`: an untied input embedding goes to embed.bin (one row read per token) instead of DRAM;
+    a tied one is the output head, which every token needs whole, so it stays resident either way."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -262,6 +255,8 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
         raise InaflashError(f"unknown FFN layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if ffn_format not in FFN_FORMATS:
         raise InaflashError(f"unknown FFN format {ffn_format!r}; choose one of {', '.join(FFN_FORMATS)}")
+    if resident_format not in RESIDENT_FORMATS:
+        raise InaflashError(f"unknown resident format {resident_format!r}; choose one of {', '.join(RESIDENT_FORMATS)}")
     if ffn_format != "float" and layout != "bundled":
         raise InaflashError(f"FFN format {ffn_format} is written bundled only (not with --unbundled)")
     out = Path(out)
@@ -284,15 +279,20 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
     try:
         fields = bundle_fields(cfg)
         width = max(end for _, end in fields.values())
-        bundle_bytes = int8_bundle_bytes(width, fields) if ffn_format == "int8" else width * tdtype.itemsize
-        layers, files = [], {}
+        bundle_bytes = quant.bundle_bytes(ffn_format, width, fields, tdtype.itemsize)
+        layers, files, palettes = [], {}, {}
         h = hashlib.sha256()
         with open(tmp / "ffn.bin", "wb") as f:
             for layer in tqdm(range(cfg.num_layers), desc="convert FFN", unit="layer", disable=not progress):
                 bundles = build_bundles(cfg, [source.tensor(n) for n in ffn_tensor_names(cfg, layer)])
-                bundles = bundles if ffn_format == "int8" else bundles.to(tdtype)
                 offset = f.tell()
-                for data in _layer_bytes(cfg, bundles, layout, ffn_format):
+                if ffn_format == "float":
+                    parts = _layer_bytes(cfg, bundles.to(tdtype), layout, ffn_format)
+                else:
+                    raw, books = quant.encode(ffn_format, bundles, fields)
+                    parts = [_tensor_bytes(raw)]
+                    palettes.update({f"{layer}.{k}": v for k, v in books.items()})
+                for data in parts:
                     f.write(data)
                     h.update(data)
                 size = f.tell() - offset
@@ -302,17 +302,28 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
                 layers.append({"offset": offset, "nbytes": cfg.intermediate_size * bundle_bytes,
                                "span": size + len(pad)})
         files["ffn.bin"] = {"bytes": (tmp / "ffn.bin").stat().st_size, "sha256": h.hexdigest()}
+        if palettes:
+            save_file(palettes, str(tmp / PALETTE_FILE))
 
-        resident = {}
+        resident, embed = {}, None
+        embed_name = next((n for n in names if n.endswith("embed_tokens.weight")), None)
         for n in tqdm(sorted(names - ffn_names), desc="convert resident", unit="tensor", disable=not progress):
             t = source.tensor(n)
-            # 1-D tensors (norms, biases) are tiny and precision-sensitive: keep them float32
-            resident[n] = t.contiguous() if t.dim() == 1 else t.to(tdtype).contiguous()
+            if n == embed_name and embeddings_on_flash and not cfg.tie_word_embeddings:
+                rows = _tensor_bytes(t.to(tdtype))
+                with open(tmp / EMBED_FILE, "wb") as f:  # padded: O_DIRECT reads whole aligned pages
+                    f.write(rows)
+                    f.write(bytes(round_up(len(rows)) - len(rows)))
+                embed = {"name": n, "file": EMBED_FILE, "rows": t.shape[0], "row_bytes": t.shape[1] * tdtype.itemsize}
+            elif t.dim() == 1:  # norms, biases: tiny and precision-sensitive, kept float32
+                resident[n] = t.contiguous()
+            elif resident_format == "int8" and is_resident_matrix(n):
+                resident[n], resident[n + ".scale"] = Int8Matrix.quantize(t)
+            else:
+                resident[n] = t.to(tdtype).contiguous()
         save_file(resident, str(tmp / "resident.safetensors"))
-        files["resident.safetensors"] = {
-            "bytes": (tmp / "resident.safetensors").stat().st_size,
-            "sha256": _sha256(tmp / "resident.safetensors"),
-        }
+        for name in ["resident.safetensors"] + ([PALETTE_FILE] if palettes else []) + ([EMBED_FILE] if embed else []):
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         if source.tokenizer is not None:
             source.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             for p in sorted((tmp / "tokenizer").iterdir()):
@@ -326,11 +337,12 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
             "source": {"kind": source.kind, "path": str(source.path)},
             "ffn": {
                 "file": "ffn.bin", "layout": layout, "format": ffn_format, "alignment": ALIGN, "fields": fields,
-                **({"int8_group": INT8_GROUP} if ffn_format == "int8" else {}),
+                **({"group": quant.GROUP[ffn_format]} if ffn_format in quant.GROUP else {}),
                 "bundle_width": width, "bundle_bytes": bundle_bytes, "neurons": cfg.intermediate_size,
                 "layers": layers,
                 **({"blocks": field_blocks(cfg, tdtype.itemsize)} if layout == "unbundled" else {}),
             },
+            "resident": {"format": resident_format, "embed": embed},
             "files": files,
             "hf_config": json.loads(json.dumps(source.hf_config, default=str)),
         }
