@@ -39,12 +39,24 @@ def layer0_bundles(llama):
         return BundleReader(llama, r).read(0, torch.arange(llama.config.intermediate_size))
 
 
+def requantized(bundles):
+    """What the int8 cache holds for bundle rows [m, 3d]: gate, up and down each int8 with a scale per neuron."""
+    from inaflash.quant import Int8Matrix
+
+    parts = []
+    for part in bundles.chunk(3, dim=1):
+        codes, scales = Int8Matrix.quantize(part)
+        parts.append(codes.float() * scales.float()[:, None])
+    return torch.cat(parts, 1)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(window=st.integers(0, 4),
+@given(window=st.integers(0, 4), int8=st.booleans(),
        steps=st.lists(st.sets(st.integers(0, 159), max_size=40), min_size=1, max_size=12))
-def test_cache_holds_exactly_the_window(llama, layer0_bundles, window, steps):
+def test_cache_holds_exactly_the_window(llama, layer0_bundles, window, int8, steps):
     capacity = 160  # room for any window: the cache must then hold exactly the union of the last `window` steps
-    cache = NeuronCache(llama, capacity, window)
+    cache = NeuronCache(llama, capacity, window, int8=int8)
+    stored = requantized(layer0_bundles) if int8 else layer0_bundles
     rows_ptr, down_ptr = cache.rows.data_ptr(), cache.down_t.data_ptr()
     history = []
     for step, active in enumerate(steps, start=1):
@@ -59,7 +71,7 @@ def test_cache_holds_exactly_the_window(llama, layer0_bundles, window, steps):
         assert read == (len(active - before) if window else len(active))
         assert cache.n <= capacity
         for slot, neuron in enumerate(live):
-            assert torch.equal(cache.bundle(slot), layer0_bundles[neuron])
+            assert torch.equal(cache.bundle(slot), stored[neuron])
             assert cache.slot_of_neuron[neuron] == slot
         assert cache.rows.data_ptr() == rows_ptr and cache.down_t.data_ptr() == down_ptr  # never reallocated
 
@@ -153,6 +165,36 @@ def test_cached_compute_is_dense_restricted_to_the_cache(thresholded_llama):
         logits_run(sparse)
     assert len(checked) == 7 * store.config.num_layers and max(checked) < 1e-5
     assert beyond_active > 0  # the window really adds neurons beyond this token's active set
+
+
+def test_int8_cache_computes_its_requantized_neurons(thresholded_llama):
+    """cache_format="int8": each step's FFN output is the dense FFN over the cached neurons, with the weights the
+    cache holds (int8 + a scale per row), up to bfloat16 activations; the planner counts half the bytes per neuron."""
+    from inaflash.ffn import bundle_rows
+
+    store = thresholded_llama
+    with Engine(store, mode="dram") as dense, Engine(store, mode="sparse", use_predictor=False, window=3, context=32,
+                                                     cache_format="int8") as sparse:
+        ffn, math, errors = sparse.ffn, dense.ffn.math, []
+        with FlashReader(store.ffn_path) as r:
+            n = store.config.intermediate_size
+            weights = [bundle_rows(store, requantized(BundleReader(store, r).read(i, torch.arange(n))))
+                       for i in range(store.config.num_layers)]
+
+        def checking_call(layer, x, inner=ffn.__call__):
+            out = inner(layer, x)
+            w = dict(weights[layer])
+            w["down"] = w["down"].T
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[ffn.caches[layer].live_neurons()] = True
+            expected = math.output(math.hidden(x, w) * mask, w)
+            errors.append(((out - expected).norm() / expected.norm()).item())
+            return out
+
+        sparse.ffn = _Callable(ffn, checking_call)
+        logits_run(sparse)
+        assert ffn.caches[0].nbytes == ffn.caches[0].capacity * (store.bundle_width + 6)
+    assert len(errors) == 7 * store.config.num_layers and max(errors) < 0.02  # measured 0.007 (bfloat16 activations)
 
 
 class _Callable:

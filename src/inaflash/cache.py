@@ -5,6 +5,10 @@ Preallocated once; never reallocated. Live neurons occupy slots 0..n-1, so compu
   down_t  [hidden, capacity]     each slot's down column, stored transposed: float16 `F.linear(h, down_t[:, :n])`
                                  is 25-45x faster on this CPU than `h @ down_rows` (see ffn.py)
 Eviction moves the last live slots into the freed ones (no holes, no reallocation); insertion appends at n.
+
+`int8=True` (SwiGLU models) holds each neuron in half the bytes: rows and down_t as int8 codes, with a bfloat16 scale
+per gate row, up row and down column, quantized as the neuron joins. Gate/up then multiply with torch's weight-only
+int8 kernel (as fast as float16 here); down_t's live columns are converted to bfloat16 for their product.
 """
 
 from __future__ import annotations
@@ -12,28 +16,51 @@ from __future__ import annotations
 import torch
 
 from .ffn import DOWN
+from .errors import InaflashError
+from .quant import Int8Columns, Int8Matrix
 from .store import FlashStore
+
+CACHE_FORMATS = {"float": "neurons as read, in the store's dtype", "int8": "int8 + a scale per row (half the DRAM)"}
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """t viewed as the widest integers its rows' byte width allows: torch moves those much faster than float16
+    (index_put on float16 is slow)."""
+    row_bytes = t[0].numel() * t.element_size()
+    word = next(w for w in (torch.int64, torch.int32, torch.int16, torch.uint8) if row_bytes % w.itemsize == 0)
+    return t.view(word)
 
 
 class NeuronCache:
-    def __init__(self, store: FlashStore, capacity: int, window: int):
+    def __init__(self, store: FlashStore, capacity: int, window: int, int8: bool = False):
         cfg = store.config
-        self.neurons, self.capacity, self.window = cfg.intermediate_size, capacity, window
+        if int8 and cfg.family == "opt":
+            raise InaflashError("the int8 neuron cache is for SwiGLU models (Llama, Qwen2); OPT caches float rows")
+        self.neurons, self.capacity, self.window, self.int8 = cfg.intermediate_size, capacity, window, int8
         self.family = cfg.family
         self.down_start = store.fields[DOWN[cfg.family]][0]
-        self.rows = torch.zeros(capacity, self.down_start, dtype=store.dtype)
-        self.down_t = torch.zeros(cfg.hidden_size, capacity, dtype=store.dtype)
+        dtype = torch.int8 if int8 else store.dtype
+        self.rows = torch.zeros(capacity, self.down_start, dtype=dtype)
+        self.down_t = torch.zeros(cfg.hidden_size, capacity, dtype=dtype)
         self.neuron_of_slot = torch.full((capacity,), -1, dtype=torch.long)
         self.slot_of_neuron = torch.full((self.neurons,), -1, dtype=torch.long)
         self.last_used = torch.zeros(capacity, dtype=torch.long)  # step at which each slot's neuron was last needed
         self.n = 0
-        self.nbytes = (self.rows.numel() + self.down_t.numel()) * self.rows.element_size()
-        # eviction moves raw bytes: torch's index_put on float16 is slow, so rows move as the widest integers
-        # their byte width allows, and down_t's columns through numpy fancy indexing (3-6x faster here)
-        row_bytes = self.down_start * self.rows.element_size()
-        word = next(t for t in (torch.int64, torch.int32, torch.int16, torch.uint8) if row_bytes % t.itemsize == 0)
-        self._rows_raw = self.rows.view(word)
-        self._down_raw = self.down_t.view(torch.int16 if self.down_t.element_size() == 2 else torch.int32).numpy()
+        # eviction moves raw bytes: rows (dim 0) as wide integers, down_t's columns through numpy fancy indexing
+        # (3-6x faster here than torch on float16)
+        self._slot_rows = [_raw(self.rows), self.last_used]
+        if int8:
+            self.row_scales = torch.zeros(capacity, 2, dtype=torch.bfloat16)  # gate, up
+            self.down_scales = torch.zeros(capacity, dtype=torch.bfloat16)
+            self._slot_rows += [self.row_scales.view(torch.int32).view(capacity), self.down_scales.view(torch.int16)]
+        self._down_raw = self.down_t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[self.down_t.element_size()]
+                                          ).numpy()
+        self.nbytes = capacity * self.slot_bytes(store, int8)
+
+    @staticmethod
+    def slot_bytes(store: FlashStore, int8: bool = False) -> int:
+        """DRAM per cached neuron: its bundle in the store dtype, or int8 codes + three bfloat16 scales."""
+        return store.bundle_width + 6 if int8 else store.row_bytes
 
     def live_neurons(self) -> torch.Tensor:
         return self.neuron_of_slot[: self.n]
@@ -69,9 +96,9 @@ class NeuronCache:
         holes = slots[slots < new_n]  # freed slots inside the new live block
         tail = torch.arange(new_n, self.n)
         movers = tail[self.neuron_of_slot[tail] >= 0]  # survivors beyond the new end: as many as holes
-        self._rows_raw.index_copy_(0, holes, self._rows_raw.index_select(0, movers))
+        for t in self._slot_rows:
+            t.index_copy_(0, holes, t.index_select(0, movers))
         self._down_raw[:, holes.numpy()] = self._down_raw[:, movers.numpy()]
-        self.last_used[holes] = self.last_used[movers]
         moved = self.neuron_of_slot[movers]
         self.neuron_of_slot[holes] = moved
         self.slot_of_neuron[moved] = holes
@@ -84,8 +111,17 @@ class NeuronCache:
         if self.n + m > self.capacity:
             raise RuntimeError(f"neuron cache overflow: {self.n} + {m} > {self.capacity}")
         end = self.n + m
-        self.rows[self.n:end] = bundles[:, : self.down_start]
-        self.down_t[:, self.n:end] = bundles[:, self.down_start:].T
+        if self.int8:
+            d = self.down_start // 2
+            gate, up, down = bundles[:, :d], bundles[:, d:2 * d], bundles[:, 2 * d:]
+            (gc, gs), (uc, us), (dc, ds) = (Int8Matrix.quantize(t) for t in (gate, up, down))
+            self.rows[self.n:end] = torch.cat([gc, uc], 1)
+            self.row_scales[self.n:end] = torch.stack([gs, us], 1)
+            self.down_t[:, self.n:end] = dc.T
+            self.down_scales[self.n:end] = ds
+        else:
+            self.rows[self.n:end] = bundles[:, : self.down_start]
+            self.down_t[:, self.n:end] = bundles[:, self.down_start:].T
         self.neuron_of_slot[self.n:end] = neurons
         self.slot_of_neuron[neurons] = torch.arange(self.n, end)
         self.last_used[self.n:end] = step
@@ -110,7 +146,12 @@ class NeuronCache:
         return missing
 
     def bundle(self, slot: int) -> torch.Tensor:
-        """The store's bundle row for the neuron in `slot` (for checks)."""
+        """The store's bundle row for the neuron in `slot` (int8: dequantized; for checks)."""
+        if self.int8:
+            d = self.down_start // 2
+            scales = torch.cat([self.row_scales[slot].float().repeat_interleave(d), self.down_scales[slot].float()
+                                .expand(self.down_t.shape[0])])
+            return torch.cat([self.rows[slot], self.down_t[:, slot]]).float() * scales
         return torch.cat([self.rows[slot], self.down_t[:, slot]])
 
     def weights(self, start: int = 0, end: int | None = None) -> dict[str, torch.Tensor]:
@@ -120,4 +161,7 @@ class NeuronCache:
         if self.family == "opt":
             d = self.down_start - 1
             return {"fc1": rows[:, :d], "fc1_bias": rows[:, d].float(), "fc2": self.down_t[:, start:end]}
+        if self.int8:
+            return {"gate_up": Int8Matrix(rows.view(2 * (end - start), -1), self.row_scales[start:end].view(-1)),
+                    "down": Int8Columns(self.down_t[:, start:end], self.down_scales[start:end])}
         return {"gate_up": rows.view(2 * (end - start), -1), "down": self.down_t[:, start:end]}

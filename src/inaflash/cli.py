@@ -33,6 +33,8 @@ NO_PREDICTOR = typer.Option(False, "--no-predictor",
                             help="sparse: use the true active set (oracle; holds the FFN: measuring only).")
 COMPUTE = typer.Option("cached", help="sparse: cached = every neuron in the window cache (no extra I/O, closer to "
                                       "dense); active = only this token's selected neurons (the paper's definition).")
+CACHE_FORMAT = typer.Option("float", help="sparse: float = cached neurons in the store dtype; int8 = int8 with a "
+                                           "scale per row, half the DRAM per neuron (SwiGLU models).")
 NO_BUNDLING = typer.Option(False, "--no-bundling",
                            help="Read gate, up and down of each neuron separately (ablation): needs a store from "
                                 "`convert --unbundled`; a GGUF/HF --model is converted so.")
@@ -41,11 +43,12 @@ CONTEXT = typer.Option(None, min=2, help="Tokens of context to plan the KV cache
 DTYPE = typer.Option("float16", help="Store dtype when --model needs converting.")
 
 
-def open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype):
+def open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format):
     from .loader import load
 
     return load(model, mode=mode, dtype=dtype, bundling=False if no_bundling else None, memory=memory,
-                window=window, use_predictor=not no_predictor, compute=compute, context=context)
+                window=window, use_predictor=not no_predictor, compute=compute, context=context,
+                cache_format=cache_format)
 
 
 @app.command()
@@ -57,6 +60,7 @@ def run(
     window: int = WINDOW,
     no_predictor: bool = NO_PREDICTOR,
     compute: str = COMPUTE,
+    cache_format: str = CACHE_FORMAT,
     no_bundling: bool = NO_BUNDLING,
     context: Optional[int] = CONTEXT,
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
@@ -70,7 +74,7 @@ def run(
     """Generate text from PROMPT, streaming it to stdout."""
     from .generate import generate
 
-    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype) as m:
+    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format) as m:
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -94,6 +98,7 @@ def serve(
     window: int = WINDOW,
     no_predictor: bool = NO_PREDICTOR,
     compute: str = COMPUTE,
+    cache_format: str = CACHE_FORMAT,
     no_bundling: bool = NO_BUNDLING,
     context: Optional[int] = CONTEXT,
     dtype: str = DTYPE,
@@ -107,7 +112,7 @@ def serve(
     stream: true), /v1/models, /health, /metrics."""
     from .server import serve as run_server
 
-    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype) as m:
+    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format) as m:
         print(f"inaflash: serving {m.name!r} ({mode}) on http://{host}:{port}/v1", file=sys.stderr)
         run_server(m, host=host, port=port, api_key=api_key, max_queue=max_queue)
 
@@ -120,6 +125,7 @@ def chat(
     window: int = WINDOW,
     no_predictor: bool = NO_PREDICTOR,
     compute: str = COMPUTE,
+    cache_format: str = CACHE_FORMAT,
     no_bundling: bool = NO_BUNDLING,
     context: Optional[int] = CONTEXT,
     dtype: str = DTYPE,
@@ -133,7 +139,7 @@ def chat(
     conversation), /stats (last answer's speed and I/O), /exit. Ctrl-C stops an answer; Ctrl-D leaves."""
     from .chat import repl
 
-    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype) as m:
+    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format) as m:
         repl(m, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 

@@ -25,7 +25,7 @@ DEFAULT_CONTEXT = 1024
 class Engine:
     def __init__(self, store: FlashStore, mode: str = "naive", memory: str | int | None = None, window: int = 4,
                  use_predictor: bool = True, context: int | None = None, max_gap: int | None = None,
-                 io_threads: int = 8, compute: str = "cached"):
+                 io_threads: int = 8, compute: str = "cached", cache_format: str = "float"):
         if mode not in MODES:
             raise InaflashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if window < 0:
@@ -46,10 +46,11 @@ class Engine:
                                     f"inaflash calibrate {store.path}")
             budget = None if memory is None else parse_memory(memory, store)
             self.plan = plan_memory(store, budget, self.context, sparsity.predictor_bytes if use_predictor else 0,
-                                    window, active_neurons_per_token(store, sparsity))
+                                    window, active_neurons_per_token(store, sparsity), cache_format)
             self.ffn = SparseFlashFFN(store, self.reader, sparsity, self.plan.cache_capacity, self.plan.window,
                                       use_predictor=use_predictor, max_gap=max_gap,
-                                      staging_bytes=self.plan.staging_bytes, compute=compute)
+                                      staging_bytes=self.plan.staging_bytes, compute=compute,
+                                      cache_format=cache_format)
         elif mode == "dram":
             self.ffn = ResidentFFN(store, self.reader)
         elif mode == "hybrid":

@@ -79,7 +79,8 @@ def load(model: str | Path | None = None, mode: str = "naive", dtype: str = DEFA
     """Open (converting on first use) a model and return an api.Model (generate / stream / chat; .engine).
 
     bundling=False requires (or converts into) the unbundled layout, for the bundling ablation.
-    engine_options: memory ("50%", "300MiB", bytes), window, use_predictor, compute, context (see Engine)."""
+    engine_options: memory ("50%", "300MiB", bytes), window, use_predictor, compute, cache_format, context (see
+    Engine)."""
     from .api import Model, model_name
     from .engine import Engine
 

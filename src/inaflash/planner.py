@@ -62,10 +62,12 @@ def kv_bytes(store: FlashStore, context: int) -> int:
 
 
 def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_bytes: int, window: int,
-                active_neurons: int) -> MemoryPlan:
+                active_neurons: int, cache_format: str = "float") -> MemoryPlan:
     """`active_neurons`: neurons one token needs in the busiest layer (from calibration); the cache must hold them."""
+    from .cache import NeuronCache
+
     c = store.config
-    n, per_neuron = c.intermediate_size, store.row_bytes  # cache rows + transposed down column: one bundle in DRAM
+    n, per_neuron = c.intermediate_size, NeuronCache.slot_bytes(store, cache_format == "int8")
     staging = min(max(e.span for e in store.layers), STAGING_BYTES)
     kv = kv_bytes(store, context)
     fixed = store.resident_bytes + predictor_bytes + kv + staging

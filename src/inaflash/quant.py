@@ -4,11 +4,17 @@ FFN bundle formats (`convert --ffn-format`); each keeps one neuron's bundle cont
 whole neuron, and is dequantized into the compute dtype as it is read:
   float     the store dtype as is
   int8      int8 codes, a float16 scale per group of 64 weights along each field
-  int4      4-bit codes (two per byte, low nibble first), a float16 scale per group of 32
-  palette4  4-bit indices into a per-layer, per-field codebook of 16 float16 centroids, found by k-means on the
-  palette3  weights at convert time (as eDKM does, arXiv 2309.00964, without its training); palette3: 8 centroids,
-            3-bit indices (8 per 3 bytes). Codebooks live in palettes.safetensors (a few hundred bytes per layer).
-Scales are absmax / qmax rounded *up* to float16, so no code leaves its range and |w - q * scale| <= scale / 2.
+  int4      4-bit codes 0..15 (two per byte, low nibble first), per group of 32 a float16 scale and minimum
+            (asymmetric, as GGUF's Q4_1: symmetric int4 cost SmolLM2 +20% perplexity, its Q4_1 source being asymmetric)
+  palette4  4-bit indices into a per-layer, per-field codebook of 16 float16 centroids found by k-means at convert
+  palette3  time (as eDKM, arXiv 2309.00964, clusters weights; here without its training), times a float16 absmax
+            scale per group of 32 weights: the codebook clusters the *normalized* weights w / scale, as NF4 fixes
+            its levels but learned per layer. palette3: 8 centroids, 3-bit indices (8 per 3 bytes). Codebooks live in
+            palettes.safetensors (a few hundred bytes per layer). Without the group scales (one codebook for the raw
+            weights of a whole layer) SmolLM2's perplexity went from 50 to 388,000 (palette4): its weights' scale
+            varies along every row.
+Scales are rounded *up* to float16 (int4's minimum down), so no code leaves its range and the error is at most half a
+step: |w - q * scale| <= scale / 2 (int8), |w - (q * scale + min)| <= scale / 2 (int4).
 A field a group does not divide (OPT's 1-wide fc1 bias) is its own group (int8/int4) or stays float16 (palettes).
 """
 
@@ -19,13 +25,13 @@ import torch
 FFN_FORMATS = {
     "float": "bundles in the store's --dtype",
     "int8": "int8, a float16 scale per 64 weights (~8.3 bits/weight)",
-    "int4": "4-bit, a float16 scale per 32 weights (~4.5 bits/weight)",
-    "palette4": "k-means palette of 16 per layer and field, 4-bit indices",
-    "palette3": "k-means palette of 8 per layer and field, 3-bit indices",
+    "int4": "4-bit, a float16 scale and minimum per 32 weights (~5 bits/weight)",
+    "palette4": "k-means palette of 16 per layer and field, 4-bit indices, a scale per 32 weights (~4.5 bits)",
+    "palette3": "k-means palette of 8 per layer and field, 3-bit indices, a scale per 32 weights (~3.5 bits)",
 }
 GROUP = {"int8": 64, "int4": 32}  # int8: per-row scales cost SmolLM2 +5.0% perplexity, groups of 64 +0.2%
-QMAX = {"int8": 127, "int4": 7}
 PALETTE_BITS = {"palette4": 4, "palette3": 3}
+PALETTE_GROUP = 32
 PALETTE_FILE = "palettes.safetensors"
 
 
@@ -39,8 +45,9 @@ def groups(fields: dict[str, tuple[int, int]], group: int) -> list[tuple[int, in
 
 
 def palettized(fields: dict[str, tuple[int, int]]) -> list[str]:
-    """The fields a palette format indexes (widths that pack into whole bytes at 3 and 4 bits); others stay float16."""
-    return [name for name, (a, b) in fields.items() if (b - a) % 8 == 0]
+    """The fields a palette format indexes (widths of whole groups, which pack into whole bytes at 3 and 4 bits);
+    others stay float16."""
+    return [name for name, (a, b) in fields.items() if (b - a) % PALETTE_GROUP == 0]
 
 
 def bundle_bytes(fmt: str, width: int, fields: dict[str, tuple[int, int]], itemsize: int = 2) -> int:
@@ -49,10 +56,12 @@ def bundle_bytes(fmt: str, width: int, fields: dict[str, tuple[int, int]], items
         return width * itemsize
     if fmt in GROUP:
         codes = width if fmt == "int8" else sum((b - a + 1) // 2 for a, b in fields.values())
-        return _even(codes) + 2 * sum((b - a) // g for a, b, g in groups(fields, GROUP[fmt]))
+        per_group = 2 if fmt == "int8" else 4  # scale (+ minimum)
+        return _even(codes) + per_group * sum((b - a) // g for a, b, g in groups(fields, GROUP[fmt]))
     bits, packed = PALETTE_BITS[fmt], palettized(fields)
     index_bytes = sum((fields[f][1] - fields[f][0]) * bits // 8 for f in packed)
-    return _even(index_bytes) + 2 * sum(b - a for f, (a, b) in fields.items() if f not in packed)
+    scales = sum((fields[f][1] - fields[f][0]) // PALETTE_GROUP for f in packed)
+    return _even(index_bytes) + 2 * scales + 2 * sum(b - a for f, (a, b) in fields.items() if f not in packed)
 
 
 def _scales(x: torch.Tensor, qmax: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -116,30 +125,44 @@ def encode(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]]
     x = bundles.float()
     out = torch.zeros(n, bundle_bytes(fmt, width, fields), dtype=torch.uint8)
     if fmt in GROUP:
-        qmax, pos, scales = QMAX[fmt], 0, []
+        pos, scales, mins = 0, [], []
         for a, b, g in groups(fields, GROUP[fmt]):
             xg = x[:, a:b].reshape(n, (b - a) // g, g)
-            scale = _scales(xg, qmax)
-            codes = (xg / scale.float()[..., None]).round().clamp(-qmax, qmax).reshape(n, b - a)
             if fmt == "int8":
+                scale = _scales(xg, 127)
+                codes = (xg / scale.float()[..., None]).round().clamp(-127, 127).reshape(n, b - a)
                 out[:, a:b] = codes.to(torch.int8).view(torch.uint8)
             else:
-                packed = _pack4(codes + 8)
+                low = xg.amin(-1)
+                m = low.half()
+                m = torch.where(m.float() > low, torch.nextafter(m, torch.tensor(float("-inf"), dtype=m.dtype)), m)
+                scale = _scales(xg - m.float()[..., None], 15)
+                codes = ((xg - m.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
+                packed = _pack4(codes.reshape(n, b - a))
                 out[:, pos:pos + packed.shape[1]] = packed
                 pos += packed.shape[1]
+                mins.append(m)
             scales.append(scale)
         start = _even(width if fmt == "int8" else pos)
-        out[:, start:] = torch.cat(scales, 1).view(torch.uint8)
+        out[:, start:] = torch.cat(scales + mins, 1).view(torch.uint8)
         return out, {}
-    bits, books, pos = PALETTE_BITS[fmt], {}, 0
+    bits, books, pos, scales = PALETTE_BITS[fmt], {}, 0, []
     for name in palettized(fields):
         a, b = fields[name]
-        books[name] = kmeans_1d(x[:, a:b], 1 << bits).half()
-        idx = nearest(x[:, a:b], books[name])
+        xg = x[:, a:b].reshape(n, -1, PALETTE_GROUP)
+        scale = _scales(xg, 1)  # rounded up: normalized weights stay within [-1, 1]
+        normalized = (xg / scale.float()[..., None]).reshape(n, b - a)
+        books[name] = kmeans_1d(normalized, 1 << bits).half()
+        idx = nearest(normalized, books[name])
         packed = _pack4(idx) if bits == 4 else _pack3(idx)
         out[:, pos:pos + packed.shape[1]] = packed
         pos += packed.shape[1]
+        scales.append(scale)
     pos = _even(pos)
+    if scales:
+        params = torch.cat(scales, 1).view(torch.uint8)
+        out[:, pos:pos + params.shape[1]] = params
+        pos += params.shape[1]
     for name, (a, b) in fields.items():
         if name not in books:
             out[:, pos:pos + 2 * (b - a)] = x[:, a:b].half().contiguous().view(torch.uint8)
@@ -155,29 +178,40 @@ def decode(fmt: str, raw: torch.Tensor, fields: dict[str, tuple[int, int]], widt
     if fmt in GROUP:
         gs = groups(fields, GROUP[fmt])
         codes_end = width if fmt == "int8" else sum((b - a + 1) // 2 for a, b, _ in gs)
-        scales = raw[:, _even(codes_end):].contiguous().view(torch.float16).to(dtype)
+        params = raw[:, _even(codes_end):].contiguous().view(torch.float16).to(dtype)
+        total = sum((b - a) // g for a, b, g in gs)
+        scales, mins = params[:, :total], params[:, total:]
         k, pos = 0, 0
         for a, b, g in gs:
             count = (b - a) // g
+            dst = out[:, a:b].view(m, count, g)
             if fmt == "int8":
                 codes = raw[:, a:b].view(torch.int8).to(dtype)
+                torch.mul(codes.view(m, count, g), scales[:, k:k + count, None], out=dst)
             else:
                 nb = (b - a + 1) // 2
-                codes = _unpack4(raw[:, pos:pos + nb], b - a).to(dtype) - 8
+                codes = _unpack4(raw[:, pos:pos + nb], b - a).to(dtype)
+                torch.mul(codes.view(m, count, g), scales[:, k:k + count, None], out=dst)
+                dst += mins[:, k:k + count, None]
                 pos += nb
-            torch.mul(codes.view(m, count, g), scales[:, k:k + count, None], out=out[:, a:b].view(m, count, g))
             k += count
         return out
-    bits, pos = PALETTE_BITS[fmt], 0
-    for name in palettized(fields):
+    bits, pos, packed = PALETTE_BITS[fmt], 0, palettized(fields)
+    index_bytes = _even(sum((fields[f][1] - fields[f][0]) * bits // 8 for f in packed))
+    ngroups = sum((fields[f][1] - fields[f][0]) // PALETTE_GROUP for f in packed)
+    scales = raw[:, index_bytes:index_bytes + 2 * ngroups].contiguous().view(torch.float16).to(dtype)
+    k = 0
+    for name in packed:
         a, b = fields[name]
-        nb = (b - a) * bits // 8
+        nb, count = (b - a) * bits // 8, (b - a) // PALETTE_GROUP
         idx = _unpack4(raw[:, pos:pos + nb], b - a) if bits == 4 else _unpack3(raw[:, pos:pos + nb])
-        out[:, a:b] = books[name].to(dtype)[idx.long()]
+        values = books[name].to(dtype)[idx.long()].view(m, count, PALETTE_GROUP)
+        torch.mul(values, scales[:, k:k + count, None], out=out[:, a:b].view(m, count, PALETTE_GROUP))
         pos += nb
-    pos = _even(pos)
+        k += count
+    pos = index_bytes + 2 * ngroups
     for name, (a, b) in fields.items():
-        if name not in palettized(fields):
+        if name not in packed:
             out[:, a:b] = raw[:, pos:pos + 2 * (b - a)].contiguous().view(torch.float16).to(dtype)
             pos += 2 * (b - a)
     return out
@@ -213,3 +247,17 @@ class Int8Matrix:
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes[ids].float() * self.scales[ids].float()[..., None]
+
+
+class Int8Columns:
+    """Columns [rows, m] as int8 codes with a scale per column: the neuron cache's down projection (one column per
+    neuron). Slices of a wider matrix are not contiguous, which the int8 kernel needs, so codes are converted to
+    bfloat16 for the product; the scales fold into the activations: W (h * s) = (W * s) h."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        self.codes, self.scales = codes, scales
+
+    def linear(self, h: torch.Tensor) -> torch.Tensor:
+        """h [T, m] -> [T, rows] float32."""
+        dtype = torch.float32 if h.shape[0] >= 16 else torch.bfloat16  # many tokens: float32 GEMM is faster
+        return torch.nn.functional.linear((h * self.scales.float()).to(dtype), self.codes.to(dtype)).float()

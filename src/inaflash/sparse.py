@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import NeuronCache
+from .cache import CACHE_FORMATS, NeuronCache
 from .errors import InaflashError
 from .ffn import FFNMath, ResidentFFN, bundle_rows, transpose_into
 from .predictor import Predictor
@@ -89,9 +89,11 @@ class SparseCounters:
 class SparseFlashFFN:
     def __init__(self, store: FlashStore, reader: FlashReader, sparsity: Sparsity, capacity: int, window: int,
                  use_predictor: bool = True, max_gap: int = DEFAULT_MAX_GAP, staging_bytes: int | None = None,
-                 compute: str = "cached"):
+                 compute: str = "cached", cache_format: str = "float"):
         if compute not in COMPUTE:
             raise InaflashError(f"unknown compute {compute!r}; choose one of {', '.join(COMPUTE)}")
+        if cache_format not in CACHE_FORMATS:
+            raise InaflashError(f"unknown cache format {cache_format!r}; choose one of {', '.join(CACHE_FORMATS)}")
         if use_predictor and not sparsity.predictors:
             raise InaflashError(f"store {store.path} has no predictors: run  inaflash calibrate {store.path}  "
                                 "(or use --no-predictor for the oracle)")
@@ -99,7 +101,7 @@ class SparseFlashFFN:
         self.predictors = sparsity.predictors if use_predictor else None
         # the oracle needs every neuron's activation, so it holds the whole FFN: for measuring only
         self.oracle = None if use_predictor else ResidentFFN(store, reader)
-        self.caches = [NeuronCache(store, capacity, window) for _ in store.layers]
+        self.caches = [NeuronCache(store, capacity, window, int8=cache_format == "int8") for _ in store.layers]
         self.bundles = BundleReader(store, reader, staging_bytes=staging_bytes, max_gap=max_gap)
         self.counters = SparseCounters()
         self.step = 0
