@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from inaflash import quant
 from inaflash.engine import Engine
+from inaflash.errors import InaflashError
 from inaflash.ffn import bundle_views
 from inaflash.reader import BundleReader, FlashReader
 from inaflash.sources import open_source
@@ -234,3 +235,34 @@ def test_int8_resident_and_flash_embedding(tmp_path):
         assert isinstance(engine.weights["lm_head.weight"], quant.Int8Matrix)
     # float32 -> int8 + a scale per row (norms and biases stay float32)
     assert i8.resident_bytes - lookup_buffer < 0.3 * (flash.resident_bytes - lookup_buffer)
+
+
+def test_planner_counts_compressed_sizes(tmp_path):
+    """A budget too small for the float store is accepted once resident part, bundles and cache are compressed,
+    and the plan stays within it: the planner counts what each format really holds."""
+    from inaflash.calibrate import save_sparsity
+    from inaflash.cache import NeuronCache
+    from inaflash.planner import plan_memory
+
+    make_tiny("qwen2", tmp_path / "hf")
+    src = open_source(tmp_path / "hf")
+    small = FlashStore(write_store(src, tmp_path / "small", dtype="float32", progress=False, resident_format="int8",
+                                   ffn_format="int4", embeddings_on_flash=False))  # tiny: a lookup buffer > table
+    big = FlashStore(write_store(src, tmp_path / "big", dtype="float32", progress=False, embeddings_on_flash=False))
+    n = big.config.intermediate_size
+    need_small = plan_memory(small, None, 32, 0, 4, n // 2, "int8")
+    need_big = plan_memory(big, None, 32, 0, 4, n // 2)
+    assert need_small.resident_bytes < need_big.resident_bytes / 2
+    assert need_small.cache_bytes == big.config.num_layers * n * NeuronCache.slot_bytes(small, True)
+    budget = need_small.planned_bytes - need_small.cache_bytes + big.config.num_layers * (n // 2) * (
+        NeuronCache.slot_bytes(small, True))
+    with pytest.raises(InaflashError, match="too small"):
+        plan_memory(big, budget, 32, 0, 4, n // 2)
+    plan = plan_memory(small, budget, 32, 0, 4, n // 2, "int8")
+    assert plan.cache_capacity == n // 2 and plan.planned_bytes <= budget
+    # and the engine built from that plan holds what was planned
+    save_sparsity(small, "threshold", [0.05] * small.config.num_layers, None, {})
+    with Engine(FlashStore(small.path), mode="sparse", use_predictor=False, memory=budget, context=32,
+                cache_format="int8") as engine:
+        assert engine.ffn.cache_bytes == plan.cache_bytes
+        assert engine.plan.planned_bytes <= budget

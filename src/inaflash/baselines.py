@@ -46,15 +46,47 @@ with torch.no_grad():
 """
 
 
-def _rate(stdout: str) -> dict:
-    times = []
+# inaflash itself under the same limit: the runtime (Python, torch, tokenizer: ~300 MB for Qwen2.5) is measured in
+# the child after it loads, and the model's data gets the rest of the limit minus a margin for per-token temporaries
+INAFLASH = r"""
+import json, sys, time
+from inaflash.engine import Engine
+from inaflash.generate import GenerationStats, stream_ids
+from inaflash.memory import release_free_heap
+from inaflash.store import FlashStore
+path, ids, n, limit, margin, options = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+                                        int(sys.argv[5]), json.loads(sys.argv[6]))
+store = FlashStore(path)
+store.tokenizer()
+release_free_heap()
+runtime = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+budget = limit - runtime - margin
+print(json.dumps({"event": "budget", "runtime_bytes": runtime, "budget_bytes": budget}), flush=True)
+with Engine(store, memory=budget, context=len(ids) + n + 1, **options) as engine:
+    print(json.dumps({"event": "loaded", "t": time.perf_counter(),
+                      "planned_bytes": engine.plan.planned_bytes if engine.plan else None}), flush=True)
+    stats = GenerationStats()
+    for _ in stream_ids(engine, ids, n, temperature=0.0, stop=set(), stats=stats):
+        print(json.dumps({"event": "token", "t": time.perf_counter()}), flush=True)
+print(json.dumps({"event": "stats", **stats.to_dict()}), flush=True)
+"""
+INAFLASH_MARGIN = 64 << 20
+
+
+def _events(stdout: str, kind: str) -> list[dict]:
+    out = []
     for line in stdout.splitlines():
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if event.get("event") == "token":
-            times.append(event["t"])
+        if isinstance(event, dict) and event.get("event") == kind:
+            out.append(event)
+    return out
+
+
+def _rate(stdout: str) -> dict:
+    times = [event["t"] for event in _events(stdout, "token")]
     if len(times) < 2:
         return {"tokens": len(times)}
     decode_s = times[-1] - times[0]
@@ -69,7 +101,7 @@ def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, 
         run = run_limited([sys.executable, "-c", script, *args], limit, TIMEOUT_S, name=f"inaflash-{name}")
     except CgroupUnavailable as e:
         return {**row, "status": "unavailable", "reason": f"no memory limit possible: {e}"}
-    row.update(_rate(run.stdout), max_usage_bytes=run.max_usage_bytes, seconds=run.seconds)
+    row.update(_rate(run.stdout), max_usage_bytes=run.max_usage_bytes, seconds=run.seconds, stdout=run.stdout)
     if run.oom_killed:
         row.update(status="killed", reason=f"out of memory under the {limit / 1e6:.0f} MB limit "
                                            f"(after {row.get('tokens', 0)} tokens)")
@@ -80,6 +112,24 @@ def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, 
                    reason=f"{cause} after {row.get('tokens', 0)} tokens: {tail[0][:200]}")
     else:
         row["status"] = "ok"
+    if not name.startswith("inaflash"):
+        row.pop("stdout")
+    return row
+
+
+def run_inaflash_limited(store, prompt_ids: list[int], gen_tokens: int, limit: int, options: dict) -> dict:
+    """inaflash (`options`: Engine's, e.g. mode="sparse") in a child under the limit, as the baselines run."""
+    name = f"inaflash-{options.get('mode', 'naive')}"
+    for f in [store.path / "resident.safetensors", store.ffn_path] + ([store.path / store.embed["file"]]
+                                                                      if store.embed else []):
+        evict_from_page_cache(f)
+    row = _run(name, INAFLASH, [str(store.path), json.dumps(prompt_ids), str(gen_tokens), str(limit),
+                                str(INAFLASH_MARGIN), json.dumps(options)], limit, store.ffn_path, gen_tokens)
+    for kind in ("budget", "stats"):
+        for event in _events(row.pop("stdout", ""), kind):
+            event.pop("event")
+            row.update(event)
+    row["options"] = options
     return row
 
 

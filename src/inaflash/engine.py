@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InaflashError
-from .memory import pin_mmap_threshold
+from .memory import pin_mmap_threshold, release_free_heap
 from .ffn import HybridFFN, NaiveFlashFFN, ResidentFFN
 from .models import build_model
 from .planner import active_neurons_per_token, parse_memory, plan_hybrid, plan_memory
@@ -68,6 +68,7 @@ class Engine:
             self.embedding.reader.stats = self.reader.stats  # its reads count with the FFN's
             self.weights[store.embed["name"]] = self.embedding
         self.tokenizer = store.tokenizer()
+        release_free_heap()
         self.model = None
         self.max_seq = 0
 
