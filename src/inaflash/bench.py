@@ -86,7 +86,10 @@ def prepare_stores(model, progress: bool):
     source = store.manifest.get("source", {}).get("path")
     if source is None or not Path(source).exists():
         return store, None, f"the store's source model {source} is not available to write the unbundled layout"
-    unbundled = resolve_store(source, dtype=store.dtype_name, layout="unbundled", progress=progress)
+    if store.ffn_format != "float":
+        return store, None, f"the store's FFN is {store.ffn_format}; the unbundled layout is written in float only"
+    unbundled = resolve_store(source, dtype=store.dtype_name, layout="unbundled", progress=progress,
+                              resident_format=store.resident_format)
     if unbundled.manifest.get("sparsity") != store.manifest.get("sparsity"):
         copy_sparsity(store, unbundled)
         unbundled = FlashStore(unbundled.path)
@@ -94,7 +97,7 @@ def prepare_stores(model, progress: bool):
 
 
 def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tokens: int, max_gap: int,
-               max_seconds: float) -> dict:
+               max_seconds: float, cache_format: str = "float") -> dict:
     from .engine import Engine
     from .generate import GenerationStats, stream_ids
     from .reader import DEFAULT_MAX_GAP
@@ -107,7 +110,7 @@ def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tok
         options["memory"] = memory if cfg.budget else None
     if cfg.mode == "sparse":
         options.update(window=cfg.window, max_gap=(max_gap if max_gap is not None else DEFAULT_MAX_GAP)
-                       if cfg.coalesce else -1)
+                       if cfg.coalesce else -1, cache_format=cache_format)
     gc.collect()
     reset_peak_rss()
     try:
@@ -158,8 +161,9 @@ def summarize(runs: list[dict]) -> dict:
 def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 128, gen_tokens: int = 256,
           repeat: int = 1, configs: list[str] | None = None, baselines: bool = True, limit: str | None = None,
           out_dir: str | Path = RESULTS, max_seconds: float = 120.0, prompt_ids: list[int] | None = None,
-          progress: bool = True) -> dict:
-    """prompt_ids: use these instead of `prompt_tokens` of real text (a model without a tokenizer)."""
+          progress: bool = True, cache_format: str = "float") -> dict:
+    """prompt_ids: use these instead of `prompt_tokens` of real text (a model without a tokenizer).
+    cache_format: the sparse rows' neuron cache ("float" or "int8")."""
     from .engine import Engine
     from .planner import parse_memory
     from .probe import load_max_gap, profile_path, throughput
@@ -183,7 +187,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
     for _ in range(repeat):
         for cfg in chosen:
             bar.set_postfix_str(cfg.name)
-            row = run_config(cfg, store, unbundled, budget, prompt, gen_tokens, max_gap, max_seconds)
+            row = run_config(cfg, store, unbundled, budget, prompt, gen_tokens, max_gap, max_seconds, cache_format)
             if row.get("status") == "unavailable" and unbundled_reason:
                 row["reason"] = unbundled_reason
             rounds[cfg.name].append(row)
@@ -200,6 +204,8 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
         "model": store.manifest.get("source", {}).get("path") or str(store.path), "store": str(store.path),
         "dtype": store.dtype_name, "ffn_bytes": store.ffn_bytes, "resident_bytes": store.resident_bytes,
         "memory": memory, "budget_bytes": budget, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+        "ffn_format": store.ffn_format, "resident_format": store.resident_format, "cache_format": cache_format,
+        "embeddings_on_flash": store.embed is not None,
         "repeat": repeat, "max_seconds_per_run": max_seconds, "max_gap": max_gap, "probe_profile": str(profile_path()) if profile else None,
         "calibration": {k: store.manifest["sparsity"].get(k) for k in ("target_sparsity", "rank", "window")},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "rows": rows,
@@ -207,8 +213,14 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
     if baselines:
         from .baselines import run_baselines
 
-        result["baselines"] = run_baselines(store, prompt, gen_tokens, parse_memory(limit, store) if limit else budget,
-                                            progress)
+        from .baselines import run_inaflash_limited
+
+        limit_bytes = parse_memory(limit, store) if limit else budget
+        result["baselines"] = run_baselines(store, prompt, gen_tokens, limit_bytes, progress)
+        # inaflash's default (the full row) under the same whole-process limit, runtime included
+        result["baselines"].append(run_inaflash_limited(
+            store, prompt, gen_tokens, limit_bytes,
+            dict(mode="sparse", window=DEFAULT_WINDOW, cache_format=cache_format, max_gap=max_gap)))
     result["summary"] = key_ratios(result)
     write_results(result, Path(out_dir))
     return result
@@ -268,7 +280,9 @@ def markdown(result: dict, png_name: str | None = None) -> str:
     lines = [
         f"# inaflash bench: {Path(result['model']).name}",
         "",
-        f"{result['date']}; store {result['dtype']}, FFN {_mb(result['ffn_bytes'])} MB, resident "
+        f"{result['date']}; store {result['dtype']} (FFN {result.get('ffn_format', 'float')}, resident "
+        f"{result.get('resident_format', 'float')}, embeddings on flash: {result.get('embeddings_on_flash', False)}, "
+        f"neuron cache {result.get('cache_format', 'float')}), FFN {_mb(result['ffn_bytes'])} MB, resident "
         f"{_mb(result['resident_bytes'])} MB; --memory {result['memory']} = {_mb(result['budget_bytes'])} MB; "
         f"{result['prompt_tokens']}-token prompt, {result['gen_tokens']} generated tokens (greedy), "
         f"{result['repeat']} round(s), medians, each run cut at {result['max_seconds_per_run']:.0f} s; "
@@ -293,8 +307,8 @@ def markdown(result: dict, png_name: str | None = None) -> str:
             f"{r.get('probe_mb_per_s_at_read_size', 0) or 0:.0f} | {'-' if hit is None else f'{hit:.3f}'} | "
             f"{_mb(r['peak_rss_bytes'])} |")
     if result.get("baselines"):
-        lines += ["", "Baselines (child process under a cgroup-v1 memory limit on the whole process, model file evicted "
-                      "from the page cache first):", "",
+        lines += ["", "Baselines and inaflash's full default, each a child process under a cgroup-v1 memory limit on "
+                      "the whole process (runtime included), model files evicted from the page cache first:", "",
                   "| baseline | limit MB | status | tokens/s | ms/token | peak cgroup usage MB |", "|---|---|---|---|---|---|"]
         for b in result["baselines"]:
             lines.append(f"| {b['name']} | {_mb(b.get('limit_bytes'))} | {b['status']}"

@@ -267,12 +267,13 @@ def bench(
     config: Optional[list[str]] = typer.Option(None, help="Only these configurations (repeatable): dram, naive, "
                                                           "hybrid, +predictor, +windowing, +bundling, +coalescing, "
                                                           "full."),
-    baselines: bool = typer.Option(True, help="Also run llama.cpp-mmap and transformers-offload under a cgroup "
-                                              "memory limit."),
+    baselines: bool = typer.Option(True, help="Also run llama.cpp-mmap, transformers-offload and inaflash's full "
+                                              "default each in a child process under a cgroup memory limit."),
     limit: Optional[str] = typer.Option(None, help="The baselines' whole-process memory limit (default: --memory)."),
     max_seconds: float = typer.Option(120.0, min=1.0, help="Cut a configuration's run after this long (its row "
                                                            "says how many tokens it made)."),
     out_dir: Path = typer.Option(Path("bench/results"), help="Where <date>-<model>.json/.md/.png go."),
+    cache_format: str = CACHE_FORMAT,
 ):
     """Reproduce the paper's ablation (naive -> +predictor -> +windowing -> +bundling) and per-token latency
     split (I/O, predictor, memory management, compute) on this machine, next to dram, hybrid and the baselines."""
@@ -281,7 +282,7 @@ def bench(
 
     result = run_bench(model, memory=memory, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
                        configs=config, baselines=baselines, limit=limit, out_dir=out_dir,
-                       max_seconds=max_seconds)
+                       max_seconds=max_seconds, cache_format=cache_format)
     print(markdown(result))
 
 

@@ -44,13 +44,14 @@ def _source_key(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def cached_store_path(source: Path, dtype: str, layout: str = "bundled") -> Path:
-    suffix = "" if layout == "bundled" else f"-{layout}"
+def cached_store_path(source: Path, dtype: str, layout: str = "bundled", resident_format: str = "float") -> Path:
+    suffix = ("" if layout == "bundled" else f"-{layout}") + ("" if resident_format == "float" else
+                                                                f"-resident-{resident_format}")
     return home() / "stores" / f"{source.stem}-{dtype}{suffix}-{_source_key(source)}"
 
 
 def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, progress: bool = True,
-                  layout: str | None = None) -> FlashStore:
+                  layout: str | None = None, resident_format: str = "float") -> FlashStore:
     """layout: None (a store as it is; sources converted bundled), or the FFN layout required ("unbundled" for the
     bundling ablation)."""
     path = Path(model) if model is not None else default_model_path()
@@ -63,14 +64,15 @@ def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, p
     if not path.exists():
         raise InaflashError(f"model not found: {path}")
     layout = layout or "bundled"
-    target = cached_store_path(path, dtype, layout)
+    target = cached_store_path(path, dtype, layout, resident_format)
     if (target / "manifest.json").exists():
         return FlashStore(target)
     from .sources import open_source
 
     source = open_source(path)
     print(f"inaflash: converting {path} into {target} (once)", file=sys.stderr)
-    write_store(source, target, dtype=dtype, overwrite=True, progress=progress, layout=layout)
+    write_store(source, target, dtype=dtype, overwrite=True, progress=progress, layout=layout,
+                resident_format=resident_format)
     return FlashStore(target)
 
 

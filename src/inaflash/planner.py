@@ -15,6 +15,9 @@ from .store import FlashStore
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 STAGING_BYTES = 4 << 20  # reads of missing neurons land here before joining the cache
+# A cache smaller than what one token needs still runs: that layer's neurons are then read and computed in rounds
+# of the cache's size, every token (no reuse). Below 1/4 of the need, the budget is refused.
+MAX_STREAM_ROUNDS = 4
 
 
 def model_bytes(store: FlashStore) -> int:
@@ -63,7 +66,8 @@ def kv_bytes(store: FlashStore, context: int) -> int:
 
 def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_bytes: int, window: int,
                 active_neurons: int, cache_format: str = "float") -> MemoryPlan:
-    """`active_neurons`: neurons one token needs in the busiest layer (from calibration); the cache must hold them."""
+    """`active_neurons`: neurons one token needs in the busiest layer (from calibration); caches that cannot hold
+    them all (a tight budget) work in rounds, at the cost of re-reading (see MAX_STREAM_ROUNDS)."""
     from .cache import NeuronCache
 
     c = store.config
@@ -75,13 +79,15 @@ def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_b
         capacity = n
     else:
         capacity = min(n, max(0, budget - fixed) // (c.num_layers * per_neuron))
-        if capacity < active_neurons:
-            caches = c.num_layers * active_neurons * per_neuron
+        least = math.ceil(active_neurons / MAX_STREAM_ROUNDS)
+        if capacity < least:
+            caches = c.num_layers * least * per_neuron
             raise InaflashError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: this model needs at least "
                 f"{(fixed + caches) / 1e6:.1f} MB (resident {store.resident_bytes / 1e6:.1f} + predictors "
                 f"{predictor_bytes / 1e6:.1f} + KV cache for {context} tokens {kv / 1e6:.1f} + staging "
-                f"{staging / 1e6:.1f} + neuron caches {caches / 1e6:.1f} MB for {active_neurons} neurons per layer)")
+                f"{staging / 1e6:.1f} + neuron caches {caches / 1e6:.1f} MB for {least} neurons per layer, 1/"
+                f"{MAX_STREAM_ROUNDS} of the {active_neurons} a token needs)")
     cache_bytes = c.num_layers * capacity * per_neuron
     effective = window if window == 0 else max(1, min(window, capacity // max(active_neurons, 1)))
     return MemoryPlan(budget or fixed + cache_bytes, store.resident_bytes, predictor_bytes, kv, staging, capacity,
