@@ -74,8 +74,9 @@ def reference_dequant(store, layer):
     packed = [name for name, (a, b) in fields.items() if (b - a) % 32 == 0]
     pos = _even(sum((fields[f][1] - fields[f][0]) * bits // 8 for f in packed))
     ngroups = sum((fields[f][1] - fields[f][0]) // 32 for f in packed)
-    scales = raw[:, pos:pos + 2 * ngroups].copy().view(np.float16).astype(np.float32)
-    floats = pos + 2 * ngroups
+    params = raw[:, pos:pos + 4 * ngroups].copy().view(np.float16).astype(np.float32)
+    scales, lows = params[:, :ngroups], params[:, ngroups:]  # a minimum per group after the scales
+    floats = pos + 4 * ngroups
     pos, k, normalized = 0, 0, {}
     for name in packed:
         a, b = fields[name]
@@ -89,8 +90,9 @@ def reference_dequant(store, layer):
             idx = ((word[..., None] >> np.arange(0, 24, 3)) & 7).reshape(n, -1)
         normalized[name] = books[f"{layer}.{name}"].float().numpy()[idx]
         per_weight = np.repeat(scales[:, k:k + (b - a) // 32], 32, axis=1)
-        out[:, a:b] = normalized[name] * per_weight
-        normalized[name] = (normalized[name], per_weight)
+        low = np.repeat(lows[:, k:k + (b - a) // 32], 32, axis=1)
+        out[:, a:b] = normalized[name] * per_weight + low
+        normalized[name] = (normalized[name], per_weight, low)
         pos += nb
         k += (b - a) // 32
     pos = floats
@@ -119,10 +121,10 @@ def test_bundles_dequantize_as_documented_and_within_bound(stores, fmt):
             books = load_file(str(q.path / quant.PALETTE_FILE))
             for name, (a, b) in q.fields.items():
                 if name in bound:
-                    entries, scale = bound[name]
+                    entries, scale, low = bound[name]
                     c = books[f"{layer}.{name}"].float().numpy()
-                    w = exact[:, a:b] / scale
-                    assert np.abs(w).max() <= 1 + 1e-6  # absmax scales rounded up
+                    w = (exact[:, a:b] - low) / scale
+                    assert w.min() >= 0 and w.max() <= 1 + 1e-6  # minimum rounded down, scale up
                     assert np.allclose(np.abs(w - entries), np.abs(w[..., None] - c).min(-1), atol=1e-5)
                 else:
                     assert np.array_equal(deq[:, a:b], exact[:, a:b].astype(np.float16).astype(np.float32))
@@ -188,22 +190,26 @@ def test_three_bit_packing_round_trips():
 
 
 def test_palette_kmeans_beats_a_uniform_grid_on_real_weights(smollm2_gguf):
-    """eDKM's point, at 16 and 8 levels with the same group scales: levels clustered where the (normalized) weights
-    are reconstruct real weights better than a uniform grid of as many levels, at the same bits per weight."""
+    """eDKM's point, at 16 and 8 levels over the same normalized groups (minimum + scale per 32): levels clustered
+    where the weights are reconstruct real weights better than evenly spaced ones, at the same bits per weight."""
     src = open_source(smollm2_gguf)
-    w = src.tensor("model.layers.3.mlp.up_proj.weight").float()
-    groups = w.reshape(-1, 32)
-    scale = groups.abs().amax(-1, keepdim=True)
-    x = groups / scale
-    for bits in (4, 3):
-        k = 1 << bits
-        book = quant.kmeans_1d(x, k).half()
-        palette = book.float()[quant.nearest(x, book)] * scale
-        step = 2 / (k - 1)  # k levels spanning [-1, 1]
-        uniform = ((x + 1) / step).round() * step - 1
-        err_palette, err_uniform = (groups - palette).pow(2).mean(), (groups - uniform * scale).pow(2).mean()
-        # measured: 0.87x the uniform grid's squared error at 4 bits, 0.74x at 3 bits
-        assert err_palette < (0.92 if bits == 4 else 0.8) * err_uniform, (bits, err_palette, err_uniform)
+    for name in ("up_proj", "down_proj"):
+        w = src.tensor(f"model.layers.3.mlp.{name}.weight").float()
+        groups = (w.T.contiguous() if name == "down_proj" else w).reshape(-1, 32)  # as bundled: along the hidden size
+        low = groups.amin(-1, keepdim=True)
+        scale = groups.amax(-1, keepdim=True) - low
+        x = (groups - low) / scale
+        for bits in (4, 3):
+            k = 1 << bits
+            book = quant.kmeans_1d(x, k, init=torch.linspace(0, 1, k)).half()
+            palette = book.float()[quant.nearest(x, book)] * scale + low
+            uniform = (x * (k - 1)).round() / (k - 1) * scale + low
+            err_palette, err_uniform = (groups - palette).pow(2).mean(), (groups - uniform).pow(2).mean()
+            # the GGUF's up rows are Q4_1 blocks, exactly on a 16-level uniform grid: clustering keeps that grid (up
+            # to its float16 centroids); at 3 bits it does better (measured 0.76x). Down columns cross those blocks:
+            # 0.91x at 4 bits, 0.84x at 3.
+            bound = {("up_proj", 4): 1.0, ("up_proj", 3): 0.85, ("down_proj", 4): 0.95, ("down_proj", 3): 0.9}
+            assert err_palette < bound[name, bits] * err_uniform + 1e-7, (name, bits, err_palette, err_uniform)
 
 
 def test_int8_resident_and_flash_embedding(tmp_path):

@@ -286,6 +286,23 @@ def bench(
     print(markdown(result))
 
 
+@app.command()
+def simulate(
+    model: Optional[str] = MODEL,
+    sparsity: Optional[list[float]] = typer.Option(None, help="Sparsity levels to replay (default 0.97 and 0.9; "
+                                                              "the paper's OPT-6.7B is ~0.97)."),
+    tokens: int = typer.Option(48, min=8, help="Decode steps to record."),
+    store: Optional[Path] = typer.Option(None, help="Where the synthetic store goes (8.6 GB; default "
+                                                    "$INAFLASH_HOME/stores/synthetic-opt-6.7b, written once)."),
+):
+    """Simulate the I/O of an OPT-6.7B-shaped model: record activations on a real model, replay them (mapped onto
+    the wider layers) through the engine's cache and reader against a synthetic 8.6 GB store. No FFN compute."""
+    from .simulate import markdown
+    from .simulate import simulate as run
+
+    print(markdown(run(model, out=store, sparsities=tuple(sparsity or (0.97, 0.9)), tokens=tokens)))
+
+
 @app.command("fetch-bench-model")
 def fetch_bench_model(
     convert: bool = typer.Option(True, help="Also convert it into a float16 store (once)."),

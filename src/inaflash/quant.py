@@ -7,12 +7,12 @@ whole neuron, and is dequantized into the compute dtype as it is read:
   int4      4-bit codes 0..15 (two per byte, low nibble first), per group of 32 a float16 scale and minimum
             (asymmetric, as GGUF's Q4_1: symmetric int4 cost SmolLM2 +20% perplexity, its Q4_1 source being asymmetric)
   palette4  4-bit indices into a per-layer, per-field codebook of 16 float16 centroids found by k-means at convert
-  palette3  time (as eDKM, arXiv 2309.00964, clusters weights; here without its training), times a float16 absmax
-            scale per group of 32 weights: the codebook clusters the *normalized* weights w / scale, as NF4 fixes
-            its levels but learned per layer. palette3: 8 centroids, 3-bit indices (8 per 3 bytes). Codebooks live in
-            palettes.safetensors (a few hundred bytes per layer). Without the group scales (one codebook for the raw
-            weights of a whole layer) SmolLM2's perplexity went from 50 to 388,000 (palette4): its weights' scale
-            varies along every row.
+  palette3  time (as eDKM, arXiv 2309.00964, clusters weights; here without its training), over weights normalized
+            per group of 32 to [0, 1] by a float16 minimum and scale (w = c[i] * scale + min): the codebook places the
+            levels where the normalized weights are, where int4 spaces them evenly. palette3: 8 centroids, 3-bit
+            indices (8 per 3 bytes). Codebooks live in palettes.safetensors (a few hundred bytes per layer).
+            Measured on SmolLM2 (palette4): one codebook over a layer's raw weights, perplexity 50 -> 388,000 (the
+            weights' scale varies along every row); groups normalized by absmax only, 128 (+156%).
 Scales are rounded *up* to float16 (int4's minimum down), so no code leaves its range and the error is at most half a
 step: |w - q * scale| <= scale / 2 (int8), |w - (q * scale + min)| <= scale / 2 (int4).
 A field a group does not divide (OPT's 1-wide fc1 bias) is its own group (int8/int4) or stays float16 (palettes).
@@ -26,8 +26,8 @@ FFN_FORMATS = {
     "float": "bundles in the store's --dtype",
     "int8": "int8, a float16 scale per 64 weights (~8.3 bits/weight)",
     "int4": "4-bit, a float16 scale and minimum per 32 weights (~5 bits/weight)",
-    "palette4": "k-means palette of 16 per layer and field, 4-bit indices, a scale per 32 weights (~4.5 bits)",
-    "palette3": "k-means palette of 8 per layer and field, 3-bit indices, a scale per 32 weights (~3.5 bits)",
+    "palette4": "k-means palette of 16 per layer and field, 4-bit indices, scale + minimum per 32 (~5 bits)",
+    "palette3": "k-means palette of 8 per layer and field, 3-bit indices, scale + minimum per 32 (~4 bits)",
 }
 GROUP = {"int8": 64, "int4": 32}  # int8: per-row scales cost SmolLM2 +5.0% perplexity, groups of 64 +0.2%
 PALETTE_BITS = {"palette4": 4, "palette3": 3}
@@ -61,7 +61,7 @@ def bundle_bytes(fmt: str, width: int, fields: dict[str, tuple[int, int]], items
     bits, packed = PALETTE_BITS[fmt], palettized(fields)
     index_bytes = sum((fields[f][1] - fields[f][0]) * bits // 8 for f in packed)
     scales = sum((fields[f][1] - fields[f][0]) // PALETTE_GROUP for f in packed)
-    return _even(index_bytes) + 2 * scales + 2 * sum(b - a for f, (a, b) in fields.items() if f not in packed)
+    return _even(index_bytes) + 4 * scales + 2 * sum(b - a for f, (a, b) in fields.items() if f not in packed)
 
 
 def _scales(x: torch.Tensor, qmax: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -70,6 +70,13 @@ def _scales(x: torch.Tensor, qmax: int, dtype: torch.dtype = torch.float16) -> t
     scale = exact.to(dtype).clamp(min=2 ** -24)
     up = torch.nextafter(scale, torch.tensor(float("inf"), dtype=scale.dtype))
     return torch.where(scale.float() < exact, up, scale)
+
+
+def _minimum(x: torch.Tensor) -> torch.Tensor:
+    """min per last-dim group, as float16 rounded down (never above the exact value)."""
+    low = x.amin(-1)
+    m = low.half()
+    return torch.where(m.float() > low, torch.nextafter(m, torch.tensor(float("-inf"), dtype=m.dtype)), m)
 
 
 def _pack4(codes: torch.Tensor) -> torch.Tensor:
@@ -97,13 +104,15 @@ def _unpack3(raw: torch.Tensor) -> torch.Tensor:
     return ((word[..., None] >> torch.arange(0, 24, 3, dtype=torch.int32)) & 7).view(raw.shape[0], -1)
 
 
-def kmeans_1d(x: torch.Tensor, k: int, iters: int = 25, sample: int = 1 << 20, seed: int = 0) -> torch.Tensor:
-    """k sorted centroids (float32) of the values of x: Lloyd's algorithm in 1-D on a sample, started from
-    quantiles; nearest-centroid assignment is a bucketize against the midpoints."""
+def kmeans_1d(x: torch.Tensor, k: int, iters: int = 25, sample: int = 1 << 20, seed: int = 0,
+              init: torch.Tensor | None = None) -> torch.Tensor:
+    """k sorted centroids (float32) of the values of x: Lloyd's algorithm in 1-D on a sample, started from `init`
+    (default: quantiles); nearest-centroid assignment is a bucketize against the midpoints. Each iteration lowers
+    the sample's squared error, so started from a uniform grid it ends no worse than that grid."""
     v = x.reshape(-1).float()
     if v.numel() > sample:
         v = v[torch.randint(v.numel(), (sample,), generator=torch.Generator().manual_seed(seed))]
-    c = torch.quantile(v, (torch.arange(k, dtype=torch.float32) + 0.5) / k)
+    c = torch.quantile(v, (torch.arange(k, dtype=torch.float32) + 0.5) / k) if init is None else init.float()
     for _ in range(iters):
         idx = torch.bucketize(v, (c[1:] + c[:-1]) / 2)
         sums = torch.zeros(k).index_add_(0, idx, v)
@@ -133,9 +142,7 @@ def encode(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]]
                 codes = (xg / scale.float()[..., None]).round().clamp(-127, 127).reshape(n, b - a)
                 out[:, a:b] = codes.to(torch.int8).view(torch.uint8)
             else:
-                low = xg.amin(-1)
-                m = low.half()
-                m = torch.where(m.float() > low, torch.nextafter(m, torch.tensor(float("-inf"), dtype=m.dtype)), m)
+                m = _minimum(xg)
                 scale = _scales(xg - m.float()[..., None], 15)
                 codes = ((xg - m.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
                 packed = _pack4(codes.reshape(n, b - a))
@@ -146,13 +153,15 @@ def encode(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]]
         start = _even(width if fmt == "int8" else pos)
         out[:, start:] = torch.cat(scales + mins, 1).view(torch.uint8)
         return out, {}
-    bits, books, pos, scales = PALETTE_BITS[fmt], {}, 0, []
+    bits, books, pos, scales, lows = PALETTE_BITS[fmt], {}, 0, [], []
     for name in palettized(fields):
         a, b = fields[name]
         xg = x[:, a:b].reshape(n, -1, PALETTE_GROUP)
-        scale = _scales(xg, 1)  # rounded up: normalized weights stay within [-1, 1]
-        normalized = (xg / scale.float()[..., None]).reshape(n, b - a)
-        books[name] = kmeans_1d(normalized, 1 << bits).half()
+        low = _minimum(xg)
+        scale = _scales(xg - low.float()[..., None], 1)  # rounded up: normalized weights stay within [0, 1]
+        normalized = ((xg - low.float()[..., None]) / scale.float()[..., None]).reshape(n, b - a)
+        lows.append(low)
+        books[name] = kmeans_1d(normalized, 1 << bits, init=torch.linspace(0, 1, 1 << bits)).half()
         idx = nearest(normalized, books[name])
         packed = _pack4(idx) if bits == 4 else _pack3(idx)
         out[:, pos:pos + packed.shape[1]] = packed
@@ -160,7 +169,7 @@ def encode(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]]
         scales.append(scale)
     pos = _even(pos)
     if scales:
-        params = torch.cat(scales, 1).view(torch.uint8)
+        params = torch.cat(scales + lows, 1).view(torch.uint8)
         out[:, pos:pos + params.shape[1]] = params
         pos += params.shape[1]
     for name, (a, b) in fields.items():
@@ -199,17 +208,20 @@ def decode(fmt: str, raw: torch.Tensor, fields: dict[str, tuple[int, int]], widt
     bits, pos, packed = PALETTE_BITS[fmt], 0, palettized(fields)
     index_bytes = _even(sum((fields[f][1] - fields[f][0]) * bits // 8 for f in packed))
     ngroups = sum((fields[f][1] - fields[f][0]) // PALETTE_GROUP for f in packed)
-    scales = raw[:, index_bytes:index_bytes + 2 * ngroups].contiguous().view(torch.float16).to(dtype)
+    params = raw[:, index_bytes:index_bytes + 4 * ngroups].contiguous().view(torch.float16).to(dtype)
+    scales, lows = params[:, :ngroups], params[:, ngroups:]
     k = 0
     for name in packed:
         a, b = fields[name]
         nb, count = (b - a) * bits // 8, (b - a) // PALETTE_GROUP
         idx = _unpack4(raw[:, pos:pos + nb], b - a) if bits == 4 else _unpack3(raw[:, pos:pos + nb])
         values = books[name].to(dtype)[idx.long()].view(m, count, PALETTE_GROUP)
-        torch.mul(values, scales[:, k:k + count, None], out=out[:, a:b].view(m, count, PALETTE_GROUP))
+        dst = out[:, a:b].view(m, count, PALETTE_GROUP)
+        torch.mul(values, scales[:, k:k + count, None], out=dst)
+        dst += lows[:, k:k + count, None]
         pos += nb
         k += count
-    pos = index_bytes + 2 * ngroups
+    pos = index_bytes + 4 * ngroups
     for name, (a, b) in fields.items():
         if name not in packed:
             out[:, a:b] = raw[:, pos:pos + 2 * (b - a)].contiguous().view(torch.float16).to(dtype)
