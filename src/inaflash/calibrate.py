@@ -125,10 +125,11 @@ def run_chunks(engine: Engine, ids: torch.Tensor, ffn=None, progress: str | None
 
 
 def evaluate(store_path: str | Path, texts: list[Path] | None = None, tokens: int = 4096, window: int = 4,
-             progress: bool = True) -> dict:
+             progress: bool = True, modes: list[str] | None = None) -> dict:
     """Perplexity on held-out text (default: The Devil's Dictionary) and how often dense's top token is kept, for:
     dense; oracle (true active set); predictor (this token's predicted set: the paper's); and predictor+window
-    (sparse mode's default: every neuron of the last `window` tokens' predictions, compute="cached")."""
+    (sparse mode's default: every neuron of the last `window` tokens' predictions, compute="cached").
+    `modes`: only these (dense always runs: the others are compared with it)."""
     from .sparse import load_sparsity
 
     store = FlashStore(store_path)
@@ -143,6 +144,12 @@ def evaluate(store_path: str | Path, texts: list[Path] | None = None, tokens: in
             runs["predictor"] = MaskedDenseFFN(resident, spec, use_predictor=True)
             if window > 1:
                 runs[f"predictor+window{window}"] = MaskedDenseFFN(resident, spec, True, window)
+    if modes is not None:
+        unknown = set(modes) - set(runs)
+        if unknown:
+            raise InaflashError(f"unknown or unavailable eval mode(s) {', '.join(sorted(unknown))}; this store has: "
+                                f"{', '.join(runs)}")
+        runs = {name: ffn for name, ffn in runs.items() if name == "dense" or name in modes}
     results, dense_top = {}, None
     for name, ffn in runs.items():
         top: list[int] = []

@@ -215,12 +215,14 @@ def evaluate(
     tokens: int = typer.Option(4096, min=64, help="Tokens of text to score."),
     window: int = typer.Option(4, min=0, help="Also score predictor-sparse computed over this window's cache "
                                               "(sparse mode's default); 0 or 1 skips it."),
+    mode: Optional[list[str]] = typer.Option(None, help="Only these (repeatable): oracle, predictor, "
+                                                        "predictor+window4; dense always runs."),
 ):
     """Perplexity on held-out text for dense, oracle-sparse, predictor-sparse (this token's predicted neurons) and
     predictor+window (sparse mode's default), and how often each keeps dense's top token."""
     from .calibrate import evaluate as run_eval
 
-    print(json.dumps(run_eval(store, texts=text, tokens=tokens, window=window), indent=1))
+    print(json.dumps(run_eval(store, texts=text, tokens=tokens, window=window, modes=mode), indent=1))
 
 
 @app.command()

@@ -49,7 +49,7 @@ class Engine:
                                     window, active_neurons_per_token(store, sparsity), cache_format)
             self.ffn = SparseFlashFFN(store, self.reader, sparsity, self.plan.cache_capacity, self.plan.window,
                                       use_predictor=use_predictor, max_gap=max_gap,
-                                      staging_bytes=self.plan.staging_bytes, compute=compute,
+                                      staging_bytes=self.plan.staging_bytes // 2, compute=compute,
                                       cache_format=cache_format)
         elif mode == "dram":
             self.ffn = ResidentFFN(store, self.reader)

@@ -16,8 +16,9 @@ UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb"
          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 STAGING_BYTES = 4 << 20  # reads of missing neurons land here before joining the cache
 # A cache smaller than what one token needs still runs: that layer's neurons are then read and computed in rounds
-# of the cache's size, every token (no reuse). Below 1/4 of the need, the budget is refused.
-MAX_STREAM_ROUNDS = 4
+# of the cache's size, every token (no reuse), which is what a tight budget on a model with a weak predictor gets
+# (Qwen2.5-1.5B under 900 MB). Below 1/16 of the need, the budget is refused.
+MAX_STREAM_ROUNDS = 16
 
 
 def model_bytes(store: FlashStore) -> int:
@@ -72,7 +73,7 @@ def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_b
 
     c = store.config
     n, per_neuron = c.intermediate_size, NeuronCache.slot_bytes(store, cache_format == "int8")
-    staging = min(max(e.span for e in store.layers), STAGING_BYTES)
+    staging = 2 * min(max(e.span for e in store.layers), STAGING_BYTES)  # two buffers (see SparseFlashFFN)
     kv = kv_bytes(store, context)
     fixed = store.resident_bytes + predictor_bytes + kv + staging
     if budget is None:

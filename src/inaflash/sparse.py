@@ -103,6 +103,9 @@ class SparseFlashFFN:
         self.oracle = None if use_predictor else ResidentFFN(store, reader)
         self.caches = [NeuronCache(store, capacity, window, int8=cache_format == "int8") for _ in store.layers]
         self.bundles = BundleReader(store, reader, staging_bytes=staging_bytes, max_gap=max_gap)
+        # a second staging buffer, so that streaming (more neurons than the cache holds) reads the next group
+        # while computing this one; the planner counts both
+        self.next_bundles = BundleReader(store, reader, staging_bytes=staging_bytes, max_gap=max_gap)
         self.counters = SparseCounters()
         self.step = 0
         self.compute = compute
@@ -159,11 +162,18 @@ class SparseFlashFFN:
         return self.math.output(h, w)
 
     def _stream(self, layer: int, x: torch.Tensor, active: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
-        """More neurons than the cache holds (a long prompt): read them in groups and sum the partial FFNs."""
+        """More neurons than the cache holds (a long prompt, a tight budget): read them in groups of the cache's
+        capacity, the next group's reads in flight while this one computes, and sum the partial FFNs."""
         out = None
         down_start = self.caches[layer].down_start
-        for group in needed.split(self.caches[layer].capacity):
-            bundles = self.bundles.read(layer, group)
+        groups = list(needed.split(self.caches[layer].capacity))
+        readers = (self.bundles, self.next_bundles)
+        t0 = time.perf_counter()
+        pending = readers[0].start(layer, groups[0])
+        for k, group in enumerate(groups):
+            ahead = readers[(k + 1) % 2].start(layer, groups[k + 1]) if k + 1 < len(groups) else None
+            bundles = readers[k % 2].finish(pending) if pending is not None else readers[k % 2].read(layer, group)
+            self.counters.update_s += time.perf_counter() - t0
             w = bundle_rows(self.store, bundles)
             down = torch.empty(bundles.shape[1] - down_start, group.numel(), dtype=bundles.dtype)
             w[self.math.down] = transpose_into(down, bundles[:, down_start:])
@@ -173,4 +183,6 @@ class SparseFlashFFN:
             part = self.math.output(h, w)
             out = part if out is None else out + part
             self.counters.neurons_read += group.numel()
+            t0 = time.perf_counter()
+            pending = ahead
         return out
