@@ -125,8 +125,9 @@ def run_inaflash_limited(store, prompt_ids: list[int], gen_tokens: int, limit: i
         evict_from_page_cache(f)
     row = _run(name, INAFLASH, [str(store.path), json.dumps(prompt_ids), str(gen_tokens), str(limit),
                                 str(INAFLASH_MARGIN), json.dumps(options)], limit, store.ffn_path, gen_tokens)
+    stdout = row.pop("stdout", "")
     for kind in ("budget", "stats"):
-        for event in _events(row.pop("stdout", ""), kind):
+        for event in _events(stdout, kind):
             event.pop("event")
             row.update(event)
     row["options"] = options

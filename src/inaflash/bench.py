@@ -257,7 +257,9 @@ def key_ratios(result: dict) -> dict:
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path, Path | None]:
     out_dir.mkdir(parents=True, exist_ok=True)
     memory = str(result["memory"]).replace("%", "pct").replace("/", "_")
-    stem = f"{time.strftime('%Y-%m-%d')}-{Path(result['model']).stem}-mem{memory}"
+    formats = "".join(f"-{key}-{result[key]}" for key in ("ffn_format", "resident_format", "cache_format")
+                      if result.get(key, "float") != "float").replace("_format", "")
+    stem = f"{time.strftime('%Y-%m-%d')}-{Path(result['model']).stem}{formats}-mem{memory}"
     json_path, md_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"
     json_path.write_text(json.dumps(result, indent=1))
     md_path.write_text(markdown(result, png_path.name))

@@ -17,7 +17,7 @@ import torch
 
 from .ffn import DOWN
 from .errors import InaflashError
-from .quant import Int8Columns, Int8Matrix
+from .quant import Int8Columns, Int8Matrix, quantize_rows
 from .store import FlashStore
 
 CACHE_FORMATS = {"float": "neurons as read, in the store's dtype", "int8": "int8 + a scale per row (half the DRAM)"}
@@ -112,13 +112,11 @@ class NeuronCache:
             raise RuntimeError(f"neuron cache overflow: {self.n} + {m} > {self.capacity}")
         end = self.n + m
         if self.int8:
-            d = self.down_start // 2
-            gate, up, down = bundles[:, :d], bundles[:, d:2 * d], bundles[:, 2 * d:]
-            (gc, gs), (uc, us), (dc, ds) = (Int8Matrix.quantize(t) for t in (gate, up, down))
-            self.rows[self.n:end] = torch.cat([gc, uc], 1)
-            self.row_scales[self.n:end] = torch.stack([gs, us], 1)
-            self.down_t[:, self.n:end] = dc.T
-            self.down_scales[self.n:end] = ds
+            codes, scales = quantize_rows(bundles.float().view(m, 3, -1))  # gate, up, down: a scale each
+            self.rows[self.n:end] = codes[:, :2].reshape(m, -1)
+            self.row_scales[self.n:end] = scales[:, :2]
+            self.down_t[:, self.n:end] = codes[:, 2].T
+            self.down_scales[self.n:end] = scales[:, 2]
         else:
             self.rows[self.n:end] = bundles[:, : self.down_start]
             self.down_t[:, self.n:end] = bundles[:, self.down_start:].T
