@@ -62,6 +62,9 @@ release_free_heap()
 runtime = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
 budget = limit - runtime - margin
 print(json.dumps({"event": "budget", "runtime_bytes": runtime, "budget_bytes": budget}), flush=True)
+if budget <= 0:
+    sys.exit(f"the runtime alone (Python, torch, tokenizer: {runtime / 1e6:.0f} MB) + a {margin / 1e6:.0f} MB margin "
+             f"exceeds the {limit / 1e6:.0f} MB limit")
 with Engine(store, memory=budget, context=len(ids) + n + 1, **options) as engine:
     print(json.dumps({"event": "loaded", "t": time.perf_counter(),
                       "planned_bytes": engine.plan.planned_bytes if engine.plan else None}), flush=True)
