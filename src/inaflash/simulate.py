@@ -161,7 +161,7 @@ def replay_naive(store: FlashStore, tokens: int = 2) -> dict:
 
     span = max(e.span for e in store.layers)
     bufs = [aligned_buffer(span), aligned_buffer(span)]
-    times, nbytes = [], 0
+    times = []
     with FlashReader(store.ffn_path) as reader:
         for _ in range(tokens):
             io0, t0 = reader.stats.copy(), time.perf_counter()
@@ -172,9 +172,9 @@ def replay_naive(store: FlashStore, tokens: int = 2) -> dict:
                 pending.wait()
                 pending = nxt
             times.append((time.perf_counter() - t0) * 1e3)
-            nbytes = (reader.stats - io0).bytes
+            io = reader.stats - io0
     return {"ms_per_token": float(np.median(times)), "io_ms_per_token": float(np.median(times)),
-            "bytes_read_per_token": nbytes, "tokens": tokens}
+            "bytes_read_per_token": io.bytes, "reads_per_token": io.requests, "tokens": tokens}
 
 
 def simulate(model=None, out: str | Path | None = None, sparsities=(0.97, 0.9), tokens: int = 48,
@@ -204,9 +204,9 @@ def simulate(model=None, out: str | Path | None = None, sparsities=(0.97, 0.9), 
               "machine": machine()}
     out_dir = Path(results)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{time.strftime('%Y-%m-%d')}-simulate-opt-6.7b"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(result))
+    stem = f"{time.strftime('%Y-%m-%d')}-simulate-opt-6.7b"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(result))
     return result
 
 
@@ -219,7 +219,8 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['name']} | {r.get('sparsity', '-')} | {r.get('neurons_per_layer', 'all')} | "
-                     f"{r['bytes_read_per_token'] / 1e9:.3f} | {r.get('reads_per_token', 0):.0f} | "
+                     f"{r['bytes_read_per_token'] / 1e9:.3f} | "
+                     f"{'-' if r.get('reads_per_token') is None else format(r['reads_per_token'], '.0f')} | "
                      f"{r['io_ms_per_token']:.0f} | {r.get('memory_ms_per_token', 0):.0f} |")
     lines += ["", "The paper's Table 2 (OPT-6.7B, M1 Max, float32 bundles, ~97% sparsity): "
               + "; ".join(f"{p['step']} {p['gb_read']} GB, {p['io_ms']} ms" for p in result["paper_table2"]), ""]
