@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .ops import FLOAT32_FROM_TOKENS
+
 FFN_FORMATS = {
     "float": "bundles in the store's --dtype",
     "int8": "int8, a float16 scale per 64 weights (~8.3 bits/weight)",
@@ -50,18 +52,26 @@ def palettized(fields: dict[str, tuple[int, int]]) -> list[str]:
     return [name for name, (a, b) in fields.items() if (b - a) % PALETTE_GROUP == 0]
 
 
+def _layout(fmt: str, fields: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(where the float16 group parameters start: the codes' bytes padded to even, how many groups) of a
+    compressed bundle; int4 and palettes store per group a scale then (after all scales) a minimum."""
+    if fmt in GROUP:
+        width = max(b for _, b in fields.values())
+        codes = width if fmt == "int8" else sum((b - a + 1) // 2 for a, b in fields.values())
+        return _even(codes), sum((b - a) // g for a, b, g in groups(fields, GROUP[fmt]))
+    packed = [fields[f] for f in palettized(fields)]
+    return (_even(sum((b - a) * PALETTE_BITS[fmt] // 8 for a, b in packed)),
+            sum((b - a) // PALETTE_GROUP for a, b in packed))
+
+
 def bundle_bytes(fmt: str, width: int, fields: dict[str, tuple[int, int]], itemsize: int = 2) -> int:
     """Bytes of one neuron's bundle on flash."""
     if fmt == "float":
         return width * itemsize
-    if fmt in GROUP:
-        codes = width if fmt == "int8" else sum((b - a + 1) // 2 for a, b in fields.values())
-        per_group = 2 if fmt == "int8" else 4  # scale (+ minimum)
-        return _even(codes) + per_group * sum((b - a) // g for a, b, g in groups(fields, GROUP[fmt]))
-    bits, packed = PALETTE_BITS[fmt], palettized(fields)
-    index_bytes = sum((fields[f][1] - fields[f][0]) * bits // 8 for f in packed)
-    scales = sum((fields[f][1] - fields[f][0]) // PALETTE_GROUP for f in packed)
-    return _even(index_bytes) + 4 * scales + 2 * sum(b - a for f, (a, b) in fields.items() if f not in packed)
+    params_at, ngroups = _layout(fmt, fields)
+    per_group = 2 if fmt == "int8" else 4  # scale (+ minimum)
+    floats = sum(b - a for f, (a, b) in fields.items() if f not in palettized(fields)) if fmt in PALETTE_BITS else 0
+    return params_at + per_group * ngroups + 2 * floats
 
 
 def _scales(x: torch.Tensor, qmax: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -150,8 +160,7 @@ def encode(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]]
                 pos += packed.shape[1]
                 mins.append(m)
             scales.append(scale)
-        start = _even(width if fmt == "int8" else pos)
-        out[:, start:] = torch.cat(scales + mins, 1).view(torch.uint8)
+        out[:, _layout(fmt, fields)[0]:] = torch.cat(scales + mins, 1).view(torch.uint8)
         return out, {}
     bits, books, pos, scales, lows = PALETTE_BITS[fmt], {}, 0, [], []
     for name in palettized(fields):
@@ -167,11 +176,10 @@ def encode(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]]
         out[:, pos:pos + packed.shape[1]] = packed
         pos += packed.shape[1]
         scales.append(scale)
-    pos = _even(pos)
+    pos, ngroups = _layout(fmt, fields)
     if scales:
-        params = torch.cat(scales + lows, 1).view(torch.uint8)
-        out[:, pos:pos + params.shape[1]] = params
-        pos += params.shape[1]
+        out[:, pos:pos + 4 * ngroups] = torch.cat(scales + lows, 1).view(torch.uint8)
+    pos += 4 * ngroups
     for name, (a, b) in fields.items():
         if name not in books:
             out[:, pos:pos + 2 * (b - a)] = x[:, a:b].half().contiguous().view(torch.uint8)
@@ -185,13 +193,11 @@ def decode(fmt: str, raw: torch.Tensor, fields: dict[str, tuple[int, int]], widt
     m = raw.shape[0]
     out = torch.empty(m, width, dtype=dtype)
     if fmt in GROUP:
-        gs = groups(fields, GROUP[fmt])
-        codes_end = width if fmt == "int8" else sum((b - a + 1) // 2 for a, b, _ in gs)
-        params = raw[:, _even(codes_end):].contiguous().view(torch.float16).to(dtype)
-        total = sum((b - a) // g for a, b, g in gs)
+        params_at, total = _layout(fmt, fields)
+        params = raw[:, params_at:].contiguous().view(torch.float16).to(dtype)
         scales, mins = params[:, :total], params[:, total:]
         k, pos = 0, 0
-        for a, b, g in gs:
+        for a, b, g in groups(fields, GROUP[fmt]):
             count = (b - a) // g
             dst = out[:, a:b].view(m, count, g)
             if fmt == "int8":
@@ -206,8 +212,7 @@ def decode(fmt: str, raw: torch.Tensor, fields: dict[str, tuple[int, int]], widt
             k += count
         return out
     bits, pos, packed = PALETTE_BITS[fmt], 0, palettized(fields)
-    index_bytes = _even(sum((fields[f][1] - fields[f][0]) * bits // 8 for f in packed))
-    ngroups = sum((fields[f][1] - fields[f][0]) // PALETTE_GROUP for f in packed)
+    index_bytes, ngroups = _layout(fmt, fields)
     params = raw[:, index_bytes:index_bytes + 4 * ngroups].contiguous().view(torch.float16).to(dtype)
     scales, lows = params[:, :ngroups], params[:, ngroups:]
     k = 0
@@ -247,15 +252,11 @@ class Int8Matrix:
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
         self.codes, self.scales = codes, scales
-        self.shape = codes.shape
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes int8, scales bfloat16, the kernel's dtype) for w [rows, cols]: see quantize_rows."""
         return quantize_rows(w.float())
-
-    def dequantize(self) -> torch.Tensor:
-        return self.codes.float() * self.scales.float()[:, None]
 
     @property
     def nbytes(self) -> int:
@@ -279,5 +280,5 @@ class Int8Columns:
 
     def linear(self, h: torch.Tensor) -> torch.Tensor:
         """h [T, m] -> [T, rows] float32."""
-        dtype = torch.float32 if h.shape[0] >= 16 else torch.bfloat16  # many tokens: float32 GEMM is faster
+        dtype = torch.float32 if h.shape[0] >= FLOAT32_FROM_TOKENS else torch.bfloat16  # as ops.linear
         return torch.nn.functional.linear((h * self.scales.float()).to(dtype), self.codes.to(dtype)).float()
