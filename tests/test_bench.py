@@ -43,7 +43,7 @@ def calibrated_tiny_llama(root):
         thresholds, predictors = [], []
         for layer, chunks in enumerate(xs):
             x = torch.cat(chunks)
-            h = inner.math.hidden(x, inner.weights[layer]).abs()
+            h = inner.hidden(layer, x).abs()
             thresholds.append(float(h.median()))
             pred, _ = train_predictor(x, h > thresholds[-1], rank=8, epochs=4)
             predictors.append(pred)

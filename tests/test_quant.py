@@ -256,19 +256,18 @@ def test_planner_counts_compressed_sizes(tmp_path):
                                    ffn_format="int4", embeddings_on_flash=False))  # tiny: a lookup buffer > table
     big = FlashStore(write_store(src, tmp_path / "big", dtype="float32", progress=False, embeddings_on_flash=False))
     n = big.config.intermediate_size
-    need_small = plan_memory(small, None, 32, 0, 4, n // 2, "int8")
+    need_small = plan_memory(small, None, 32, 0, 4, n // 2)
     need_big = plan_memory(big, None, 32, 0, 4, n // 2)
     assert need_small.resident_bytes < need_big.resident_bytes / 2
-    assert need_small.cache_bytes == big.config.num_layers * n * NeuronCache.slot_bytes(small, True)
-    budget = need_small.planned_bytes - need_small.cache_bytes + big.config.num_layers * (n // 2) * (
-        NeuronCache.slot_bytes(small, True))
+    assert NeuronCache.slot_bytes(small) == small.bundle_bytes < big.bundle_bytes / 5  # cached as stored: int4
+    assert need_small.cache_bytes == big.config.num_layers * n * small.bundle_bytes
+    budget = need_small.planned_bytes - need_small.cache_bytes + big.config.num_layers * (n // 2) * small.bundle_bytes
     with pytest.raises(InaflashError, match="too small"):
         plan_memory(big, budget, 32, 0, 4, n // 2)
-    plan = plan_memory(small, budget, 32, 0, 4, n // 2, "int8")
+    plan = plan_memory(small, budget, 32, 0, 4, n // 2)
     assert plan.cache_capacity == n // 2 and plan.planned_bytes <= budget
     # and the engine built from that plan holds what was planned
     save_sparsity(small, "threshold", [0.05] * small.config.num_layers, None, {})
-    with Engine(FlashStore(small.path), mode="sparse", use_predictor=False, memory=budget, context=32,
-                cache_format="int8") as engine:
+    with Engine(FlashStore(small.path), mode="sparse", use_predictor=False, memory=budget, context=32) as engine:
         assert engine.ffn.cache_bytes == plan.cache_bytes
         assert engine.plan.planned_bytes <= budget

@@ -39,15 +39,12 @@ def layer0_bundles(llama):
         return BundleReader(llama, r).read(0, torch.arange(llama.config.intermediate_size))
 
 
-def requantized(bundles):
-    """What the int8 cache holds for bundle rows [m, 3d]: gate, up and down each int8 with a scale per neuron."""
-    from inaflash.quant import Int8Matrix
+def requantized(store, bundles):
+    """What the int8 cache holds for float bundle rows [m, 3d]: quant.py's int8 bundles (a scale per 64), decoded."""
+    from inaflash import quant
 
-    parts = []
-    for part in bundles.chunk(3, dim=1):
-        codes, scales = Int8Matrix.quantize(part)
-        parts.append(codes.float() * scales.float()[:, None])
-    return torch.cat(parts, 1)
+    raw = quant.encode("int8", bundles.float(), store.fields)[0]
+    return quant.decode("int8", raw, store.fields, store.bundle_width, torch.float32)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -55,9 +52,9 @@ def requantized(bundles):
        steps=st.lists(st.sets(st.integers(0, 159), max_size=40), min_size=1, max_size=12))
 def test_cache_holds_exactly_the_window(llama, layer0_bundles, window, int8, steps):
     capacity = 160  # room for any window: the cache must then hold exactly the union of the last `window` steps
-    cache = NeuronCache(llama, capacity, window, int8=int8)
-    stored = requantized(layer0_bundles) if int8 else layer0_bundles
-    rows_ptr, down_ptr = cache.rows.data_ptr(), cache.down_t.data_ptr()
+    cache = NeuronCache(llama, capacity, window, "int8" if int8 else "store")
+    stored = requantized(llama, layer0_bundles) if int8 else layer0_bundles
+    rows_ptr = cache.rows.data_ptr()
     history = []
     for step, active in enumerate(steps, start=1):
         needed = torch.tensor(sorted(active), dtype=torch.long)
@@ -73,7 +70,7 @@ def test_cache_holds_exactly_the_window(llama, layer0_bundles, window, int8, ste
         for slot, neuron in enumerate(live):
             assert torch.equal(cache.bundle(slot), stored[neuron])
             assert cache.slot_of_neuron[neuron] == slot
-        assert cache.rows.data_ptr() == rows_ptr and cache.down_t.data_ptr() == down_ptr  # never reallocated
+        assert cache.rows.data_ptr() == rows_ptr  # never reallocated
 
 
 def test_cache_evicts_least_recently_used_when_full(llama, layer0_bundles):
@@ -82,7 +79,7 @@ def test_cache_evicts_least_recently_used_when_full(llama, layer0_bundles):
         cache.update(torch.tensor(ids), step, lambda i: layer0_bundles[i])
     assert sorted(cache.live_neurons().tolist()) == [2, 3, 4, 5]
     with pytest.raises(RuntimeError, match="overflow"):
-        cache.append(torch.tensor([7, 8, 9]), layer0_bundles[[7, 8, 9]], 4)
+        cache.append_bundles(torch.tensor([7, 8, 9]), layer0_bundles[[7, 8, 9]], 4)
 
 
 def logits_run(engine, steps=6):
@@ -117,7 +114,7 @@ def thresholded_llama(llama, tmp_path):
         xs = []
         dense.ffn = _Tap(dense.ffn, xs)
         logits_run(dense, steps=0)
-        th = [float(dense.ffn.inner.math.hidden(x, dense.ffn.inner.weights[i]).abs().median())
+        th = [float(dense.ffn.inner.hidden(i, x).abs().median())
               for i, x in enumerate(xs)]
     save_sparsity(store, "threshold", th, None, {})
     return FlashStore(store.path)
@@ -152,11 +149,10 @@ def test_cached_compute_is_dense_restricted_to_the_cache(thresholded_llama):
         def checking_call(layer, x, inner=ffn.__call__):
             nonlocal beyond_active
             out = inner(layer, x)
-            w = ref.weights[layer]
             mask = torch.zeros(store.config.intermediate_size, dtype=torch.bool)
             mask[ffn.caches[layer].live_neurons()] = True
-            h = ref.math.hidden(x, w)
-            expected = ref.math.output(h * mask, w)
+            h = ref.hidden(layer, x)
+            expected = ref(layer, x, mask.expand(x.shape[0], -1))
             checked.append((out - expected).abs().max().item())
             beyond_active += int((mask & ~ffn.sparsity.true_active(layer, h).any(0)).sum())
             return out
@@ -169,22 +165,21 @@ def test_cached_compute_is_dense_restricted_to_the_cache(thresholded_llama):
 
 def test_int8_cache_computes_its_requantized_neurons(thresholded_llama):
     """cache_format="int8": each step's FFN output is the dense FFN over the cached neurons, with the weights the
-    cache holds (int8 + a scale per row), up to bfloat16 activations; the planner counts half the bytes per neuron."""
-    from inaflash.ffn import bundle_rows
+    cache holds (int8 bundles, a scale per 64 weights); the planner counts their bytes per neuron."""
+    from inaflash import quant
+    from inaflash.ffn import FFNMath, compute_layout
 
     store = thresholded_llama
-    with Engine(store, mode="dram") as dense, Engine(store, mode="sparse", use_predictor=False, window=3, context=32,
-                                                     cache_format="int8") as sparse:
-        ffn, math, errors = sparse.ffn, dense.ffn.math, []
+    with Engine(store, mode="sparse", use_predictor=False, window=3, context=32, cache_format="int8") as sparse:
+        ffn, math, errors = sparse.ffn, FFNMath(store), []
         with FlashReader(store.ffn_path) as r:
             n = store.config.intermediate_size
-            weights = [bundle_rows(store, requantized(BundleReader(store, r).read(i, torch.arange(n))))
+            weights = [compute_layout(store, requantized(store, BundleReader(store, r).read(i, torch.arange(n))))
                        for i in range(store.config.num_layers)]
 
         def checking_call(layer, x, inner=ffn.__call__):
             out = inner(layer, x)
-            w = dict(weights[layer])
-            w["down"] = w["down"].T
+            w = weights[layer]
             mask = torch.zeros(n, dtype=torch.bool)
             mask[ffn.caches[layer].live_neurons()] = True
             expected = math.output(math.hidden(x, w) * mask, w)
@@ -193,8 +188,9 @@ def test_int8_cache_computes_its_requantized_neurons(thresholded_llama):
 
         sparse.ffn = _Callable(ffn, checking_call)
         logits_run(sparse)
-        assert ffn.caches[0].nbytes == ffn.caches[0].capacity * (store.bundle_width + 6)
-    assert len(errors) == 7 * store.config.num_layers and max(errors) < 0.02  # measured 0.007 (bfloat16 activations)
+        int8_bytes = quant.bundle_bytes("int8", store.bundle_width, store.fields)
+        assert ffn.caches[0].nbytes == ffn.caches[0].capacity * int8_bytes < ffn.caches[0].capacity * store.bundle_bytes / 3
+    assert len(errors) == 7 * store.config.num_layers and max(errors) < 1e-5
 
 
 class _Callable:

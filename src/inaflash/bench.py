@@ -97,7 +97,7 @@ def prepare_stores(model, progress: bool):
 
 
 def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tokens: int, max_gap: int,
-               max_seconds: float, cache_format: str = "float") -> dict:
+               max_seconds: float, cache_format: str = "store") -> dict:
     from .engine import Engine
     from .generate import GenerationStats, stream_ids
     from .reader import DEFAULT_MAX_GAP
@@ -161,9 +161,9 @@ def summarize(runs: list[dict]) -> dict:
 def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 128, gen_tokens: int = 256,
           repeat: int = 1, configs: list[str] | None = None, baselines: bool = True, limit: str | None = None,
           out_dir: str | Path = RESULTS, max_seconds: float = 120.0, prompt_ids: list[int] | None = None,
-          progress: bool = True, cache_format: str = "float") -> dict:
+          progress: bool = True, cache_format: str = "store") -> dict:
     """prompt_ids: use these instead of `prompt_tokens` of real text (a model without a tokenizer).
-    cache_format: the sparse rows' neuron cache ("float" or "int8")."""
+    cache_format: the sparse rows' neuron cache ("store": bundles as stored, or "int8")."""
     from .engine import Engine
     from .planner import parse_memory
     from .probe import load_max_gap, profile_path, throughput
@@ -258,7 +258,7 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path, Path | None]
     out_dir.mkdir(parents=True, exist_ok=True)
     memory = str(result["memory"]).replace("%", "pct").replace("/", "_")
     formats = "".join(f"-{key}-{result[key]}" for key in ("ffn_format", "resident_format", "cache_format")
-                      if result.get(key, "float") != "float").replace("_format", "")
+                      if result.get(key, "float") not in ("float", "store")).replace("_format", "")
     stem = f"{time.strftime('%Y-%m-%d')}-{Path(result['model']).stem}{formats}-mem{memory}"
     json_path, md_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"
     json_path.write_text(json.dumps(result, indent=1))
@@ -284,7 +284,7 @@ def markdown(result: dict, png_name: str | None = None) -> str:
         "",
         f"{result['date']}; store {result['dtype']} (FFN {result.get('ffn_format', 'float')}, resident "
         f"{result.get('resident_format', 'float')}, embeddings on flash: {result.get('embeddings_on_flash', False)}, "
-        f"neuron cache {result.get('cache_format', 'float')}), FFN {_mb(result['ffn_bytes'])} MB, resident "
+        f"neuron cache {result.get('cache_format', 'store')}), FFN {_mb(result['ffn_bytes'])} MB, resident "
         f"{_mb(result['resident_bytes'])} MB; --memory {result['memory']} = {_mb(result['budget_bytes'])} MB; "
         f"{result['prompt_tokens']}-token prompt, {result['gen_tokens']} generated tokens (greedy), "
         f"{result['repeat']} round(s), medians, each run cut at {result['max_seconds_per_run']:.0f} s; "

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .engine import Engine
 from .errors import InaflashError
-from .ffn import FFNMath, ResidentFFN
+from .ffn import ResidentFFN
 from .predictor import Predictor, train_predictor
 from .sparse import SPARSITY_FILE, Sparsity, window_union
 from .store import FlashStore
@@ -93,13 +93,14 @@ class MaskedDenseFFN:
         pass
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        w, math_ = self.resident.weights[layer], self.resident.math
-        h = math_.hidden(x, w)
-        mask = self.sparsity.predictors[layer](x) if self.use_predictor else self.sparsity.true_active(layer, h)
+        if self.use_predictor:
+            mask = self.sparsity.predictors[layer](x)
+        else:
+            mask = self.sparsity.true_active(layer, self.resident.hidden(layer, x))
         mask = window_union(mask, self.window)
         self.selected += int(mask.sum())
         self.total += mask.numel()
-        return math_.output(h * mask, w)
+        return self.resident(layer, x, mask)
 
 
 def run_chunks(engine: Engine, ids: torch.Tensor, ffn=None, progress: str | None = None,
@@ -189,14 +190,13 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
     run_chunks(engine, fit, recorder, progress="record FFN inputs" if progress else None)
     xs = [torch.cat(r) for r in recorder.inputs]
     recorder.inputs = None
-    math_ = FFNMath(store)
     rank = rank or default_rank(cfg.hidden_size)
 
     def thresholds_at(targets: list[float]) -> dict[float, list[float]]:
         """Per-layer |h| thresholds dropping each target fraction: one activation pass and one sort per layer."""
         out = {t: [] for t in targets}
         for layer, x in enumerate(xs):
-            h = math_.hidden(x, resident.weights[layer]).abs().flatten().sort().values
+            h = resident.hidden(layer, x).abs().flatten().sort().values
             for t in targets:
                 out[t].append(float(h[max(1, min(h.numel(), int(t * h.numel()))) - 1]) if t > 0 else 0.0)
         return out
@@ -206,7 +206,7 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
         spec.predictors, layers = [], []
         for layer in tqdm(range(cfg.num_layers), desc=desc, disable=not progress, leave=False):
             x = xs[layer]
-            mask = spec.true_active(layer, math_.hidden(x, resident.weights[layer]))
+            mask = spec.true_active(layer, resident.hidden(layer, x))
             pred, metrics = train_predictor(x, mask, rank, recall_target=recall)
             spec.predictors.append(Predictor(pred.down.to(store.dtype), pred.up.to(store.dtype), pred.bias, pred.tau))
             layers.append({"threshold": spec.thresholds[layer], **metrics.__dict__})

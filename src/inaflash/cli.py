@@ -33,8 +33,9 @@ NO_PREDICTOR = typer.Option(False, "--no-predictor",
                             help="sparse: use the true active set (oracle; holds the FFN: measuring only).")
 COMPUTE = typer.Option("cached", help="sparse: cached = every neuron in the window cache (no extra I/O, closer to "
                                       "dense); active = only this token's selected neurons (the paper's definition).")
-CACHE_FORMAT = typer.Option("float", help="sparse: float = cached neurons in the store dtype; int8 = int8 with a "
-                                           "scale per row, half the DRAM per neuron (SwiGLU models).")
+CACHE_FORMAT = typer.Option("store", help="sparse: store = cached neurons as stored on flash (compressed stays "
+                                           "compressed); int8 = a float store's neurons re-encoded as int8 bundles "
+                                           "(about half the DRAM per neuron).")
 NO_BUNDLING = typer.Option(False, "--no-bundling",
                            help="Read gate, up and down of each neuron separately (ablation): needs a store from "
                                 "`convert --unbundled`; a GGUF/HF --model is converted so.")

@@ -25,7 +25,7 @@ DEFAULT_CONTEXT = 1024
 class Engine:
     def __init__(self, store: FlashStore, mode: str = "naive", memory: str | int | None = None, window: int = 4,
                  use_predictor: bool = True, context: int | None = None, max_gap: int | None = None,
-                 io_threads: int = 8, compute: str = "cached", cache_format: str = "float"):
+                 io_threads: int = 8, compute: str = "cached", cache_format: str = "store"):
         if mode not in MODES:
             raise InaflashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if window < 0:

@@ -1,23 +1,27 @@
 """The feed-forward block, and where its weights come from (DRAM or a read from flash per token).
 
-On disk a layer is a bundle matrix [neurons, width] (row i = neuron i's bundle, see store.py). For compute, the
-down projection must be [hidden, neurons] (row-major over neurons): float16 `F.linear(a, W)` runs 25-45x faster on
-this CPU than `a @ D` with D [neurons, hidden] (measured: 1.9 ms vs 53-94 ms at 8960 x 1536), so down columns are
-transposed on their way into DRAM. Gate/up (and OPT's fc1) stay neuron rows.
+Every provider holds and computes neuron *bundles as stored* (store.py: row i = [gate_i | up_i | down[:, i]],
+float or compressed): `BundleMath` multiplies them in place with the native kernel (kernels.c), so no weight is
+decoded into float, transposed or copied on the per-token path, and a cached neuron costs its flash size in DRAM.
+Without the kernel (not built, palette formats, an activation it lacks) BundleMath decodes the rows and uses torch:
+the down projection then has to be [hidden, neurons] (float16 `F.linear(a, W)` runs 25-45x faster on this CPU than
+`a @ D` with D [neurons, hidden]: 1.9 ms vs 53-94 ms at 8960 x 1536), so down columns are transposed per call.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .kernels import BundleFFN
 from .ops import ACTIVATIONS, linear
 from .reader import FlashReader, aligned_buffer
 from .store import FlashStore
 
 DOWN = {"llama": "down", "opt": "fc2"}
 TRANSPOSE_TILE = 256  # tiled transposes run ~3x faster than one strided copy_ for large layers
-
-
+# From this many tokens (calibration, eval, long prompts) the rows are decoded once and multiplied by torch's GEMM:
+# the kernel re-reads every bundle per 8 tokens, torch's float32 GEMM blocks for cache reuse.
+GEMM_FROM_TOKENS = 64
 class FFNMath:
     """FFN(x) from compute-layout weights: {"gate", "up": [n, d] (or "gate_up": [2n, d], rows interleaved),
     "down": [d, n]} (SwiGLU) or {"fc1": [n, d], "fc1_bias": [n], "fc2": [d, n]} (OPT; fc2's bias is resident and
@@ -75,53 +79,126 @@ def transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
+def compute_layout(store: FlashStore, bundles: torch.Tensor) -> dict[str, torch.Tensor]:
+    """FFNMath's weights from float bundle rows [m, width]: down transposed to [hidden, m]."""
+    w = bundle_rows(store, bundles)
+    down = DOWN[store.config.family]
+    w[down] = transpose_into(torch.empty(w[down].shape[1], w[down].shape[0], dtype=bundles.dtype), w[down])
+    return w
+
+
+class BundleMath:
+    """The FFN over bundles in one format (the store's, or `fmt` for an int8 cache of a float store):
+    `(x, rows, m, offsets=None, mask=None) -> [T, hidden]` float32, rows = a uint8 tensor with bundles `row_bytes`
+    apart, or a staging buffer with each bundle's byte offset. `mask` [T, m] multiplies the hidden activations."""
+
+    def __init__(self, store: FlashStore, fmt: str | None = None):
+        self.store, self.fmt = store, fmt or store.ffn_format
+        self.row_bytes = _row_bytes(store, self.fmt)
+        c = store.config
+        self.kernel = BundleFFN(self.fmt, store.fields, store.dtype, self.row_bytes, c.hidden_size, c.hidden_act)
+        self.native = self.kernel.ok
+        self.math = FFNMath(store)
+
+    def decode(self, raw: torch.Tensor, layer: int) -> torch.Tensor:
+        """Bundles in this format ([m, row_bytes] uint8) -> float rows [m, width] (store dtype)."""
+        from . import quant
+
+        s = self.store
+        if self.fmt == "float":
+            return raw.view(s.dtype).view(raw.shape[0], s.bundle_width)
+        if self.fmt == s.ffn_format:
+            return s.decode(raw, layer)
+        return quant.decode(self.fmt, raw, s.fields, s.bundle_width, s.dtype)
+
+    def gather(self, rows: torch.Tensor, m: int, offsets: torch.Tensor | None) -> torch.Tensor:
+        """[m, row_bytes] uint8 rows (a view when they are already evenly spaced)."""
+        if offsets is None:
+            return rows[: m * self.row_bytes].view(m, self.row_bytes) if rows.dim() == 1 else rows[:m]
+        flat = rows.view(-1)
+        return flat[: int(offsets.max()) + self.row_bytes].unfold(0, self.row_bytes, 1).index_select(0, offsets)
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor, m: int, layer: int, offsets: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        if m == 0:
+            return torch.zeros(x.shape[0], self.store.config.hidden_size)
+        if self.native and x.shape[0] < GEMM_FROM_TOKENS:
+            return self.kernel(x, rows, m, offsets=offsets, mask=mask, hidden=hidden)
+        w = compute_layout(self.store, self.decode(self.gather(rows, m, offsets), layer))
+        h = self.math.hidden(x, w)
+        if hidden is not None:
+            hidden.copy_(h)
+        return self.math.output(h if mask is None else h * mask, w)
+
+
+def _row_bytes(store: FlashStore, fmt: str) -> int:
+    from . import quant
+
+    return store.bundle_bytes if fmt == store.ffn_format else \
+        quant.bundle_bytes(fmt, store.bundle_width, store.fields, store.dtype.itemsize)
+
+
+def layer_rows(store: FlashStore, buf: torch.Tensor) -> torch.Tensor:
+    """A whole layer read into `buf` as bundle rows [n, bundle_bytes] (unbundled stores: reassembled)."""
+    n = store.config.intermediate_size
+    if store.layout == "bundled":
+        return buf[: n * store.bundle_bytes].view(n, store.bundle_bytes)
+    out = torch.empty(n, store.bundle_width, dtype=store.dtype)
+    for name, (a, b) in store.fields.items():
+        start = store.blocks[name]
+        out[:, a:b] = buf[start: start + n * (b - a) * store.dtype.itemsize].view(store.dtype).view(n, b - a)
+    return out.view(torch.uint8)
+
+
 class ResidentFFN:
-    """`dram` mode: every layer's weights held in memory in compute layout (the upper bound on speed).
-    With `layers`, only those (hybrid mode's resident part)."""
+    """`dram` mode: every layer's bundles held in memory as stored (compressed stays compressed), the upper bound on
+    speed. With `layers`, only those (hybrid mode's resident part)."""
 
     def __init__(self, store: FlashStore, reader: FlashReader, layers: list[int] | None = None):
-        self.math = FFNMath(store)
-        down = self.math.down
+        self.math = BundleMath(store)
         buf = aligned_buffer(max(e.span for e in store.layers))
-        self.weights = {}
+        self.rows = {}
         for i in range(len(store.layers)) if layers is None else layers:
             e = store.layers[i]
             reader.read([(e.offset, buf[:e.span])])
-            views = bundle_views(store, buf, i)
-            w = {k: v.contiguous().clone() for k, v in views.items() if k != down}
-            w[down] = views[down].T.contiguous()
-            self.weights[i] = w
+            self.rows[i] = layer_rows(store, buf).clone()
 
     def begin_forward(self) -> None:
         pass
 
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.math(x, self.weights[layer])
+    def hidden(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """[T, neurons] activations of every neuron (for calibration and the oracle)."""
+        rows = self.rows[layer]
+        h = torch.empty(x.shape[0], rows.shape[0])
+        self.math(x, rows, rows.shape[0], layer, hidden=h)
+        return h
+
+    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.rows[layer]
+        return self.math(x, rows, rows.shape[0], layer, mask=mask)
 
 
 class NaiveFlashFFN:
-    """`naive` mode (the paper's baseline): every layer's whole FFN is read from flash for every forward pass.
-    With `layers`, only those are streamed (hybrid mode's flash part).
+    """`naive` mode (the paper's baseline): every layer's whole FFN is read from flash for every forward pass and
+    computed in its read buffer as it lies. With `layers`, only those are streamed (hybrid mode's flash part).
 
     Two buffers alternate: the next streamed layer is read while this one's FFN and the next attention compute.
     """
 
     def __init__(self, store: FlashStore, reader: FlashReader, layers: list[int] | None = None):
-        self.store, self.reader, self.math = store, reader, FFNMath(store)
+        self.store, self.reader, self.math = store, reader, BundleMath(store)
         self.streamed = list(range(len(store.layers))) if layers is None else sorted(layers)
         self.order = {layer: k for k, layer in enumerate(self.streamed)}
         span = max(e.span for e in store.layers)
         self.buffers = [aligned_buffer(span), aligned_buffer(span)]
-        self.down_t = torch.empty(store.config.hidden_size, store.config.intermediate_size, dtype=store.dtype)
         self.pending: dict[int, object] = {}
 
     @staticmethod
     def dram_bytes(store: FlashStore) -> int:
-        """Two read buffers + the transposed down projection (+ the dequantized layer for compressed stores)."""
+        """Two read buffers (+ without the native kernel, the layer decoded and its down projection transposed)."""
         c = store.config
-        dequantized = c.intermediate_size * store.row_bytes if store.quantized else 0
-        return 2 * max(e.span for e in store.layers) + c.hidden_size * c.intermediate_size * store.dtype.itemsize \
-            + dequantized
+        decoded = 0 if BundleMath(store).native else 2 * c.intermediate_size * store.row_bytes
+        return 2 * max(e.span for e in store.layers) + decoded
 
     def _start_read(self, k: int) -> None:
         if k < len(self.streamed):
@@ -135,9 +212,8 @@ class NaiveFlashFFN:
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         k = self.order[layer]
         self.pending.pop(k).wait()
-        w = bundle_views(self.store, self.buffers[k % 2], layer)
-        w[self.math.down] = transpose_into(self.down_t, w[self.math.down])
-        out = self.math(x, w)
+        rows = layer_rows(self.store, self.buffers[k % 2])
+        out = self.math(x, rows, rows.shape[0], layer)
         self._start_read(k + 2)  # this buffer is free again; the next streamed layer is already on its way
         return out
 
@@ -158,4 +234,4 @@ class HybridFFN:
             self.flash.begin_forward()
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.dram(layer, x) if layer in self.dram.weights else self.flash(layer, x)
+        return self.dram(layer, x) if layer in self.dram.rows else self.flash(layer, x)

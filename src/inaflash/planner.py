@@ -66,13 +66,13 @@ def kv_bytes(store: FlashStore, context: int) -> int:
 
 
 def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_bytes: int, window: int,
-                active_neurons: int, cache_format: str = "float") -> MemoryPlan:
+                active_neurons: int, cache_format: str = "store") -> MemoryPlan:
     """`active_neurons`: neurons one token needs in the busiest layer (from calibration); caches that cannot hold
     them all (a tight budget) work in rounds, at the cost of re-reading (see MAX_STREAM_ROUNDS)."""
     from .cache import NeuronCache
 
     c = store.config
-    n, per_neuron = c.intermediate_size, NeuronCache.slot_bytes(store, cache_format == "int8")
+    n, per_neuron = c.intermediate_size, NeuronCache.slot_bytes(store, cache_format)
     staging = 2 * min(max(e.span for e in store.layers), STAGING_BYTES)  # two buffers (see SparseFlashFFN)
     kv = kv_bytes(store, context)
     fixed = store.resident_bytes + predictor_bytes + kv + staging

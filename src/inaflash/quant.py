@@ -74,6 +74,33 @@ def bundle_bytes(fmt: str, width: int, fields: dict[str, tuple[int, int]], items
     return params_at + per_group * ngroups + 2 * floats
 
 
+KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KERNEL_FORMATS = {"int8": 3, "int4": 4}
+
+
+def kernel_layout(fmt: str, fields: dict[str, tuple[int, int]], dtype: torch.dtype) -> dict | None:
+    """Where each field of a bundle starts, in the terms of kernels.c's bundle_layout (byte offsets of each
+    field's codes, index of its first group's parameters, group size; where the float16 scales and minimums
+    start), or None for a format the kernel does not compute (palettes)."""
+    names = list(fields)
+    if fmt == "float":
+        item = dtype.itemsize
+        return {"fmt": KERNEL_DTYPES[dtype], "code_off": {f: a * item for f, (a, b) in fields.items()},
+                "group_base": dict.fromkeys(names, 0), "group": {f: b - a for f, (a, b) in fields.items()},
+                "scale_off": 0, "min_off": 0}
+    if fmt not in KERNEL_FORMATS:
+        return None
+    code_off, group_base, group, pos, k = {}, {}, {}, 0, 0
+    for name, (a, b, g) in zip(names, groups(fields, GROUP[fmt])):
+        code_off[name] = a if fmt == "int8" else pos
+        pos += (b - a + 1) // 2
+        group_base[name], group[name] = k, g
+        k += (b - a) // g
+    params_at, total = _layout(fmt, fields)
+    return {"fmt": KERNEL_FORMATS[fmt], "code_off": code_off, "group_base": group_base, "group": group,
+            "scale_off": params_at, "min_off": params_at + 2 * total}
+
+
 def _scales(x: torch.Tensor, qmax: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """absmax / qmax per last-dim group, in `dtype` rounded up (never below the exact value)."""
     exact = x.abs().amax(-1) / qmax

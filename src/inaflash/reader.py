@@ -191,10 +191,11 @@ def plan_bundle_reads(layer_offset: int, bundle_bytes: int, itemsize: int, neuro
 
 
 class BundleReader:
-    """Reads sets of neuron bundles of one layer through a staging buffer and returns them as rows [m, width].
+    """Reads sets of neuron bundles of one layer through a staging buffer, as stored (compressed stays compressed).
 
-    Bundled layout: one coalesced plan over the bundles. Unbundled (the ablation): one plan per field block
-    (gate rows, up rows, down columns), all submitted together, then gathered into bundle rows."""
+    Bundled layout: one coalesced plan over the bundles; finish() hands back the staging buffer and each bundle's
+    byte offset in it (no copy). Unbundled (the ablation): one plan per field block (gate rows, up rows, down
+    columns), all submitted together, then reassembled into bundle rows."""
 
     def __init__(self, store, reader: FlashReader, staging_bytes: int | None = None,
                  max_gap: int = DEFAULT_MAX_GAP):
@@ -204,13 +205,12 @@ class BundleReader:
 
     def plan(self, layer: int, neurons: torch.Tensor, max_gap: int | None = None
              ) -> list[tuple[tuple[int, int], ReadPlan]]:
-        """(bundle columns, plan) per region read: one for bundled stores, one per field for unbundled ones."""
+        """(bundle columns, plan) per region read: one for bundled stores (offsets in bytes), one per field for
+        unbundled ones (offsets in elements)."""
         s, offset, item = self.store, self.store.layers[layer].offset, self.store.dtype.itemsize
         gap = self.max_gap if max_gap is None else max_gap
-        if s.quantized:  # rows of raw bytes (codes + scales or indices), decoded in finish()
-            return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, 1, neurons, gap))]
         if s.layout == "bundled":
-            return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, item, neurons, gap))]
+            return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, 1, neurons, gap))]
         return [((a, b), plan_bundle_reads(offset + s.blocks[name], (b - a) * item, item, neurons, gap))
                 for name, (a, b) in s.fields.items()]
 
@@ -227,49 +227,60 @@ class BundleReader:
             gap = gap // 4 if gap >= 4 * ALIGN else 0
 
     def planned_bytes(self, layer: int, neurons: torch.Tensor) -> int:
-        """What reading `neurons` costs: the plan start() will use (read() splits further only if even that is
-        too big)."""
-        plans = self.fitting_plan(layer, neurons)
-        return sum(p.nbytes for _, p in (plans or self.plan(layer, neurons, 0)))
+        """What reading `neurons` costs: the plans start() will use, over the chunks() that fit the buffer."""
+        return sum(sum(p.nbytes for _, p in self.fitting_plan(layer, c)) for c in self.chunks(layer, neurons))
 
-    def read(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
-        """Bundles of `neurons` (sorted ids), in that order; in several rounds if the staging buffer is short."""
-        pending = self.start(layer, neurons)
-        if pending is not None:
-            return self.finish(pending)
+    def chunks(self, layer: int, neurons: torch.Tensor) -> list[torch.Tensor]:
+        """`neurons` (sorted ids) split into runs whose reads each fit the staging buffer."""
+        if neurons.numel() == 0:
+            return []
+        if self.fitting_plan(layer, neurons) is not None:
+            return [neurons]
         if neurons.numel() == 1:
             raise RuntimeError(f"staging buffer of {self.staging.numel()} bytes cannot hold one bundle")
         half = neurons.numel() // 2
-        return torch.cat([self.read(layer, neurons[:half]), self.read(layer, neurons[half:])])
+        return self.chunks(layer, neurons[:half]) + self.chunks(layer, neurons[half:])
 
     def start(self, layer: int, neurons: torch.Tensor):
-        """Submit the reads and return at once (None if they do not fit the staging buffer: use read()).
+        """Submit the reads and return at once (None if they do not fit the staging buffer: see chunks()).
         The staging buffer holds one batch: finish() it before starting another."""
         plans = self.fitting_plan(layer, neurons)
         if plans is None:
             return None
         requests, pos, bases = [], 0, []
         for _, plan in plans:
-            bases.append(pos // (1 if self.store.quantized else self.store.dtype.itemsize))
+            bases.append(pos if self.store.layout == "bundled" else pos // self.store.dtype.itemsize)
             for offset, length in plan.spans:
                 requests.append((offset, self.staging[pos:pos + length]))
                 pos += length
-        return self.reader.submit(requests), plans, bases, neurons.numel(), layer
+        return self.reader.submit(requests), plans, bases, neurons.numel()
 
-    def finish(self, pending) -> torch.Tensor:
-        """Wait for a started batch; its bundles as rows [m, width]."""
-        batch, plans, bases, m, layer = pending
+    def finish(self, pending) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for a started batch: (uint8 buffer, int64 byte offset of each bundle in it), bundles as stored."""
+        batch, plans, bases, m = pending
         batch.wait()
         s = self.store
-        if s.quantized:
-            return s.decode(_gather_rows(self.staging, plans[0][1].element_offsets, s.bundle_bytes), layer)
-        elements = self.staging.view(self.store.dtype)
         if len(plans) == 1:
-            return _gather_rows(elements, plans[0][1].element_offsets, self.store.bundle_width)
-        out = torch.empty(m, self.store.bundle_width, dtype=self.store.dtype)
+            return self.staging, plans[0][1].element_offsets
+        elements = self.staging.view(s.dtype)
+        out = torch.empty(m, s.bundle_width, dtype=s.dtype)
         for ((a, b), plan), base in zip(plans, bases):
             out[:, a:b] = _gather_rows(elements, base + plan.element_offsets, b - a)
-        return out
+        return out.view(torch.uint8).view(-1), torch.arange(m) * s.bundle_bytes
+
+    def read_raw(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        """Bundles of `neurons` (sorted ids) as stored, rows [m, bundle_bytes] uint8."""
+        parts = []
+        for chunk in self.chunks(layer, neurons):
+            src, offsets = self.finish(self.start(layer, chunk))
+            parts.append(_gather_rows(src, offsets, self.store.bundle_bytes))
+        return torch.cat(parts) if parts else torch.empty(0, self.store.bundle_bytes, dtype=torch.uint8)
+
+    def read(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        """Bundles of `neurons` (sorted ids), decoded to float rows [m, width] (for checks and the oracle)."""
+        raw = self.read_raw(layer, neurons)
+        s = self.store
+        return s.decode(raw, layer) if s.quantized else raw.view(s.dtype).view(raw.shape[0], s.bundle_width)
 
 
 def _gather_rows(elements: torch.Tensor, offsets: torch.Tensor, width: int) -> torch.Tensor:

@@ -53,7 +53,7 @@ def record_activations(store: FlashStore, prompt_ids: list[int], tokens: int, pr
                 if x.shape[0] == 1:  # decode steps only
                     if layer == 0:
                         steps.append([])
-                    steps[-1].append(ffn.math.hidden(x, ffn.weights[layer])[0].abs().half())
+                    steps[-1].append(ffn.hidden(layer, x)[0].abs().half())
                 return inner(layer, x)
 
         engine.ffn = Tap()
@@ -144,7 +144,9 @@ def replay(store: FlashStore, activations: torch.Tensor, sparsity: float, window
                 needed_total += needed.numel()
                 missing = caches[layer].prepare(needed, step)
                 if missing.numel():
-                    caches[layer].append(missing, bundles.read(layer, missing), step)
+                    for chunk in bundles.chunks(layer, missing):
+                        src, offsets = bundles.finish(bundles.start(layer, chunk))
+                        caches[layer].append(chunk, src, offsets, step)
             io = reader.stats - io0
             per_token.append({"ms": (time.perf_counter() - t0) * 1e3, "io_ms": io.wait_s * 1e3, "bytes": io.bytes,
                               "reads": io.requests})

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import CACHE_FORMATS, NeuronCache
+from .cache import NeuronCache
 from .errors import InaflashError
-from .ffn import FFNMath, ResidentFFN, bundle_rows, transpose_into
+from .ffn import BundleMath, ResidentFFN
 from .predictor import Predictor
 from .reader import DEFAULT_MAX_GAP, BundleReader, FlashReader
 from .store import FlashStore
@@ -89,19 +89,17 @@ class SparseCounters:
 class SparseFlashFFN:
     def __init__(self, store: FlashStore, reader: FlashReader, sparsity: Sparsity, capacity: int, window: int,
                  use_predictor: bool = True, max_gap: int = DEFAULT_MAX_GAP, staging_bytes: int | None = None,
-                 compute: str = "cached", cache_format: str = "float"):
+                 compute: str = "cached", cache_format: str = "store"):
         if compute not in COMPUTE:
             raise InaflashError(f"unknown compute {compute!r}; choose one of {', '.join(COMPUTE)}")
-        if cache_format not in CACHE_FORMATS:
-            raise InaflashError(f"unknown cache format {cache_format!r}; choose one of {', '.join(CACHE_FORMATS)}")
         if use_predictor and not sparsity.predictors:
             raise InaflashError(f"store {store.path} has no predictors: run  inaflash calibrate {store.path}  "
                                 "(or use --no-predictor for the oracle)")
-        self.store, self.sparsity, self.math = store, sparsity, FFNMath(store)
+        self.store, self.sparsity, self.math = store, sparsity, BundleMath(store)  # math: over reads as stored
         self.predictors = sparsity.predictors if use_predictor else None
         # the oracle needs every neuron's activation, so it holds the whole FFN: for measuring only
         self.oracle = None if use_predictor else ResidentFFN(store, reader)
-        self.caches = [NeuronCache(store, capacity, window, int8=cache_format == "int8") for _ in store.layers]
+        self.caches = [NeuronCache(store, capacity, window, cache_format) for _ in store.layers]
         self.bundles = BundleReader(store, reader, staging_bytes=staging_bytes, max_gap=max_gap)
         # a second staging buffer, so that streaming (more neurons than the cache holds) reads the next group
         # while computing this one; the planner counts both
@@ -124,7 +122,7 @@ class SparseFlashFFN:
             mask = self.predictors[layer](x)
             self.counters.predictor_s += time.perf_counter() - t0
             return mask
-        return self.sparsity.true_active(layer, self.math.hidden(x, self.oracle.weights[layer]))
+        return self.sparsity.true_active(layer, self.oracle.hidden(layer, x))
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         active = self.active(layer, x)
@@ -137,51 +135,42 @@ class SparseFlashFFN:
         # the neurons already cached; the new rows' part is added when they arrive (the same sum, reordered)
         t0 = time.perf_counter()
         missing = cache.prepare(needed, self.step)
-        pending = None
-        if missing.numel():
-            pending = self.bundles.start(layer, missing)
-            if pending is None:  # larger than the staging buffer: read in rounds, no overlap
-                cache.append(missing, self.bundles.read(layer, missing), self.step)
+        chunks = self.bundles.chunks(layer, missing)  # one, unless more than the staging buffer (a long prompt)
+        pending = self.bundles.start(layer, chunks[0]) if chunks else None
         self.counters.neurons_read += missing.numel()
         self.counters.update_s += time.perf_counter() - t0
-        start = cache.n
-        out = self._compute(x, active, cache, 0, start) if start else None
-        if pending is not None:
+        out = self._compute(x, active, layer, cache, 0, cache.n)
+        for k, chunk in enumerate(chunks):
             t0 = time.perf_counter()
-            cache.append(missing, self.bundles.finish(pending), self.step)
+            src, offsets = self.bundles.finish(pending)
+            start = cache.n
+            cache.append(chunk, src, offsets, self.step)
+            if k + 1 < len(chunks):
+                pending = self.bundles.start(layer, chunks[k + 1])
             self.counters.update_s += time.perf_counter() - t0
-            new = self._compute(x, active, cache, start, cache.n)
-            out = new if out is None else out + new
-        return out if out is not None else torch.zeros(x.shape[0], self.store.config.hidden_size)
+            out += self._compute(x, active, layer, cache, start, cache.n)
+        return out
 
-    def _compute(self, x: torch.Tensor, active: torch.Tensor, cache: NeuronCache, start: int, end: int):
-        w = cache.weights(start, end)
-        h = self.math.hidden(x, w)
-        if self.compute == "active":
-            h = h * active[:, cache.neuron_of_slot[start:end]]
-        return self.math.output(h, w)
+    def _compute(self, x: torch.Tensor, active: torch.Tensor, layer: int, cache: NeuronCache, start: int, end: int):
+        mask = active[:, cache.neuron_of_slot[start:end]] if self.compute == "active" else None
+        return cache.ffn(x, layer, start, end, mask)
 
     def _stream(self, layer: int, x: torch.Tensor, active: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
         """More neurons than the cache holds (a long prompt, a tight budget): read them in groups of the cache's
-        capacity, the next group's reads in flight while this one computes, and sum the partial FFNs."""
-        out = None
-        down_start = self.caches[layer].down_start
-        groups = list(needed.split(self.caches[layer].capacity))
+        capacity, the next group's reads in flight while this one is computed in the staging buffer as read, and
+        sum the partial FFNs."""
+        capacity = self.caches[layer].capacity
+        groups = [c for g in needed.split(capacity) for c in self.bundles.chunks(layer, g)]
         readers = (self.bundles, self.next_bundles)
+        out = torch.zeros(x.shape[0], self.store.config.hidden_size)
         t0 = time.perf_counter()
         pending = readers[0].start(layer, groups[0])
         for k, group in enumerate(groups):
             ahead = readers[(k + 1) % 2].start(layer, groups[k + 1]) if k + 1 < len(groups) else None
-            bundles = readers[k % 2].finish(pending) if pending is not None else readers[k % 2].read(layer, group)
+            src, offsets = readers[k % 2].finish(pending)
             self.counters.update_s += time.perf_counter() - t0
-            w = bundle_rows(self.store, bundles)
-            down = torch.empty(bundles.shape[1] - down_start, group.numel(), dtype=bundles.dtype)
-            w[self.math.down] = transpose_into(down, bundles[:, down_start:])
-            h = self.math.hidden(x, w)
-            if self.compute == "active":
-                h = h * active[:, group]
-            part = self.math.output(h, w)
-            out = part if out is None else out + part
+            mask = active[:, group] if self.compute == "active" else None
+            out += self.math(x, src, group.numel(), layer, offsets=offsets, mask=mask)
             self.counters.neurons_read += group.numel()
             t0 = time.perf_counter()
             pending = ahead

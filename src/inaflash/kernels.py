@@ -1,0 +1,119 @@
+"""The native FFN kernel (kernels.c): the FFN computed from neuron bundles as stored, compressed or not.
+
+Built by `pip install -e .` (setup.py; -O3 -march=native -fopenmp) into inaflash/_kernels*.so and called through
+ctypes (which releases the GIL, so the I/O threads keep reading meanwhile). Where it was not built (no compiler, a
+CPU without AVX2/FMA/F16C) or INAFLASH_KERNEL=torch is set, `available()` is False and the FFN providers decode
+bundles and multiply with torch instead: the same numbers to rounding, several times slower (see README).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .quant import kernel_layout
+
+FIELD_SLOTS = {"gate": 0, "fc1": 0, "up": 1, "down": 2, "fc2": 2, "fc1_bias": 3}
+ACTS = {"silu": 0, "relu": 1}
+
+
+class _Layout(ctypes.Structure):
+    _fields_ = [("fmt", ctypes.c_int32), ("d", ctypes.c_int32), ("gated", ctypes.c_int32), ("act", ctypes.c_int32),
+                ("row_bytes", ctypes.c_int64), ("code_off", ctypes.c_int64 * 4), ("group_base", ctypes.c_int32 * 4),
+                ("group", ctypes.c_int32 * 4), ("scale_off", ctypes.c_int64), ("min_off", ctypes.c_int64)]
+
+
+def _load():
+    if os.environ.get("INAFLASH_KERNEL", "").lower() == "torch":
+        return None
+    found = sorted(Path(__file__).parent.glob("_kernels*.so"))
+    if not found:
+        return None
+    lib = ctypes.CDLL(str(found[0]))
+    if lib.inaflash_kernel_version() < 1:
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.inaflash_bundle_ffn.argtypes = [ctypes.POINTER(_Layout), p, p, i64, p, i64, p, p, p, ctypes.c_int]
+    lib.inaflash_bundle_ffn.restype = ctypes.c_int
+    lib.inaflash_gather_rows.argtypes = [p, i64, p, p, i64, i64]
+    lib.inaflash_move_rows.argtypes = [p, i64, p, p, i64]
+    return lib
+
+
+LIB = _load()
+
+
+def available() -> bool:
+    return LIB is not None
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+class BundleFFN:
+    """The FFN over bundle rows in one format: `(x, rows, offsets=None, mask=None) -> [T, hidden] float32`.
+
+    rows: a uint8 tensor holding bundles `row_bytes` apart (a cache's live block, a whole layer read from flash),
+    or the staging buffer of a read with `offsets` (int64 byte offset of each bundle in it: no gather needed)."""
+
+    def __init__(self, fmt: str, fields: dict[str, tuple[int, int]], dtype: torch.dtype, row_bytes: int,
+                 hidden_size: int, act: str):
+        layout = kernel_layout(fmt, fields, dtype)
+        self.ok = LIB is not None and layout is not None and act in ACTS and hidden_size % 8 == 0
+        if not self.ok:
+            return
+        L = _Layout(fmt=layout["fmt"], d=hidden_size, gated=int("gate" in fields), act=ACTS[act], row_bytes=row_bytes,
+                    scale_off=layout["scale_off"], min_off=layout["min_off"])
+        for name, slot in FIELD_SLOTS.items():
+            if name in fields:
+                L.code_off[slot] = layout["code_off"][name]
+                L.group_base[slot] = layout["group_base"][name]
+                L.group[slot] = layout["group"][name]
+        if not L.gated:
+            L.code_off[1], L.group_base[1], L.group[1] = L.code_off[0], L.group_base[0], L.group[0]
+        self.layout, self.hidden_size, self.row_bytes = L, hidden_size, row_bytes
+        self._ref = ctypes.byref(L)
+        # each group must be whole vectors of 8 and divide the width, which the kernel checks once here
+        probe = torch.zeros(1, hidden_size)
+        if LIB.inaflash_bundle_ffn(self._ref, None, None, 0, _ptr(probe), 1, None, _ptr(probe), None, 1) != 0 or \
+                any(L.group[s] % 8 or hidden_size % L.group[s] for s in (0, 1, 2)):
+            self.ok = False
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor, m: int, offsets: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                 hidden: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.float().contiguous()
+        T = x.shape[0]
+        if out is None:
+            out = torch.zeros(T, self.hidden_size)
+        if mask is not None:
+            mask = mask.float().contiguous()
+        if offsets is not None:
+            offsets = offsets.contiguous()
+        rc = LIB.inaflash_bundle_ffn(self._ref, _ptr(rows), _ptr(offsets), m, _ptr(x), T, _ptr(mask), _ptr(out),
+                                     _ptr(hidden), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native FFN kernel failed ({rc})")
+        return out
+
+
+def gather_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, row_bytes: int) -> None:
+    """dst's first len(offsets) rows (uint8 [*, stride]) = the row_bytes at each byte offset of src."""
+    offsets = offsets.contiguous()
+    if LIB is not None:
+        LIB.inaflash_gather_rows(dst.data_ptr(), dst.stride(0), src.data_ptr(), offsets.data_ptr(), offsets.numel(),
+                                 row_bytes)
+        return
+    dst[: offsets.numel(), :row_bytes] = src[: int(offsets.max()) + row_bytes].unfold(0, row_bytes, 1)[offsets]
+
+
+def warn_if_missing() -> None:
+    if LIB is None and os.environ.get("INAFLASH_KERNEL", "").lower() != "torch":
+        warnings.warn("inaflash's native FFN kernel is not built (no compiler or no AVX2 at install): computing "
+                      "with torch, several times slower; reinstall with  pip install -e .  where gcc is present",
+                      RuntimeWarning, stacklevel=3)
