@@ -23,6 +23,7 @@ from llama_cpp import Llama
 path, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 llm = Llama(model_path=path, n_ctx=1024, n_threads=2, use_mmap=True, verbose=False)
 print(json.dumps({"event": "loaded", "t": time.perf_counter()}), flush=True)
+print(json.dumps({"event": "start", "t": time.perf_counter()}), flush=True)
 for chunk in llm.create_completion(prompt, max_tokens=n, temperature=0.0, stream=True):
     print(json.dumps({"event": "token", "t": time.perf_counter()}), flush=True)
 """
@@ -90,11 +91,13 @@ def _events(stdout: str, kind: str) -> list[dict]:
 
 def _rate(stdout: str) -> dict:
     times = [event["t"] for event in _events(stdout, "token")]
+    start = _events(stdout, "start")
+    prefill = {"prefill_ms": (times[0] - start[0]["t"]) * 1e3} if start and times else {}  # prompt + first token
     if len(times) < 2:
-        return {"tokens": len(times)}
+        return {"tokens": len(times), **prefill}
     decode_s = times[-1] - times[0]
     return {"tokens": len(times), "tokens_per_s": (len(times) - 1) / decode_s,
-            "ms_per_token": decode_s * 1e3 / (len(times) - 1)}
+            "ms_per_token": decode_s * 1e3 / (len(times) - 1), **prefill}
 
 
 def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, gen_tokens: int) -> dict:
@@ -134,6 +137,30 @@ def run_inaflash_limited(store, prompt_ids: list[int], gen_tokens: int, limit: i
             event.pop("event")
             row.update(event)
     row["options"] = options
+    return row
+
+
+def run_llama_cpp_unlimited(store, prompt_ids: list[int], gen_tokens: int) -> dict:
+    """llama.cpp on the store's source GGUF with no memory limit (its file in the page cache, as users run it when
+    the model fits): the speed bound inaflash's dram mode is measured against."""
+    import subprocess
+    import time
+
+    row = {"name": "llama.cpp (no limit)"}
+    source = Path(store.manifest.get("source", {}).get("path", ""))
+    if source.suffix != ".gguf" or not source.exists():
+        return {**row, "status": "unavailable", "reason": f"the store's source {source} is not an available GGUF"}
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {**row, "status": "unavailable", "reason": "llama-cpp-python is not installed "
+                                                          "(pip install 'inaflash[baselines]')"}
+    prompt = store.tokenizer().decode(prompt_ids)
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", LLAMA_CPP, str(source), prompt, str(gen_tokens)],
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    row.update(_rate(run.stdout), seconds=time.perf_counter() - t0)
+    row["status"] = "ok" if run.returncode == 0 else "failed"
+    if run.returncode != 0:
+        row["reason"] = (run.stderr.strip().splitlines() or [""])[-1][:200]
     return row
 
 

@@ -211,10 +211,9 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "rows": rows,
     }
     if baselines:
-        from .baselines import run_baselines
+        from .baselines import run_baselines, run_inaflash_limited, run_llama_cpp_unlimited
 
-        from .baselines import run_inaflash_limited
-
+        result["llama_cpp_unlimited"] = run_llama_cpp_unlimited(store, prompt, gen_tokens)
         limit_bytes = parse_memory(limit, store) if limit else budget
         result["baselines"] = run_baselines(store, prompt, gen_tokens, limit_bytes, progress)
         # inaflash's default (the full row) under the same whole-process limit, runtime included
@@ -246,6 +245,10 @@ def key_ratios(result: dict) -> dict:
         return None
 
     out["naive_over_full"] = ratio("naive", "full")
+    llama = result.get("llama_cpp_unlimited") or {}
+    if "dram" in by and llama.get("ms_per_token"):
+        out["dram_over_llamacpp"] = by["dram"]["ms_per_token"] / llama["ms_per_token"]
+        out["dram_prefill_over_llamacpp"] = by["dram"]["prefill_ms"] / llama["prefill_ms"]
     out["full_over_dram"] = ratio("full", "dram")
     out["naive_over_coalescing"] = ratio("naive", "+coalescing")
     for name in ("full", "+coalescing"):
@@ -292,12 +295,12 @@ def markdown(result: dict, png_name: str | None = None) -> str:
         f"{result['machine']['cpus']} CPUs, torch {result['machine']['torch']}.",
         "",
         "| configuration | adds | tokens | ms/token | I/O | predictor | memory mgmt | compute | MB read/token | "
-        "reads/token | KiB/read | MB/s blocked | probe MB/s | hit rate | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "reads/token | KiB/read | MB/s blocked | probe MB/s | hit rate | prefill ms | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['name']} | {r['what']} | {r['status']}: {r.get('reason', '')} |" + " |" * 12)
+            lines.append(f"| {r['name']} | {r['what']} | {r['status']}: {r.get('reason', '')} |" + " |" * 13)
             continue
         hit = r.get("cache_hit_rate")
         lines.append(
@@ -307,7 +310,14 @@ def markdown(result: dict, png_name: str | None = None) -> str:
             f"{_ms(r['compute_ms_per_token'])} | {_mb(r['bytes_read_per_token'])} | {r['reads_per_token']:.0f} | "
             f"{r.get('bytes_per_read', 0) / 1024:.1f} | {r.get('mb_per_s_while_blocked', 0):.0f} | "
             f"{r.get('probe_mb_per_s_at_read_size', 0) or 0:.0f} | {'-' if hit is None else f'{hit:.3f}'} | "
-            f"{_mb(r['peak_rss_bytes'])} |")
+            f"{_ms(r.get('prefill_ms'))} | {_mb(r['peak_rss_bytes'])} |")
+    llama = result.get("llama_cpp_unlimited")
+    if llama:
+        detail = (f"{_ms(llama.get('ms_per_token'))} ms/token ({llama.get('tokens_per_s', 0) or 0:.2f} tokens/s), "
+                  f"prefill + first token {_ms(llama.get('prefill_ms'))} ms" if llama.get("status") == "ok"
+                  else f"{llama['status']}: {llama.get('reason', '')}")
+        lines += ["", f"llama.cpp on the same GGUF with no memory limit (the speed to beat when the model fits; "
+                      f"inaflash dram's prefill above is the {result['prompt_tokens']}-token prompt): {detail}"]
     if result.get("baselines"):
         lines += ["", "Baselines and inaflash's full default, each a child process under a cgroup-v1 memory limit on "
                       "the whole process (runtime included), model files evicted from the page cache first:", "",

@@ -3,7 +3,7 @@
 Built by `pip install -e .` (setup.py; -O3 -march=native -fopenmp) into inaflash/_kernels*.so and called through
 ctypes (which releases the GIL, so the I/O threads keep reading meanwhile). Where it was not built (no compiler, a
 CPU without AVX2/FMA/F16C) or INAFLASH_KERNEL=torch is set, `available()` is False and the FFN providers decode
-bundles and multiply with torch instead: the same numbers to rounding, several times slower (see README).
+bundles and multiply with torch instead (several times slower; see README).
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ ACTS = {"silu": 0, "relu": 1}
 class _Layout(ctypes.Structure):
     _fields_ = [("fmt", ctypes.c_int32), ("d", ctypes.c_int32), ("gated", ctypes.c_int32), ("act", ctypes.c_int32),
                 ("row_bytes", ctypes.c_int64), ("code_off", ctypes.c_int64 * 4), ("group_base", ctypes.c_int32 * 4),
-                ("group", ctypes.c_int32 * 4), ("scale_off", ctypes.c_int64), ("min_off", ctypes.c_int64)]
+                ("group", ctypes.c_int32 * 4), ("scale_off", ctypes.c_int64), ("min_off", ctypes.c_int64),
+                ("qx", ctypes.c_int32)]
+
+
+# int8/int4 bundles: gate/up dot products against activations quantized to int8 per 32 (llama.cpp's Q8
+# activations; integer multiply-adds). INAFLASH_KERNEL=exact keeps float activations: the same kernel ~2x slower
+# on those formats, exact to float32 rounding.
+QUANTIZED_ACTIVATIONS = os.environ.get("INAFLASH_KERNEL", "").lower() != "exact"
 
 
 def _load():
@@ -62,13 +69,14 @@ class BundleFFN:
     or the staging buffer of a read with `offsets` (int64 byte offset of each bundle in it: no gather needed)."""
 
     def __init__(self, fmt: str, fields: dict[str, tuple[int, int]], dtype: torch.dtype, row_bytes: int,
-                 hidden_size: int, act: str):
+                 hidden_size: int, act: str, quantized_activations: bool | None = None):
         layout = kernel_layout(fmt, fields, dtype)
         self.ok = LIB is not None and layout is not None and act in ACTS and hidden_size % 8 == 0
         if not self.ok:
             return
         L = _Layout(fmt=layout["fmt"], d=hidden_size, gated=int("gate" in fields), act=ACTS[act], row_bytes=row_bytes,
-                    scale_off=layout["scale_off"], min_off=layout["min_off"])
+                    scale_off=layout["scale_off"], min_off=layout["min_off"],
+                    qx=int(QUANTIZED_ACTIVATIONS if quantized_activations is None else quantized_activations))
         for name, slot in FIELD_SLOTS.items():
             if name in fields:
                 L.code_off[slot] = layout["code_off"][name]
