@@ -233,12 +233,31 @@ def probe(
     seconds: float = typer.Option(60.0, min=1.0, help="Total measuring time, spread over the grid and rounds."),
     repeat: int = typer.Option(3, min=1, help="Rounds over the grid (min/median/max are reported)."),
     out_dir: Path = typer.Option(Path("bench/results"), help="Where the JSON copy and the plot go."),
+    compute: bool = typer.Option(False, "--compute", help="Instead: the FFN kernel's G weights/s per bundle format "
+                                                          "(full layers and 5-100% of their neurons) and the "
+                                                          "memory bandwidth."),
 ):
     """Profile random-read throughput and latency (O_DIRECT) by read size and parallelism; save the device profile
-    that sets the engine's read-coalescing gap ($INAFLASH_HOME/device-profile.json), a JSON copy and a plot."""
+    that sets the engine's read-coalescing gap ($INAFLASH_HOME/device-profile.json), a JSON copy and a plot.
+    With --compute, the compute roofline instead (kernel speed per format, memory bandwidth)."""
     import time
 
-    from .probe import plot, probe as run_probe, profile_path
+    from .probe import compute_roofline, plot, probe as run_probe, profile_path
+
+    if compute:
+        result = compute_roofline()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = out_dir / f"{time.strftime('%Y-%m-%d')}-compute"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        lines = [f"# inaflash probe --compute ({result['date']}, {result['threads']} threads)", "",
+                 f"Memory bandwidth (256 MiB copy, read + write): {result['copy_gb_per_s']:.1f} GB/s", "",
+                 "FFN kernel, one token, over a layer's first fraction of neurons (a cache's live block):", "",
+                 "| hidden x neurons | format | fraction | ms | G weights/s | GB/s of bundles |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['hidden']} x {r['neurons']} | {r['format']} | {r['fraction']:.0%} | {r['ms']:.3f} | "
+                  f"{r['g_weights_per_s']:.1f} | {r['gb_per_s']:.1f} |" for r in result["rows"]]
+        stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
 
     if file is None:
         from .loader import resolve_store

@@ -31,12 +31,12 @@ typedef struct {
     int32_t group_base[4];  /* index of each field's first group in the scales (and minimums) arrays */
     int32_t group[4];  /* group size per field (floats: the field's width) */
     int64_t scale_off, min_off;  /* bytes from the bundle's start to the float16 scales / minimums */
-    int32_t qx;  /* int8/int4: quantize activations to int8 per 32 (as llama.cpp's Q8 activations) for the gate/up
-                    dot products: integer multiply-adds, ~2-3x fewer instructions than converting codes to float */
+    int32_t qx;  /* int8/int4: quantize activations to int8 per weight group (as llama.cpp's Q8 activations) for
+                    the gate/up dot products: integer multiply-adds instead of converting every code to float */
 } bundle_layout;
 
-/* activations for one call: float x, and for qx its int8 codes (per 32: int4's order evens then odds, the weights'
-   nibble order) with a scale per 32, and the sums of x over each weight group (int4's minimums multiply those) */
+/* activations for one call: float x, and for qx its int8 codes (int4: per 32 the evens then the odds, the weights'
+   nibble order) with a scale per weight group, and the sums of x over each group (int4's minimums multiply those) */
 typedef struct { const float *x; const int8_t *q; const float *qs; const float *xsum; int64_t ngroups; } acts;
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -66,10 +66,29 @@ static inline __attribute__((always_inline)) __m256 load8(int fmt, const uint8_t
     }
 }
 
+#define MAXG 1024  /* groups (and blocks of 32) per field the kernel handles: d <= 32768 */
+
+/* n float16 values at p -> floats (8 at a time) */
+static inline void halfs_to_floats(const uint8_t *p, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * i))));
+    for (; i < n; i++) out[i] = half_at(p + 2 * i);
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* sum of a[i] * b[i] over n floats, 8 at a time (a scalar loop is one long chain of dependent FMAs) */
+static inline float dot_floats(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float r = hsum(acc);
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
 }
 
 /* One element of a field (OPT's 1-wide bias), dequantized. */
@@ -128,44 +147,60 @@ static inline __attribute__((always_inline)) void field_dot(const bundle_layout 
     for (int t = 0; t < tb; t++) res[t] = hsum(tot[t]) + mins[t];
 }
 
-/* the same for int8/int4 codes against int8 activations: per 32 weights one unsigned x signed multiply-add
-   (int4 codes are 0..15; int8 codes enter as |w| with x's sign flipped where w < 0, as llama.cpp does) */
+/* sum of x over 32 int8/int4 codes against int8 activations, as 8 int32 partial sums: one
+   unsigned x signed multiply-add (int4 codes are 0..15; int8 codes enter as |w| with x's sign flipped where w < 0,
+   as llama.cpp does) */
+static inline __attribute__((always_inline)) __m256i block_q(int fmt, const uint8_t *field, int64_t j,
+                                                             const int8_t *xq) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j)), p;
+    if (fmt == INT4) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(field + j / 2));
+        __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+        p = _mm256_maddubs_epi16(w, xv);  /* w: evens, then odds; xq is stored in that order */
+    } else {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(field + j));
+        p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+    }
+    return _mm256_madd_epi16(p, ones);
+}
+
+/* res[t] = field_f . x_t for int8/int4 codes against the activations quantized per weight group (one scale
+   each: a group's integer sums add up before one conversion and one FMA). The group scales (and int4's
+   minimums) are converted once per bundle, 8 at a time, and multiplied by the activations' scales as vectors, so
+   the block loop has no scalar work. */
 static inline __attribute__((always_inline)) void field_dot_q(const bundle_layout *L, int fmt, const uint8_t *row,
                                                               int f, const acts *A, int64_t t0, int tb, float *res) {
-    const int64_t d = L->d, g = L->group[f], ngroups = d / g, nb = d / 32;
+    const int64_t d = L->d, g = L->group[f], ngroups = d / g;
     const uint8_t *field = row + L->code_off[f];
-    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
-    __m256 tot[TB], tot2 = _mm256_setzero_ps();  /* one token: a second chain for odd blocks */
-    float mins[TB];
-    for (int t = 0; t < tb; t++) { tot[t] = _mm256_setzero_ps(); mins[t] = 0.f; }
-    for (int64_t k = 0; k < ngroups; k++) {
-        float sw = half_at(row + L->scale_off + 2 * (L->group_base[f] + k));
-        for (int64_t j = k * g; j < (k + 1) * g; j += 32) {
-            if (tb == 1 && (j / 32) % 2) {  /* (the compiler drops this for tb > 1) */
-                __m256 tmp = tot[0]; tot[0] = tot2; tot2 = tmp;
+    float sw[MAXG], mn[MAXG], db[MAXG];
+    halfs_to_floats(row + L->scale_off + 2 * L->group_base[f], ngroups, sw);
+    if (fmt == INT4) halfs_to_floats(row + L->min_off + 2 * L->group_base[f], ngroups, mn);
+    for (int t = 0; t < tb; t++) {
+        const int8_t *xq = A->q + (t0 + t) * d;
+        const float *qs = A->qs + (t0 + t) * ngroups, *xs = A->xsum + (t0 + t) * ngroups;
+        float mins = fmt == INT4 ? dot_floats(mn, xs, ngroups) : 0.f;
+        int64_t k = 0;
+        for (; k + 8 <= ngroups; k += 8)
+            _mm256_storeu_ps(db + k, _mm256_mul_ps(_mm256_loadu_ps(sw + k), _mm256_loadu_ps(qs + k)));
+        for (; k < ngroups; k++) db[k] = sw[k] * qs[k];
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0;  /* two chains */
+        for (k = 0; k + 2 <= ngroups; k += 2) {
+            __m256i s0 = block_q(fmt, field, k * g, xq), s1 = block_q(fmt, field, (k + 1) * g, xq);
+            for (int64_t j = 32; j < g; j += 32) {
+                s0 = _mm256_add_epi32(s0, block_q(fmt, field, k * g + j, xq));
+                s1 = _mm256_add_epi32(s1, block_q(fmt, field, (k + 1) * g + j, xq));
             }
-            __m256i w, wa = _mm256_setzero_si256();
-            if (fmt == INT4) {
-                __m128i v = _mm_loadu_si128((const __m128i *)(field + j / 2));
-                w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low4);  /* evens, then odds */
-            } else {
-                w = _mm256_loadu_si256((const __m256i *)(field + j));
-                wa = _mm256_abs_epi8(w);
-            }
-            for (int t = 0; t < tb; t++) {
-                __m256i xq = _mm256_loadu_si256((const __m256i *)(A->q + (t0 + t) * d + j));
-                __m256i p = fmt == INT4 ? _mm256_maddubs_epi16(w, xq) : _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xq, w));
-                __m256 ps = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-                tot[t] = _mm256_fmadd_ps(ps, _mm256_set1_ps(sw * A->qs[(t0 + t) * nb + j / 32]), tot[t]);
-            }
+            c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(db + k), c0);
+            c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(db + k + 1), c1);
         }
-        if (fmt == INT4) {
-            float m = half_at(row + L->min_off + 2 * (L->group_base[f] + k));
-            for (int t = 0; t < tb; t++) mins[t] += m * A->xsum[(t0 + t) * ngroups + k];
+        if (k < ngroups) {
+            __m256i s0 = block_q(fmt, field, k * g, xq);
+            for (int64_t j = 32; j < g; j += 32) s0 = _mm256_add_epi32(s0, block_q(fmt, field, k * g + j, xq));
+            c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(db + k), c0);
         }
+        res[t] = hsum(_mm256_add_ps(c0, c1)) + mins;
     }
-    if (tb == 1) tot[0] = _mm256_add_ps(tot[0], tot2);
-    for (int t = 0; t < tb; t++) res[t] = hsum(tot[t]) + mins[t];
 }
 
 /* out_t += sum over R rows of h[r][t] * field_OUT(r), for tb tokens: each output vector is loaded and stored once
@@ -173,16 +208,23 @@ static inline __attribute__((always_inline)) void field_dot_q(const bundle_layou
 static inline __attribute__((always_inline)) void rows_axpy(const bundle_layout *L, int fmt, const uint8_t **rows,
                                                             float h[][TB], int R, int tb, float *out, float *gm) {
     const int64_t d = L->d, g = L->group[OUT], ngroups = d / g;
-    float c[4][TB];
-    for (int64_t k = 0; k < ngroups; k++) {
+    float c[4][TB], sc[4][MAXG];
+    if (fmt >= INT8)
         for (int r = 0; r < R; r++) {
-            float s = fmt >= INT8 ? half_at(rows[r] + L->scale_off + 2 * (L->group_base[OUT] + k)) : 1.f;
-            for (int t = 0; t < tb; t++) c[r][t] = h[r][t] * s;
-            if (fmt == INT4) {
-                float m = half_at(rows[r] + L->min_off + 2 * (L->group_base[OUT] + k));
-                for (int t = 0; t < tb; t++) gm[t * ngroups + k] += h[r][t] * m;
+            halfs_to_floats(rows[r] + L->scale_off + 2 * L->group_base[OUT], ngroups, sc[r]);
+            if (fmt == INT4) {  /* the minimums' part, h * min over each whole group, in one vector pass */
+                float mn[MAXG];
+                halfs_to_floats(rows[r] + L->min_off + 2 * L->group_base[OUT], ngroups, mn);
+                for (int t = 0; t < tb; t++) {
+                    const float ht = h[r][t];
+                    float *gt = gm + t * ngroups;
+                    for (int64_t k = 0; k < ngroups; k++) gt[k] += ht * mn[k];
+                }
             }
         }
+    for (int64_t k = 0; k < ngroups; k++) {
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < tb; t++) c[r][t] = fmt >= INT8 ? h[r][t] * sc[r][k] : h[r][t];
         for (int64_t j = k * g; j < (k + 1) * g; j += 8) {
             __m256 w[4];
             for (int r = 0; r < R; r++) w[r] = load8(fmt, rows[r] + L->code_off[OUT], j);
@@ -205,7 +247,7 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
                                                             const acts *A, int64_t t0, int tb, const float *mask,
                                                             int64_t m, float *out, float *gm, float *hidden) {
     const int64_t d = L->d;
-    float a[TB], b[TB], h[4][TB];
+    float a[TB], b[TB] = {0}, h[4][TB];
     const uint8_t *rows[4];
     int R = 0;
     for (int64_t r = lo; r < hi; r++) {
@@ -250,18 +292,18 @@ static void rows_all_tokens(const bundle_layout *L, int q, const uint8_t *base, 
     }
 }
 
-/* per token, per 32: int8 codes of x (int4: each block's evens first, then its odds) and their scale */
-static void quantize_acts(const float *x, int64_t T, int64_t d, int perm, int8_t *q, float *qs) {
+/* per token, per group of gq: int8 codes of x and their scale (int4: each 32's evens first, then its odds) */
+static void quantize_acts(const float *x, int64_t T, int64_t d, int64_t gq, int perm, int8_t *q, float *qs) {
     for (int64_t t = 0; t < T; t++)
-        for (int64_t j0 = 0; j0 < d; j0 += 32) {
+        for (int64_t j0 = 0; j0 < d; j0 += gq) {
             const float *v = x + t * d + j0;
             float amax = 0.f;
-            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
+            for (int64_t i = 0; i < gq; i++) amax = fmaxf(amax, fabsf(v[i]));
             float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-            qs[t * (d / 32) + j0 / 32] = s;
+            qs[t * (d / gq) + j0 / gq] = s;
             int8_t *dst = q + t * d + j0;
-            for (int i = 0; i < 32; i++) {
-                int at = perm ? (i % 2) * 16 + i / 2 : i;
+            for (int64_t i = 0; i < gq; i++) {
+                int64_t at = perm ? (i / 32) * 32 + (i % 2) * 16 + (i % 32) / 2 : i;
                 dst[at] = (int8_t)lrintf(v[i] * inv);
             }
         }
@@ -274,20 +316,23 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
     const int64_t d = L->d;
     for (int f = 0; f < 3; f++)
         if ((f == IN2 && !L->gated) ? 0 : (L->group[f] % 8 || d % L->group[f])) return -1;
+    if (d / 32 > MAXG || d / L->group[OUT] > MAXG) return -1;
     if (m <= 0 || T <= 0) return 0;
-    const int q = L->qx && L->fmt >= INT8 && d % 32 == 0 && L->group[IN1] % 32 == 0 && L->group[IN2] % 32 == 0;
+    /* activations quantized per weight group: gate and up must share the grouping, of whole 32s, at most 256 */
+    const int64_t gq = L->group[IN1];
+    const int q = L->qx && L->fmt >= INT8 && gq % 32 == 0 && gq <= 256 && (!L->gated || L->group[IN2] == gq);
     const int64_t ngroups = d / L->group[IN1], gout = d / L->group[OUT];
-    float *xsum = calloc((size_t)(T * ngroups + T * d / 32 + 1), sizeof(float));
+    float *xsum = calloc((size_t)(2 * T * ngroups + 1), sizeof(float));
     int8_t *xq = q ? malloc((size_t)(T * d)) : NULL;
     if (!xsum || (q && !xq)) { free(xsum); free(xq); return -2; }
     acts A = {x, xq, xsum + T * ngroups, xsum, ngroups};
-    if (q) quantize_acts(x, T, d, L->fmt == INT4, xq, xsum + T * ngroups);
+    if (q) quantize_acts(x, T, d, gq, L->fmt == INT4, xq, xsum + T * ngroups);
     /* int4's minimums multiply the sum of the activations the codes meet: the quantized ones where q (else the
        two terms, which nearly cancel, would see different x: 2-3% error instead of int8's 0.7%) */
     if (L->fmt == INT4)
         for (int64_t t = 0; t < T; t++)
             for (int64_t j = 0; j < d; j++)
-                xsum[t * ngroups + j / L->group[IN1]] += q ? xq[t * d + j] * A.qs[t * (d / 32) + j / 32] : x[t * d + j];
+                xsum[t * ngroups + j / gq] += q ? xq[t * d + j] * A.qs[t * ngroups + j / gq] : x[t * d + j];
     int nt = nthreads < 1 ? 1 : nthreads;
     if (m < 64 * nt) nt = 1;  /* a few rows: the hand-off costs more than it saves */
     /* per part: its output rows [T, d] and int4's per-group minimum terms [T, gout] */

@@ -152,3 +152,55 @@ def plot(profile: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+COMPUTE_SHAPES = [(576, 1536), (1536, 8960)]  # (hidden, neurons): SmolLM2-135M and Qwen2.5-1.5B layers
+COMPUTE_FRACTIONS = [1.0, 0.5, 0.25, 0.1, 0.05]
+COMPUTE_FORMATS = ["float", "int8", "int4"]  # float = float16 bundles
+
+
+def compute_roofline(shapes: list[tuple[int, int]] | None = None, fractions: list[float] | None = None,
+                     seconds_per_cell: float = 0.3, progress: bool = True) -> dict:
+    """The FFN kernel's speed (G weights/s, one token) per bundle format over a layer's first `fraction` of
+    neurons (a cache's live block), and this machine's memory bandwidth (a 256 MiB copy): the compute roofline
+    to put next to the disk's. Random weights: speed does not depend on their values."""
+    import torch
+
+    from . import quant
+    from .kernels import BundleFFN, available
+
+    rows, shapes, fractions = [], shapes or COMPUTE_SHAPES, fractions or COMPUTE_FRACTIONS
+    a = torch.empty(256 << 20, dtype=torch.uint8)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    copy_s = _median_time(lambda: b.copy_(a), 1.0)
+    cells = [(s, f, fr) for s in shapes for f in COMPUTE_FORMATS for fr in fractions]
+    bar = tqdm(total=len(cells), desc="compute", unit="cell", disable=not progress)
+    for d, n in shapes:
+        fields = {"gate": (0, d), "up": (d, 2 * d), "down": (2 * d, 3 * d)}
+        bundles = torch.randn(n, 3 * d, generator=torch.Generator().manual_seed(0)) * 0.05
+        x = torch.randn(1, d)
+        for fmt in COMPUTE_FORMATS:
+            raw = bundles.half().view(torch.uint8).view(n, -1) if fmt == "float" else \
+                quant.encode(fmt, bundles, fields)[0]
+            kernel = BundleFFN(fmt, fields, torch.float16, raw.shape[1], d, "silu")
+            for fr in fractions:
+                m = max(1, int(n * fr))
+                if kernel.ok:
+                    t = _median_time(lambda: kernel(x, raw, m), seconds_per_cell)
+                    rows.append({"hidden": d, "neurons": n, "format": fmt, "fraction": fr, "ms": t * 1e3,
+                                 "g_weights_per_s": 3 * d * m / t / 1e9, "gb_per_s": m * raw.shape[1] / t / 1e9})
+                bar.update()
+    bar.close()
+    return {"kernel": available(), "threads": torch.get_num_threads(), "copy_gb_per_s": 2 * a.numel() / copy_s / 1e9,
+            "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _median_time(fn, seconds: float) -> float:
+    fn()
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 3:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

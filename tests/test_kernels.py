@@ -1,0 +1,157 @@
+"""The native FFN kernel against float references: every bundle format, both FFN families, token counts, row
+offsets and masks; a neuron cache's live block after arbitrary evict/append sequences; greedy text of the real
+model through the kernel against torch's decoded path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from inaflash import kernels, quant
+from inaflash.kernels import BundleFFN
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="the native kernel is not built")
+
+FORMATS = [("float", torch.float16), ("float", torch.bfloat16), ("float", torch.float32), ("int8", torch.float16),
+           ("int4", torch.float16)]
+
+
+def fields_of(family, d):
+    if family == "swiglu":
+        return {"gate": (0, d), "up": (d, 2 * d), "down": (2 * d, 3 * d)}
+    return {"fc1": (0, d), "fc1_bias": (d, d + 1), "fc2": (d + 1, 2 * d + 1)}
+
+
+def encoded(fmt, dtype, bundles, fields):
+    """(raw bundles as stored, the float weights they hold)."""
+    n, width = bundles.shape
+    if fmt == "float":
+        raw = bundles.to(dtype).contiguous().view(torch.uint8).view(n, -1)
+        return raw, raw.view(dtype).view(n, width).float()
+    raw = quant.encode(fmt, bundles, fields)[0]
+    return raw, quant.decode(fmt, raw, fields, width, torch.float32)
+
+
+def reference(family, w, x, d):
+    """(out, h) of the FFN over float bundle rows w [m, width]."""
+    if family == "swiglu":
+        h = F.silu(x @ w[:, :d].T) * (x @ w[:, d:2 * d].T)
+        return h @ w[:, 2 * d:], h
+    h = F.relu(x @ w[:, :d].T + w[:, d])
+    return h @ w[:, d + 1:], h
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("fmt,dtype", FORMATS)
+@pytest.mark.parametrize("family", ["swiglu", "relu"])
+@pytest.mark.parametrize("d,n", [(64, 160), (576, 1536)])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_kernel_matches_the_float_reference(fmt, dtype, family, d, n, quantized):
+    """Whole matrices, 1/3/9 tokens (the kernel takes 8 tokens per pass over a bundle); the hidden activations too.
+    Float activations: float32 rounding. int8 activations (int formats' default): within 2%."""
+    fields = fields_of(family, d)
+    width = max(b for _, b in fields.values())
+    bundles = torch.randn(n, width, generator=torch.Generator().manual_seed(d)) * 0.05
+    raw, w = encoded(fmt, dtype, bundles, fields)
+    kernel = BundleFFN(fmt, fields, dtype, raw.shape[1], d, "silu" if family == "swiglu" else "relu", quantized)
+    assert kernel.ok
+    bound = 2e-2 if quantized and fmt != "float" else 1e-4
+    for T in (1, 3, 9):
+        x = torch.randn(T, d, generator=torch.Generator().manual_seed(T))
+        expected, h = reference(family, w, x, d)
+        hidden = torch.empty(T, n)
+        got = kernel(x, raw, n, hidden=hidden)
+        assert rel(got, expected) < bound and rel(hidden, h) < bound
+
+
+@pytest.mark.parametrize("fmt,dtype", FORMATS)
+def test_kernel_over_offsets_with_a_mask(fmt, dtype):
+    """Bundles picked by byte offset out of a buffer (a staging buffer as read), hidden activations masked per
+    token: the FFN of exactly those neurons, masked."""
+    d, n = 128, 300
+    fields = fields_of("swiglu", d)
+    bundles = torch.randn(n, 3 * d, generator=torch.Generator().manual_seed(1)) * 0.05
+    raw, w = encoded(fmt, dtype, bundles, fields)
+    kernel = BundleFFN(fmt, fields, dtype, raw.shape[1], d, "silu", False)
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(2))[:77].sort().values
+    gap = raw.shape[1] + 40  # bundles need not be evenly spaced
+    buf = torch.zeros(ids.numel() * gap + 100, dtype=torch.uint8)
+    offsets = torch.arange(ids.numel()) * gap + 13
+    for k, i in enumerate(ids.tolist()):
+        buf[offsets[k]: offsets[k] + raw.shape[1]] = raw[i]
+    x = torch.randn(2, d)
+    mask = torch.rand(2, ids.numel(), generator=torch.Generator().manual_seed(3)) > 0.5
+    _, h = reference("swiglu", w[ids], x, d)
+    expected = (h * mask) @ w[ids][:, 2 * d:]
+    assert rel(kernel(x, buf, ids.numel(), offsets=offsets, mask=mask), expected) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def int4_llama(tmp_path_factory):
+    from inaflash.sources import open_source
+    from inaflash.store import FlashStore, write_store
+    from tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("int4")
+    make_tiny("llama", root / "hf")
+    return FlashStore(write_store(open_source(root / "hf"), root / "store", dtype="float32", progress=False,
+                                  ffn_format="int4"))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(window=st.integers(0, 3), capacity=st.integers(20, 160),
+       steps=st.lists(st.sets(st.integers(0, 159), min_size=1, max_size=20), min_size=1, max_size=10))
+def test_cache_live_block_computes_its_neurons(int4_llama, window, capacity, steps):
+    """An int4 store's cache after any evict/append sequence: the kernel over its live block (bundles as read,
+    moved by swap-delete) equals the float FFN of exactly the neurons it holds, decoded from the store."""
+    from inaflash.cache import NeuronCache
+    from inaflash.reader import BundleReader, FlashReader
+
+    store, d = int4_llama, int4_llama.config.hidden_size
+    cache = NeuronCache(store, capacity, window)
+    exact = BundleFFN("int4", store.fields, store.dtype, store.bundle_bytes, d, "silu", False)
+    x = torch.randn(1, d, generator=torch.Generator().manual_seed(0))
+    with FlashReader(store.ffn_path) as r:
+        reader = BundleReader(store, r)
+        every = reader.read(0, torch.arange(store.config.intermediate_size))
+        for step, active in enumerate(steps, start=1):
+            needed = torch.tensor(sorted(active))[:capacity]
+            missing = cache.prepare(needed, step)
+            for chunk in reader.chunks(0, missing):
+                src, offsets = reader.finish(reader.start(0, chunk))
+                cache.append(chunk, src, offsets, step)
+            live = cache.live_neurons()
+            expected, _ = reference("swiglu", every[live].float(), x, d)
+            got = exact(x, cache.rows, cache.n)
+            assert rel(got, expected) < 1e-4
+
+
+PROMPTS = ["The capital of France is", "def add(a, b):", "Water boils at", "Once upon a time, a small robot",
+           "The three primary colors are"]
+
+
+def test_greedy_text_through_the_kernel_equals_the_decoded_path(smollm2_gguf, tmp_path_factory, monkeypatch):
+    """The default model from an int8 store: 32 greedy tokens on 5 prompts through the kernel (float activations)
+    are the tokens of torch's decoded path."""
+    from inaflash.engine import Engine
+    from inaflash.generate import generate_ids
+    from inaflash.sources import open_source
+    from inaflash.store import FlashStore, write_store
+
+    store = FlashStore(write_store(open_source(smollm2_gguf), tmp_path_factory.mktemp("smol8") / "s",
+                                   ffn_format="int8", progress=False))
+    monkeypatch.setattr(kernels, "QUANTIZED_ACTIVATIONS", False)
+    runs = {}
+    for path in ("kernel", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(kernels, "LIB", None)
+        with Engine(store, mode="dram", context=64) as engine:
+            assert engine.ffn.math.native == (path == "kernel")
+            tok = engine.tokenizer
+            runs[path] = [generate_ids(engine, tok(p)["input_ids"], 32, temperature=0.0, stop=set())[0]
+                          for p in PROMPTS]
+    assert runs["kernel"] == runs["torch"]
