@@ -69,6 +69,20 @@ def test_kernel_matches_the_float_reference(fmt, dtype, family, d, n, quantized)
 
 
 @pytest.mark.parametrize("fmt,dtype", FORMATS)
+@pytest.mark.parametrize("family", ["swiglu", "relu"])
+def test_native_decode_is_the_documented_layout(fmt, dtype, family):
+    """The decode behind many-token passes (one decode, then a GEMM) gives exactly quant.decode's weights."""
+    d, n = 576, 300
+    fields = fields_of(family, d)
+    width = max(b for _, b in fields.values())
+    raw, w = encoded(fmt, dtype, torch.randn(n, width, generator=torch.Generator().manual_seed(5)) * 0.05, fields)
+    kernel = BundleFFN(fmt, fields, dtype, raw.shape[1], d, "silu" if family == "swiglu" else "relu")
+    assert torch.equal(kernel.decode(raw, n, width), w)
+    ids = torch.tensor([3, 17, 299])
+    assert torch.equal(kernel.decode(raw.view(-1), 3, width, offsets=ids * raw.shape[1]), w[ids])
+
+
+@pytest.mark.parametrize("fmt,dtype", FORMATS)
 def test_kernel_over_offsets_with_a_mask(fmt, dtype):
     """Bundles picked by byte offset out of a buffer (a staging buffer as read), hidden activations masked per
     token: the FFN of exactly those neurons, masked."""
@@ -121,8 +135,8 @@ def test_cache_live_block_computes_its_neurons(int4_llama, window, capacity, ste
         for step, active in enumerate(steps, start=1):
             needed = torch.tensor(sorted(active))[:capacity]
             missing = cache.prepare(needed, step)
-            for chunk in reader.chunks(0, missing):
-                src, offsets = reader.finish(reader.start(0, chunk))
+            for chunk, plans in reader.chunks(0, missing):
+                src, offsets = reader.finish(reader.start(0, chunk, plans))
                 cache.append(chunk, src, offsets, step)
             live = cache.live_neurons()
             expected, _ = reference("swiglu", every[live].float(), x, d)
@@ -155,3 +169,24 @@ def test_greedy_text_through_the_kernel_equals_the_decoded_path(smollm2_gguf, tm
             runs[path] = [generate_ids(engine, tok(p)["input_ids"], 32, temperature=0.0, stop=set())[0]
                           for p in PROMPTS]
     assert runs["kernel"] == runs["torch"]
+
+
+def test_cache_moves_bytes_the_same_without_the_native_library(int4_llama, monkeypatch):
+    """Swap-delete and append through torch (no compiler) leave every slot byte for byte as the native moves do."""
+    from inaflash.cache import NeuronCache
+    from inaflash.reader import BundleReader, FlashReader
+
+    steps = [[1, 5, 9, 40, 41], [5, 60, 61, 62], [0, 1, 2, 3, 150], [9, 159], [70, 71, 72, 73, 74, 75]]
+    states = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(kernels, "LIB", None)
+        cache = NeuronCache(int4_llama, capacity=12, window=2)
+        with FlashReader(int4_llama.ffn_path) as r:
+            reader = BundleReader(int4_llama, r)
+            for step, ids in enumerate(steps, start=1):
+                for chunk, plans in reader.chunks(0, cache.prepare(torch.tensor(ids), step)):
+                    src, offsets = reader.finish(reader.start(0, chunk, plans))
+                    cache.append(chunk, src, offsets, step)
+        states.append((cache.rows[: cache.n].clone(), cache.live_neurons().clone()))
+    assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])

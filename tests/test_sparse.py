@@ -239,11 +239,11 @@ def test_reads_are_exactly_the_planned_spans_of_missing_neurons(opt):
         planned, cached_before = [], []
         real_start = engine.ffn.bundles.start  # every read goes through start (read() too)
 
-        def recording_start(layer, ids):
+        def recording_start(layer, ids, plans=None):
             cache = engine.ffn.caches[layer]
             cached_before.append(bool((cache.slot_of_neuron[ids] >= 0).any()))
             planned.append(engine.ffn.bundles.planned_bytes(layer, ids))
-            return real_start(layer, ids)
+            return real_start(layer, ids, plans)
 
         engine.ffn.bundles.start = recording_start
         logits_run(engine)

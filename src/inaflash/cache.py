@@ -16,18 +16,12 @@ import torch
 
 from .errors import InaflashError
 from .ffn import BundleMath
+from .kernels import gather_rows, move_rows
 from .store import FlashStore
 from . import quant
 
 CACHE_FORMATS = {"store": "neurons as stored on flash (no transcoding)",
                  "int8": "int8 bundles, a scale per 64 weights (a float store's neurons in ~half the DRAM)"}
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    """t viewed as the widest integers its rows' byte width allows: torch moves those much faster than bytes."""
-    row_bytes = t[0].numel() * t.element_size()
-    word = next(w for w in (torch.int64, torch.int32, torch.int16, torch.uint8) if row_bytes % w.itemsize == 0)
-    return t.view(word)
 
 
 def cache_format(store: FlashStore, fmt: str) -> str:
@@ -52,7 +46,6 @@ class NeuronCache:
         self.slot_of_neuron = torch.full((self.neurons,), -1, dtype=torch.long)
         self.last_used = torch.zeros(capacity, dtype=torch.long)  # step at which each slot's neuron was last needed
         self.n = 0
-        self._slot_rows = [_raw(self.rows), self.last_used]
         self.nbytes = capacity * self.slot_bytes_
 
     @staticmethod
@@ -96,8 +89,8 @@ class NeuronCache:
         holes = slots[slots < new_n]  # freed slots inside the new live block
         tail = torch.arange(new_n, self.n)
         movers = tail[self.neuron_of_slot[tail] >= 0]  # survivors beyond the new end: as many as holes
-        for t in self._slot_rows:
-            t.index_copy_(0, holes, t.index_select(0, movers))
+        move_rows(self.rows, movers, holes)
+        self.last_used[holes] = self.last_used[movers]
         moved = self.neuron_of_slot[movers]
         self.neuron_of_slot[holes] = moved
         self.slot_of_neuron[moved] = holes
@@ -113,8 +106,6 @@ class NeuronCache:
             raise RuntimeError(f"neuron cache overflow: {self.n} + {m} > {self.capacity}")
         end = self.n + m
         if encoded or self.fmt == self.store.ffn_format:
-            from .kernels import gather_rows
-
             gather_rows(self.rows[self.n:end], src, offsets, self.slot_bytes_)
         else:  # a float store cached as int8: encode the float rows as they join
             floats = self.source.gather(src, m, offsets).view(self.store.dtype)

@@ -124,7 +124,11 @@ class BundleMath:
             return torch.zeros(x.shape[0], self.store.config.hidden_size)
         if self.native and x.shape[0] < GEMM_FROM_TOKENS:
             return self.kernel(x, rows, m, offsets=offsets, mask=mask, hidden=hidden)
-        w = compute_layout(self.store, self.decode(self.gather(rows, m, offsets), layer))
+        if self.native:  # many tokens: decode once (natively), then torch's float32 GEMM
+            bundles = self.kernel.decode(rows, m, self.store.bundle_width, offsets)
+        else:
+            bundles = self.decode(self.gather(rows, m, offsets), layer)
+        w = compute_layout(self.store, bundles)
         h = self.math.hidden(x, w)
         if hidden is not None:
             hidden.copy_(h)

@@ -147,22 +147,25 @@ static inline __attribute__((always_inline)) void field_dot(const bundle_layout 
     for (int t = 0; t < tb; t++) res[t] = hsum(tot[t]) + mins[t];
 }
 
-/* sum of x over 32 int8/int4 codes against int8 activations, as 8 int32 partial sums: one
-   unsigned x signed multiply-add (int4 codes are 0..15; int8 codes enter as |w| with x's sign flipped where w < 0,
-   as llama.cpp does) */
-static inline __attribute__((always_inline)) __m256i block_q(int fmt, const uint8_t *field, int64_t j,
-                                                             const int8_t *xq) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j)), p;
-    if (fmt == INT4) {
-        __m128i v = _mm_loadu_si128((const __m128i *)(field + j / 2));
-        __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
-        p = _mm256_maddubs_epi16(w, xv);  /* w: evens, then odds; xq is stored in that order */
-    } else {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(field + j));
-        p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
-    }
-    return _mm256_madd_epi16(p, ones);
+/* 32 int8 codes against int8 activations, as 8 int32 partial sums: one unsigned x signed multiply-add, the codes
+   entering as |w| with x's sign flipped where w < 0 (as llama.cpp does) */
+static inline __attribute__((always_inline)) __m256i block_q8(const uint8_t *field, int64_t j, const int8_t *xq) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j));
+    __m256i w = _mm256_loadu_si256((const __m256i *)(field + j));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w)),
+                             _mm256_set1_epi16(1));
+}
+
+/* int4, 64 codes (two groups of 32, 32 bytes) against int8 activations stored per 64 as [evens of the first 32,
+   evens of the second 32, odds of the first, odds of the second] (the order low and high nibbles come out in):
+   8 int32 partial sums, lanes 0-3 of the first group, 4-7 of the second */
+static inline __attribute__((always_inline)) __m256i chunk64_q4(const uint8_t *field, int64_t j, const int8_t *xq) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(field + j / 2));
+    __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + j))),
+                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + j + 32))));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
 /* res[t] = field_f . x_t for int8/int4 codes against the activations quantized per weight group (one scale
@@ -185,18 +188,34 @@ static inline __attribute__((always_inline)) void field_dot_q(const bundle_layou
             _mm256_storeu_ps(db + k, _mm256_mul_ps(_mm256_loadu_ps(sw + k), _mm256_loadu_ps(qs + k)));
         for (; k < ngroups; k++) db[k] = sw[k] * qs[k];
         __m256 c0 = _mm256_setzero_ps(), c1 = c0;  /* two chains */
+        if (fmt == INT4 && g == 32) {  /* 64 codes a step (d % 64 == 0: checked at entry) */
+            const __m256i lanes[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                                      _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+            for (k = 0; k + 8 <= ngroups; k += 8) {
+                __m256 dv = _mm256_loadu_ps(db + k);
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(field, k * 32, xq)), _mm256_permutevar8x32_ps(dv, lanes[0]), c0);
+                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(field, k * 32 + 64, xq)), _mm256_permutevar8x32_ps(dv, lanes[1]), c1);
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(field, k * 32 + 128, xq)), _mm256_permutevar8x32_ps(dv, lanes[2]), c0);
+                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(field, k * 32 + 192, xq)), _mm256_permutevar8x32_ps(dv, lanes[3]), c1);
+            }
+            for (; k < ngroups; k += 2)
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(field, k * 32, xq)),
+                                     _mm256_set_m128(_mm_set1_ps(db[k + 1]), _mm_set1_ps(db[k])), c0);
+            res[t] = hsum(_mm256_add_ps(c0, c1)) + mins;
+            continue;
+        }
         for (k = 0; k + 2 <= ngroups; k += 2) {
-            __m256i s0 = block_q(fmt, field, k * g, xq), s1 = block_q(fmt, field, (k + 1) * g, xq);
+            __m256i s0 = block_q8(field, k * g, xq), s1 = block_q8(field, (k + 1) * g, xq);
             for (int64_t j = 32; j < g; j += 32) {
-                s0 = _mm256_add_epi32(s0, block_q(fmt, field, k * g + j, xq));
-                s1 = _mm256_add_epi32(s1, block_q(fmt, field, (k + 1) * g + j, xq));
+                s0 = _mm256_add_epi32(s0, block_q8(field, k * g + j, xq));
+                s1 = _mm256_add_epi32(s1, block_q8(field, (k + 1) * g + j, xq));
             }
             c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(db + k), c0);
             c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(db + k + 1), c1);
         }
         if (k < ngroups) {
-            __m256i s0 = block_q(fmt, field, k * g, xq);
-            for (int64_t j = 32; j < g; j += 32) s0 = _mm256_add_epi32(s0, block_q(fmt, field, k * g + j, xq));
+            __m256i s0 = block_q8(field, k * g, xq);
+            for (int64_t j = 32; j < g; j += 32) s0 = _mm256_add_epi32(s0, block_q8(field, k * g + j, xq));
             c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(db + k), c0);
         }
         res[t] = hsum(_mm256_add_ps(c0, c1)) + mins;
@@ -292,20 +311,27 @@ static void rows_all_tokens(const bundle_layout *L, int q, const uint8_t *base, 
     }
 }
 
-/* per token, per group of gq: int8 codes of x and their scale (int4: each 32's evens first, then its odds) */
-static void quantize_acts(const float *x, int64_t T, int64_t d, int64_t gq, int perm, int8_t *q, float *qs) {
+/* per token, per group of gq: int8 codes of x, their scale, and the sum of the quantized values (int4's minimums
+   multiply it). int4 (perm): stored per 64 as chunk64_q4 reads them */
+static void quantize_acts(const float *x, int64_t T, int64_t d, int64_t gq, int perm, int8_t *q, float *qs,
+                          float *xsum) {
+    const int64_t ng = d / gq;
     for (int64_t t = 0; t < T; t++)
         for (int64_t j0 = 0; j0 < d; j0 += gq) {
             const float *v = x + t * d + j0;
             float amax = 0.f;
             for (int64_t i = 0; i < gq; i++) amax = fmaxf(amax, fabsf(v[i]));
             float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-            qs[t * (d / gq) + j0 / gq] = s;
-            int8_t *dst = q + t * d + j0;
+            qs[t * ng + j0 / gq] = s;
+            int32_t total = 0;
             for (int64_t i = 0; i < gq; i++) {
-                int64_t at = perm ? (i / 32) * 32 + (i % 2) * 16 + (i % 32) / 2 : i;
-                dst[at] = (int8_t)lrintf(v[i] * inv);
+                int64_t j = j0 + i, w = j % 64;  /* perm: within 64, [evens 0-31, evens 32-63, odds, odds] */
+                int64_t at = perm ? j - w + (w % 2) * 32 + (w / 32) * 16 + (w % 32) / 2 : j;
+                int8_t c = (int8_t)lrintf(v[i] * inv);
+                q[t * d + at] = c;
+                total += c;
             }
+            xsum[t * ng + j0 / gq] = s * (float)total;
         }
 }
 
@@ -320,19 +346,20 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
     if (m <= 0 || T <= 0) return 0;
     /* activations quantized per weight group: gate and up must share the grouping, of whole 32s, at most 256 */
     const int64_t gq = L->group[IN1];
-    const int q = L->qx && L->fmt >= INT8 && gq % 32 == 0 && gq <= 256 && (!L->gated || L->group[IN2] == gq);
+    const int q = L->qx && L->fmt >= INT8 && gq % 32 == 0 && gq <= 256 && (!L->gated || L->group[IN2] == gq) &&
+                  (L->fmt != INT4 || (gq == 32 && d % 64 == 0));
     const int64_t ngroups = d / L->group[IN1], gout = d / L->group[OUT];
     float *xsum = calloc((size_t)(2 * T * ngroups + 1), sizeof(float));
     int8_t *xq = q ? malloc((size_t)(T * d)) : NULL;
     if (!xsum || (q && !xq)) { free(xsum); free(xq); return -2; }
     acts A = {x, xq, xsum + T * ngroups, xsum, ngroups};
-    if (q) quantize_acts(x, T, d, gq, L->fmt == INT4, xq, xsum + T * ngroups);
     /* int4's minimums multiply the sum of the activations the codes meet: the quantized ones where q (else the
        two terms, which nearly cancel, would see different x: 2-3% error instead of int8's 0.7%) */
-    if (L->fmt == INT4)
+    if (q)
+        quantize_acts(x, T, d, gq, L->fmt == INT4, xq, xsum + T * ngroups, xsum);
+    else if (L->fmt == INT4)
         for (int64_t t = 0; t < T; t++)
-            for (int64_t j = 0; j < d; j++)
-                xsum[t * ngroups + j / gq] += q ? xq[t * d + j] * A.qs[t * ngroups + j / gq] : x[t * d + j];
+            for (int64_t j = 0; j < d; j++) xsum[t * ngroups + j / gq] += x[t * d + j];
     int nt = nthreads < 1 ? 1 : nthreads;
     if (m < 64 * nt) nt = 1;  /* a few rows: the hand-off costs more than it saves */
     /* per part: its output rows [T, d] and int4's per-group minimum terms [T, gout] */
@@ -363,12 +390,44 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
     return 0;
 }
 
+/* out [m, width] float32 = the bundles decoded (for many tokens: one decode, then a GEMM). Fields in bundle
+   order as kernel_layout gives them; OPT's bias (group 1) element by element. Returns -1 for layouts it lacks. */
+int inaflash_decode_rows(const bundle_layout *L, const uint8_t *base, const int64_t *offsets, int64_t m,
+                         float *out, int64_t width, int nthreads) {
+    const int64_t d = L->d;
+    const int nf = L->gated ? 3 : 2, slots[3] = {IN1, L->gated ? IN2 : OUT, OUT};
+    for (int i = 0; i < nf; i++) if (L->group[slots[i]] % 8 || d % L->group[slots[i]]) return -1;
+#pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static) if (m >= 256)
+    for (int64_t r = 0; r < m; r++) {
+        const uint8_t *row = base + (offsets ? offsets[r] : r * L->row_bytes);
+        float *o = out + r * width;
+        for (int i = 0; i < nf; i++) {
+            const int f = slots[i];
+            const int64_t g = L->group[f], col = L->gated ? i * d : (f == IN1 ? 0 : d + 1);
+            const uint8_t *field = row + L->code_off[f];
+            for (int64_t k = 0; k < d / g; k++) {
+                __m256 sv = _mm256_set1_ps(L->fmt >= INT8 ? half_at(row + L->scale_off + 2 * (L->group_base[f] + k)) : 1.f);
+                __m256 mv = _mm256_set1_ps(L->fmt == INT4 ? half_at(row + L->min_off + 2 * (L->group_base[f] + k)) : 0.f);
+                for (int64_t j = k * g; j < (k + 1) * g; j += 8)
+                    _mm256_storeu_ps(o + col + j, _mm256_fmadd_ps(load8(L->fmt, field, j), sv, mv));
+            }
+        }
+        if (!L->gated) o[d] = scalar_at(L, row, BIAS, 0);
+    }
+    return 0;
+}
+
 #else  /* no AVX2/FMA/F16C here: Python uses the torch path */
 int inaflash_kernel_version(void) { return 0; }
 int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64_t *offsets, int64_t m,
                         const float *x, int64_t T, const float *mask, float *out, float *hidden, int nthreads) {
     (void)L; (void)base; (void)offsets; (void)m; (void)x; (void)T; (void)mask; (void)out; (void)hidden;
     (void)nthreads;
+    return -1;
+}
+int inaflash_decode_rows(const bundle_layout *L, const uint8_t *base, const int64_t *offsets, int64_t m,
+                         float *out, int64_t width, int nthreads) {
+    (void)L; (void)base; (void)offsets; (void)m; (void)out; (void)width; (void)nthreads;
     return -1;
 }
 #endif

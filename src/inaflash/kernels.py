@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -40,12 +41,21 @@ def _load():
     found = sorted(Path(__file__).parent.glob("_kernels*.so"))
     if not found:
         return None
-    lib = ctypes.CDLL(str(found[0]))
+    # load a private copy: rebuilding the package (pip install -e .) then never rewrites a library that a running
+    # process has mapped (which kills it with SIGBUS)
+    with tempfile.NamedTemporaryFile(prefix="inaflash-kernels-", suffix=".so", delete=False) as copy:
+        copy.write(found[0].read_bytes())
+    try:
+        lib = ctypes.CDLL(copy.name)
+    finally:
+        os.unlink(copy.name)
     if lib.inaflash_kernel_version() < 1:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.inaflash_bundle_ffn.argtypes = [ctypes.POINTER(_Layout), p, p, i64, p, i64, p, p, p, ctypes.c_int]
     lib.inaflash_bundle_ffn.restype = ctypes.c_int
+    lib.inaflash_decode_rows.argtypes = [ctypes.POINTER(_Layout), p, p, i64, p, i64, ctypes.c_int]
+    lib.inaflash_decode_rows.restype = ctypes.c_int
     lib.inaflash_gather_rows.argtypes = [p, i64, p, p, i64, i64]
     lib.inaflash_move_rows.argtypes = [p, i64, p, p, i64]
     return lib
@@ -110,6 +120,17 @@ class BundleFFN:
         return out
 
 
+    def decode(self, rows: torch.Tensor, m: int, width: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """The m bundles as float32 rows [m, width] (the layout's fields in bundle order)."""
+        out = torch.empty(m, width)
+        if offsets is not None:
+            offsets = offsets.contiguous()
+        if LIB.inaflash_decode_rows(self._ref, _ptr(rows), _ptr(offsets), m, _ptr(out), width,
+                                    torch.get_num_threads()) != 0:
+            raise RuntimeError("native decode failed")
+        return out
+
+
 def gather_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, row_bytes: int) -> None:
     """dst's first len(offsets) rows (uint8 [*, stride]) = the row_bytes at each byte offset of src."""
     offsets = offsets.contiguous()
@@ -118,6 +139,16 @@ def gather_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, row
                                  row_bytes)
         return
     dst[: offsets.numel(), :row_bytes] = src[: int(offsets.max()) + row_bytes].unfold(0, row_bytes, 1)[offsets]
+
+
+def move_rows(rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """rows[dst[i]] = rows[src[i]] for a uint8 [slots, bytes] tensor (the slots never overlap)."""
+    if LIB is not None:
+        LIB.inaflash_move_rows(rows.data_ptr(), rows.stride(0), src.contiguous().data_ptr(),
+                               dst.contiguous().data_ptr(), src.numel())
+        return
+    raw = rows.view(torch.int64) if rows.shape[1] % 8 == 0 else rows
+    raw.index_copy_(0, dst, raw.index_select(0, src))
 
 
 def warn_if_missing() -> None:

@@ -228,23 +228,26 @@ class BundleReader:
 
     def planned_bytes(self, layer: int, neurons: torch.Tensor) -> int:
         """What reading `neurons` costs: the plans start() will use, over the chunks() that fit the buffer."""
-        return sum(sum(p.nbytes for _, p in self.fitting_plan(layer, c)) for c in self.chunks(layer, neurons))
+        return sum(sum(p.nbytes for _, p in plans) for _, plans in self.chunks(layer, neurons))
 
-    def chunks(self, layer: int, neurons: torch.Tensor) -> list[torch.Tensor]:
-        """`neurons` (sorted ids) split into runs whose reads each fit the staging buffer."""
+    def chunks(self, layer: int, neurons: torch.Tensor) -> list[tuple[torch.Tensor, list]]:
+        """`neurons` (sorted ids) split into runs whose reads each fit the staging buffer, each with its plan (pass
+        both to start())."""
         if neurons.numel() == 0:
             return []
-        if self.fitting_plan(layer, neurons) is not None:
-            return [neurons]
+        plans = self.fitting_plan(layer, neurons)
+        if plans is not None:
+            return [(neurons, plans)]
         if neurons.numel() == 1:
             raise RuntimeError(f"staging buffer of {self.staging.numel()} bytes cannot hold one bundle")
         half = neurons.numel() // 2
         return self.chunks(layer, neurons[:half]) + self.chunks(layer, neurons[half:])
 
-    def start(self, layer: int, neurons: torch.Tensor):
-        """Submit the reads and return at once (None if they do not fit the staging buffer: see chunks()).
-        The staging buffer holds one batch: finish() it before starting another."""
-        plans = self.fitting_plan(layer, neurons)
+    def start(self, layer: int, neurons: torch.Tensor, plans: list | None = None):
+        """Submit the reads (planned here unless `plans` from chunks()) and return at once (None if they do not
+        fit the staging buffer: see chunks()). The staging buffer holds one batch: finish() it before starting
+        another."""
+        plans = plans if plans is not None else self.fitting_plan(layer, neurons)
         if plans is None:
             return None
         requests, pos, bases = [], 0, []
@@ -271,8 +274,8 @@ class BundleReader:
     def read_raw(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
         """Bundles of `neurons` (sorted ids) as stored, rows [m, bundle_bytes] uint8."""
         parts = []
-        for chunk in self.chunks(layer, neurons):
-            src, offsets = self.finish(self.start(layer, chunk))
+        for chunk, plans in self.chunks(layer, neurons):
+            src, offsets = self.finish(self.start(layer, chunk, plans))
             parts.append(_gather_rows(src, offsets, self.store.bundle_bytes))
         return torch.cat(parts) if parts else torch.empty(0, self.store.bundle_bytes, dtype=torch.uint8)
 

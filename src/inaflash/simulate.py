@@ -144,8 +144,8 @@ def replay(store: FlashStore, activations: torch.Tensor, sparsity: float, window
                 needed_total += needed.numel()
                 missing = caches[layer].prepare(needed, step)
                 if missing.numel():
-                    for chunk in bundles.chunks(layer, missing):
-                        src, offsets = bundles.finish(bundles.start(layer, chunk))
+                    for chunk, plans in bundles.chunks(layer, missing):
+                        src, offsets = bundles.finish(bundles.start(layer, chunk, plans))
                         caches[layer].append(chunk, src, offsets, step)
             io = reader.stats - io0
             per_token.append({"ms": (time.perf_counter() - t0) * 1e3, "io_ms": io.wait_s * 1e3, "bytes": io.bytes,

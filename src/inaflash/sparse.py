@@ -136,17 +136,17 @@ class SparseFlashFFN:
         t0 = time.perf_counter()
         missing = cache.prepare(needed, self.step)
         chunks = self.bundles.chunks(layer, missing)  # one, unless more than the staging buffer (a long prompt)
-        pending = self.bundles.start(layer, chunks[0]) if chunks else None
+        pending = self.bundles.start(layer, *chunks[0]) if chunks else None
         self.counters.neurons_read += missing.numel()
         self.counters.update_s += time.perf_counter() - t0
         out = self._compute(x, active, layer, cache, 0, cache.n)
-        for k, chunk in enumerate(chunks):
+        for k, (chunk, _) in enumerate(chunks):
             t0 = time.perf_counter()
             src, offsets = self.bundles.finish(pending)
             start = cache.n
             cache.append(chunk, src, offsets, self.step)
             if k + 1 < len(chunks):
-                pending = self.bundles.start(layer, chunks[k + 1])
+                pending = self.bundles.start(layer, *chunks[k + 1])
             self.counters.update_s += time.perf_counter() - t0
             out += self._compute(x, active, layer, cache, start, cache.n)
         return out
@@ -160,13 +160,13 @@ class SparseFlashFFN:
         capacity, the next group's reads in flight while this one is computed in the staging buffer as read, and
         sum the partial FFNs."""
         capacity = self.caches[layer].capacity
+        t0 = time.perf_counter()
         groups = [c for g in needed.split(capacity) for c in self.bundles.chunks(layer, g)]
         readers = (self.bundles, self.next_bundles)
         out = torch.zeros(x.shape[0], self.store.config.hidden_size)
-        t0 = time.perf_counter()
-        pending = readers[0].start(layer, groups[0])
-        for k, group in enumerate(groups):
-            ahead = readers[(k + 1) % 2].start(layer, groups[k + 1]) if k + 1 < len(groups) else None
+        pending = readers[0].start(layer, *groups[0])
+        for k, (group, _) in enumerate(groups):
+            ahead = readers[(k + 1) % 2].start(layer, *groups[k + 1]) if k + 1 < len(groups) else None
             src, offsets = readers[k % 2].finish(pending)
             self.counters.update_s += time.perf_counter() - t0
             mask = active[:, group] if self.compute == "active" else None
