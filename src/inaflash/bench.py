@@ -205,6 +205,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
         "dtype": store.dtype_name, "ffn_bytes": store.ffn_bytes, "resident_bytes": store.resident_bytes,
         "memory": memory, "budget_bytes": budget, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
         "ffn_format": store.ffn_format, "resident_format": store.resident_format, "cache_format": cache_format,
+        "ffn_compute": ffn_compute(store),
         "embeddings_on_flash": store.embed is not None,
         "repeat": repeat, "max_seconds_per_run": max_seconds, "max_gap": max_gap, "probe_profile": str(profile_path()) if profile else None,
         "calibration": {k: store.manifest["sparsity"].get(k) for k in ("target_sparsity", "rank", "window")},
@@ -223,6 +224,15 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
     result["summary"] = key_ratios(result)
     write_results(result, Path(out_dir))
     return result
+
+
+def ffn_compute(store) -> str:
+    """How this store's FFN is multiplied: by the native kernel on the bundles as stored, or decoded by torch."""
+    from .ffn import BundleMath
+
+    if BundleMath(store).native:
+        return "the native kernel, on bundles as stored"
+    return "torch, bundles decoded per call (no native kernel for this format or machine)"
 
 
 def machine() -> dict:
@@ -287,7 +297,8 @@ def markdown(result: dict, png_name: str | None = None) -> str:
         "",
         f"{result['date']}; store {result['dtype']} (FFN {result.get('ffn_format', 'float')}, resident "
         f"{result.get('resident_format', 'float')}, embeddings on flash: {result.get('embeddings_on_flash', False)}, "
-        f"neuron cache {result.get('cache_format', 'store')}), FFN {_mb(result['ffn_bytes'])} MB, resident "
+        f"neuron cache {result.get('cache_format', 'store')}; FFN computed by "
+        f"{result.get('ffn_compute', 'torch')}), FFN {_mb(result['ffn_bytes'])} MB, resident "
         f"{_mb(result['resident_bytes'])} MB; --memory {result['memory']} = {_mb(result['budget_bytes'])} MB; "
         f"{result['prompt_tokens']}-token prompt, {result['gen_tokens']} generated tokens (greedy), "
         f"{result['repeat']} round(s), medians, each run cut at {result['max_seconds_per_run']:.0f} s; "

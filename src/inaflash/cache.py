@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InaflashError
-from .ffn import BundleMath
+from .ffn import BundleMath, row_bytes
 from .kernels import gather_rows, move_rows
 from .store import FlashStore
 from . import quant
@@ -40,20 +40,18 @@ class NeuronCache:
         self.neurons, self.capacity, self.window = store.config.intermediate_size, capacity, window
         self.math = BundleMath(store, self.fmt)
         self.source = BundleMath(store) if self.fmt != store.ffn_format else None  # what reads hand over
-        self.slot_bytes_ = self.math.row_bytes
-        self.rows = torch.zeros(capacity, self.slot_bytes_, dtype=torch.uint8)
+        self.row_bytes = self.math.row_bytes
+        self.rows = torch.zeros(capacity, self.row_bytes, dtype=torch.uint8)
         self.neuron_of_slot = torch.full((capacity,), -1, dtype=torch.long)
         self.slot_of_neuron = torch.full((self.neurons,), -1, dtype=torch.long)
         self.last_used = torch.zeros(capacity, dtype=torch.long)  # step at which each slot's neuron was last needed
         self.n = 0
-        self.nbytes = capacity * self.slot_bytes_
+        self.nbytes = capacity * self.row_bytes
 
     @staticmethod
     def slot_bytes(store: FlashStore, fmt: str = "store") -> int:
         """DRAM per cached neuron: its bundle's bytes in the cache's format."""
-        fmt = cache_format(store, fmt)
-        return store.bundle_bytes if fmt == store.ffn_format else \
-            quant.bundle_bytes(fmt, store.bundle_width, store.fields, store.dtype.itemsize)
+        return row_bytes(store, cache_format(store, fmt))
 
     def live_neurons(self) -> torch.Tensor:
         return self.neuron_of_slot[: self.n]
@@ -106,7 +104,7 @@ class NeuronCache:
             raise RuntimeError(f"neuron cache overflow: {self.n} + {m} > {self.capacity}")
         end = self.n + m
         if encoded or self.fmt == self.store.ffn_format:
-            gather_rows(self.rows[self.n:end], src, offsets, self.slot_bytes_)
+            gather_rows(self.rows[self.n:end], src, offsets, self.row_bytes)
         else:  # a float store cached as int8: encode the float rows as they join
             floats = self.source.gather(src, m, offsets).view(self.store.dtype)
             self.rows[self.n:end] = quant.encode(self.fmt, floats.float(), self.store.fields)[0]

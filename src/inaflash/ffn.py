@@ -94,7 +94,7 @@ class BundleMath:
 
     def __init__(self, store: FlashStore, fmt: str | None = None):
         self.store, self.fmt = store, fmt or store.ffn_format
-        self.row_bytes = _row_bytes(store, self.fmt)
+        self.row_bytes = row_bytes(store, self.fmt)
         c = store.config
         self.kernel = BundleFFN(self.fmt, store.fields, store.dtype, self.row_bytes, c.hidden_size, c.hidden_act)
         self.native = self.kernel.ok
@@ -135,11 +135,11 @@ class BundleMath:
         return self.math.output(h if mask is None else h * mask, w)
 
 
-def _row_bytes(store: FlashStore, fmt: str) -> int:
+def row_bytes(store: FlashStore, fmt: str) -> int:
+    """Bytes of one bundle of `store` in format `fmt` (its own: store.bundle_bytes)."""
     from . import quant
 
-    return store.bundle_bytes if fmt == store.ffn_format else \
-        quant.bundle_bytes(fmt, store.bundle_width, store.fields, store.dtype.itemsize)
+    return quant.bundle_bytes(fmt, store.bundle_width, store.fields, store.dtype.itemsize)
 
 
 def layer_rows(store: FlashStore, buf: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,10 @@ static inline __attribute__((always_inline)) __m256 load8(int fmt, const uint8_t
     }
 }
 
-#define MAXG 1024  /* groups (and blocks of 32) per field the kernel handles: d <= 32768 */
+#define MAXG 1024
+#ifndef PREFETCH
+#define PREFETCH 2
+#endif  /* groups (and blocks of 32) per field the kernel handles: d <= 32768 */
 
 /* n float16 values at p -> floats (8 at a time) */
 static inline void halfs_to_floats(const uint8_t *p, int64_t n, float *out) {
@@ -271,6 +274,10 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
     int R = 0;
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = base + (offsets ? offsets[r] : r * L->row_bytes);
+        if (r + PREFETCH < hi) {  /* bundles a few ahead, every cache line: their fields are read out of order */
+            const char *ahead = (const char *)base + (offsets ? offsets[r + PREFETCH] : (r + PREFETCH) * L->row_bytes);
+            for (int64_t o = 0; o < L->row_bytes; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+        }
         if (q) field_dot_q(L, fmt, row, IN1, A, t0, tb, a); else field_dot(L, fmt, row, IN1, A, t0, tb, a);
         if (L->gated) { if (q) field_dot_q(L, fmt, row, IN2, A, t0, tb, b); else field_dot(L, fmt, row, IN2, A, t0, tb, b); }
         float bias = L->gated ? 0.f : scalar_at(L, row, BIAS, 0);
