@@ -251,7 +251,8 @@ def probe(
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
         lines = [f"# inaflash probe --compute ({result['date']}, {result['threads']} threads)", "",
                  f"Memory bandwidth (256 MiB copy, read + write): {result['copy_gb_per_s']:.1f} GB/s", "",
-                 "FFN kernel, one token, over a layer's first fraction of neurons (a cache's live block):", "",
+                 "FFN kernel, one token, over a layer's first fraction of neurons (a cache's live block), weights "
+                 "streamed from DRAM (copies of the layer in rotation, 128 MiB in all):", "",
                  "| hidden x neurons | format | fraction | ms | G weights/s | GB/s of bundles |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['hidden']} x {r['neurons']} | {r['format']} | {r['fraction']:.0%} | {r['ms']:.3f} | "
                   f"{r['g_weights_per_s']:.1f} | {r['gb_per_s']:.1f} |" for r in result["rows"]]
