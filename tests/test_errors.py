@@ -140,3 +140,32 @@ def test_user_error_in_a_real_process_has_no_traceback(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == f"inaflash: error: model not found: {tmp_path / 'missing'}"
     assert "Traceback" not in out.stderr
+
+
+def test_missing_kernel_is_said_and_the_torch_path_gives_the_same_logits(tiny_store, monkeypatch):
+    """Without the native kernel (no compiler at install) the engine warns, naming the cause and the fix, and
+    computes with torch: the same logits as the kernel's, to the float16 rounding of torch's products."""
+    import warnings
+
+    import torch
+
+    from inaflash import kernels
+    from inaflash.engine import Engine
+    from inaflash.store import FlashStore
+
+    store, runs, said = FlashStore(tiny_store), [], []
+    monkeypatch.delenv("INAFLASH_KERNEL", raising=False)
+    for native in ([True] if kernels.available() else []) + [False]:
+        if not native:
+            monkeypatch.setattr(kernels, "LIB", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = Engine(store, mode="dram", context=16)
+        said.append([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+        with engine:
+            engine.reset(8)
+            runs.append(engine.forward(torch.tensor([1, 5, 9, 2]), 0))
+    assert len(said[-1]) == 1 and "native FFN kernel is not built" in said[-1][0] and "pip install -e ." in said[-1][0]
+    if len(runs) == 2:
+        assert said[0] == []
+        assert ((runs[0] - runs[1]).norm() / runs[1].norm()).item() < 1e-3

@@ -7,6 +7,7 @@ import torch
 from .errors import InaflashError
 from .memory import pin_mmap_threshold, release_free_heap
 from .ffn import HybridFFN, NaiveFlashFFN, ResidentFFN
+from .kernels import warn_if_missing
 from .models import build_model
 from .planner import active_neurons_per_token, parse_memory, plan_hybrid, plan_memory
 from .reader import FlashReader, ReadStats
@@ -31,6 +32,7 @@ class Engine:
         if window < 0:
             raise InaflashError("window must be >= 0")
         pin_mmap_threshold()
+        warn_if_missing()
         self.store, self.mode, self.config = store, mode, store.config
         self.context = min(context or DEFAULT_CONTEXT, self.config.max_position_embeddings)
         self.reader = FlashReader(store.ffn_path, threads=io_threads)

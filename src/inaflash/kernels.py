@@ -152,6 +152,7 @@ def move_rows(rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
 
 
 def warn_if_missing() -> None:
+    """Say once per engine when the FFN falls back to torch without having been asked to."""
     if LIB is None and os.environ.get("INAFLASH_KERNEL", "").lower() != "torch":
         warnings.warn("inaflash's native FFN kernel is not built (no compiler or no AVX2 at install): computing "
                       "with torch, several times slower; reinstall with  pip install -e .  where gcc is present",

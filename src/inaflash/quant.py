@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from .ops import FLOAT32_FROM_TOKENS
 
 FFN_FORMATS = {
     "float": "bundles in the store's --dtype",
@@ -295,17 +294,3 @@ class Int8Matrix:
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes[ids].float() * self.scales[ids].float()[..., None]
-
-
-class Int8Columns:
-    """Columns [rows, m] as int8 codes with a scale per column: the neuron cache's down projection (one column per
-    neuron). Slices of a wider matrix are not contiguous, which the int8 kernel needs, so codes are converted to
-    bfloat16 for the product; the scales fold into the activations: W (h * s) = (W * s) h."""
-
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
-        self.codes, self.scales = codes, scales
-
-    def linear(self, h: torch.Tensor) -> torch.Tensor:
-        """h [T, m] -> [T, rows] float32."""
-        dtype = torch.float32 if h.shape[0] >= FLOAT32_FROM_TOKENS else torch.bfloat16  # as ops.linear
-        return torch.nn.functional.linear((h * self.scales.float()).to(dtype), self.codes.to(dtype)).float()
