@@ -5,6 +5,7 @@ serves in decoding; `inaflash eval` scores 256-token chunks, which take the GEMM
     python bench/kernel_quality.py STORE [TOKENS]      (README: "What quantized activations cost")
 """
 import math
+import os
 import sys
 import time
 
@@ -29,8 +30,9 @@ def main(store_path: str, tokens: int = 1024) -> None:
     store, runs = FlashStore(store_path), {}
     for path in ("int8 activations", "float activations", "torch (decoded)"):  # torch last: it unloads the kernel
         kernels.QUANTIZED_ACTIVATIONS = path == "int8 activations"
-        if path.startswith("torch"):
+        if path.startswith("torch"):  # as INAFLASH_KERNEL=torch does
             kernels.LIB = None
+            os.environ["INAFLASH_KERNEL"] = "torch"
         with Engine(store, mode="dram", context=tokens + 8) as engine:
             greedy = [generate_ids(engine, engine.tokenizer(p)["input_ids"], 32, temperature=0.0, stop=set())[0]
                       for p in PROMPTS]

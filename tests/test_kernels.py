@@ -161,8 +161,9 @@ def test_greedy_text_through_the_kernel_equals_the_decoded_path(smollm2_gguf, tm
     monkeypatch.setattr(kernels, "QUANTIZED_ACTIVATIONS", False)
     runs = {}
     for path in ("kernel", "torch"):
-        if path == "torch":
+        if path == "torch":  # as INAFLASH_KERNEL=torch does
             monkeypatch.setattr(kernels, "LIB", None)
+            monkeypatch.setenv("INAFLASH_KERNEL", "torch")
         with Engine(store, mode="dram", context=64) as engine:
             assert engine.ffn.math.native == (path == "kernel")
             tok = engine.tokenizer
