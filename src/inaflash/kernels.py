@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .quant import kernel_layout
+from .reader import _gather_rows
 
 FIELD_SLOTS = {"gate": 0, "fc1": 0, "up": 1, "down": 2, "fc2": 2, "fc1_bias": 3}
 ACTS = {"silu": 0, "relu": 1}
@@ -29,9 +30,9 @@ class _Layout(ctypes.Structure):
                 ("qx", ctypes.c_int32)]
 
 
-# int8/int4 bundles: gate/up dot products against activations quantized to int8 per 32 (llama.cpp's Q8
-# activations; integer multiply-adds). INAFLASH_KERNEL=exact keeps float activations: the same kernel ~2x slower
-# on those formats, exact to float32 rounding.
+# int8/int4 bundles: gate/up dot products against activations quantized to int8 per weight group (llama.cpp's Q8
+# activations; integer multiply-adds). INAFLASH_KERNEL=exact keeps float activations: exact to float32 rounding,
+# 36% slower on Qwen2.5's int4 store (README).
 QUANTIZED_ACTIVATIONS = os.environ.get("INAFLASH_KERNEL", "").lower() != "exact"
 
 
@@ -81,7 +82,7 @@ class BundleFFN:
     def __init__(self, fmt: str, fields: dict[str, tuple[int, int]], dtype: torch.dtype, row_bytes: int,
                  hidden_size: int, act: str, quantized_activations: bool | None = None):
         layout = kernel_layout(fmt, fields, dtype)
-        self.ok = LIB is not None and layout is not None and act in ACTS and hidden_size % 8 == 0
+        self.ok = LIB is not None and layout is not None and act in ACTS
         if not self.ok:
             return
         L = _Layout(fmt=layout["fmt"], d=hidden_size, gated=int("gate" in fields), act=ACTS[act], row_bytes=row_bytes,
@@ -96,19 +97,17 @@ class BundleFFN:
             L.code_off[1], L.group_base[1], L.group[1] = L.code_off[0], L.group_base[0], L.group[0]
         self.layout, self.hidden_size, self.row_bytes = L, hidden_size, row_bytes
         self._ref = ctypes.byref(L)
-        # each group must be whole vectors of 8 and divide the width, which the kernel checks once here
+        # the kernel refuses layouts it cannot compute (groups not whole vectors of 8, not dividing the width, too
+        # many): ask it once, with no rows
         probe = torch.zeros(1, hidden_size)
-        if LIB.inaflash_bundle_ffn(self._ref, None, None, 0, _ptr(probe), 1, None, _ptr(probe), None, 1) != 0 or \
-                any(L.group[s] % 8 or hidden_size % L.group[s] for s in (0, 1, 2)):
+        if LIB.inaflash_bundle_ffn(self._ref, None, None, 0, _ptr(probe), 1, None, _ptr(probe), None, 1) != 0:
             self.ok = False
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, m: int, offsets: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                 hidden: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
         x = x.float().contiguous()
         T = x.shape[0]
-        if out is None:
-            out = torch.zeros(T, self.hidden_size)
+        out = torch.zeros(T, self.hidden_size)
         if mask is not None:
             mask = mask.float().contiguous()
         if offsets is not None:
@@ -118,7 +117,6 @@ class BundleFFN:
         if rc != 0:
             raise RuntimeError(f"native FFN kernel failed ({rc})")
         return out
-
 
     def decode(self, rows: torch.Tensor, m: int, width: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
         """The m bundles as float32 rows [m, width] (the layout's fields in bundle order)."""
@@ -138,7 +136,7 @@ def gather_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, row
         LIB.inaflash_gather_rows(dst.data_ptr(), dst.stride(0), src.data_ptr(), offsets.data_ptr(), offsets.numel(),
                                  row_bytes)
         return
-    dst[: offsets.numel(), :row_bytes] = src[: int(offsets.max()) + row_bytes].unfold(0, row_bytes, 1)[offsets]
+    dst[: offsets.numel(), :row_bytes] = _gather_rows(src, offsets, row_bytes)
 
 
 def move_rows(rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
