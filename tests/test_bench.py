@@ -78,8 +78,11 @@ def test_bench_on_a_tiny_model_writes_complete_json_and_markdown(tmp_path):
         assert b["status"] in ("ok", "partial", "killed", "failed", "unavailable")
         assert b["status"] == "ok" or b["reason"]
     assert next(b for b in saved["baselines"] if b["name"] == "llama.cpp-mmap")["status"] == "unavailable"
-    ours = next(b for b in saved["baselines"] if b["name"] == "inaflash-sparse")  # the same limit, runtime included
+    ours = next(b for b in saved["baselines"] if b["name"] == "inaflash-auto")  # the same limit, runtime included
     assert ours["status"] == "ok" or "limit" in ours["reason"] or "memory" in ours["reason"], ours
+    # at 300% the whole model fits: the default runs dram, and says why (this calibration has no quality gate)
+    assert rows["auto"]["chosen_mode"] == "dram" and "fits" in rows["auto"]["choice"]
+    assert rows["auto"]["bytes_read_per_token"] == 0
     md = next((tmp_path / "results").glob("*.md")).read_text()
     lines = md.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| configuration"))

@@ -131,7 +131,7 @@ def test_request_beyond_context(smollm2_store_f16, capsys, monkeypatch):
 
 def test_unknown_mode(tiny_store, capsys, monkeypatch):
     code, err = cli(["run", "--model", tiny_store, "--mode", "turbo", "hi"], capsys, monkeypatch)
-    assert code == 1 and "unknown mode 'turbo'; choose one of dram, naive, hybrid, sparse" in err
+    assert code == 1 and "unknown mode 'turbo'; choose one of auto, dram, naive, hybrid, sparse" in err
 
 
 def test_user_error_in_a_real_process_has_no_traceback(tmp_path):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def tiny_config(kind: str):
+def tiny_config(kind: str, **overrides):
     from transformers import LlamaConfig, OPTConfig, Qwen2Config
 
     if kind == "llama":  # GQA, tied embeddings
-        return LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                           rope_theta=10000.0, tie_word_embeddings=True)
+        return LlamaConfig(**{**dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     rope_theta=10000.0, tie_word_embeddings=True), **overrides})
     if kind == "qwen2":  # q/k/v biases, untied head
         return Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -23,12 +23,13 @@ def tiny_config(kind: str):
     raise ValueError(kind)
 
 
-def make_tiny(kind: str, path, seed: int = 0):
-    """Build, randomise (biases and norms too, so they are exercised) and save a tiny model; return it."""
+def make_tiny(kind: str, path, seed: int = 0, **overrides):
+    """Build, randomise (biases and norms too, so they are exercised) and save a tiny model; return it.
+    `overrides`: config fields (Llama only), e.g. num_hidden_layers."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):

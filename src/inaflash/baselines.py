@@ -67,7 +67,7 @@ if budget <= 0:
     sys.exit(f"the runtime alone (Python, torch, tokenizer: {runtime / 1e6:.0f} MB) + a {margin / 1e6:.0f} MB margin "
              f"exceeds the {limit / 1e6:.0f} MB limit")
 with Engine(store, memory=budget, context=len(ids) + n + 1, **options) as engine:
-    print(json.dumps({"event": "loaded", "t": time.perf_counter(),
+    print(json.dumps({"event": "loaded", "t": time.perf_counter(), "chosen_mode": engine.mode,
                       "planned_bytes": engine.plan.planned_bytes if engine.plan else None}), flush=True)
     stats = GenerationStats()
     for _ in stream_ids(engine, ids, n, temperature=0.0, stop=set(), stats=stats):
@@ -132,9 +132,10 @@ def run_inaflash_limited(store, prompt_ids: list[int], gen_tokens: int, limit: i
     row = _run(name, INAFLASH, [str(store.path), json.dumps(prompt_ids), str(gen_tokens), str(limit),
                                 str(INAFLASH_MARGIN), json.dumps(options)], limit, store.ffn_path, gen_tokens)
     stdout = row.pop("stdout", "")
-    for kind in ("budget", "stats"):
+    for kind in ("budget", "loaded", "stats"):
         for event in _events(stdout, kind):
             event.pop("event")
+            event.pop("t", None)
             row.update(event)
     row["options"] = options
     return row

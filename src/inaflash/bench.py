@@ -45,7 +45,8 @@ CONFIGS = [
            coalesce=False),
     Config("+bundling", "sparse", "one read per neuron (gate, up, down together)", coalesce=False),
     Config("+coalescing", "sparse", "merge reads closer than the probed gap"),
-    Config("full", "sparse", "the default, within --memory", budget=True),
+    Config("full", "sparse", "sparse mode with every technique, within --memory", budget=True),
+    Config("auto", "auto", "the default (--mode auto): the fastest mode that fits --memory", budget=True),
 ]
 FIELDS = ["ms_per_token", "io_ms_per_token", "predictor_ms_per_token", "memory_ms_per_token", "compute_ms_per_token",
           "bytes_read_per_token", "reads_per_token", "cache_hit_rate", "prefill_ms", "peak_rss_bytes"]
@@ -106,9 +107,9 @@ def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tok
     if target is None:
         return {"status": "unavailable", "reason": "no unbundled store"}
     options = dict(mode=cfg.mode, context=len(prompt) + gen_tokens + 1)
-    if cfg.mode in ("sparse", "hybrid"):
+    if cfg.mode in ("sparse", "hybrid", "auto"):
         options["memory"] = memory if cfg.budget else None
-    if cfg.mode == "sparse":
+    if cfg.mode in ("sparse", "auto"):
         options.update(window=cfg.window, max_gap=(max_gap if max_gap is not None else DEFAULT_MAX_GAP)
                        if cfg.coalesce else -1, cache_format=cache_format)
     gc.collect()
@@ -129,8 +130,10 @@ def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tok
             if engine.plan is not None:
                 row.update(budget_bytes=engine.plan.budget_bytes, planned_bytes=engine.plan.planned_bytes,
                            window=engine.plan.window, cache_capacity=engine.plan.cache_capacity)
-            if cfg.mode == "hybrid":
+            if engine.mode == "hybrid":
                 row["resident_ffn_layers"] = len(engine.ffn.resident_layers)
+            if engine.choice is not None:
+                row.update(chosen_mode=engine.mode, choice=engine.choice.reason)
             row["status"] = "ok"
             return row
     except InaflashError as e:
@@ -208,19 +211,21 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
         "ffn_compute": ffn_compute(store),
         "embeddings_on_flash": store.embed is not None,
         "repeat": repeat, "max_seconds_per_run": max_seconds, "max_gap": max_gap, "probe_profile": str(profile_path()) if profile else None,
-        "calibration": {k: store.manifest["sparsity"].get(k) for k in ("target_sparsity", "rank", "window")},
+        "calibration": {k: store.manifest["sparsity"].get(k) for k in ("target_sparsity", "rank", "window", "quality")},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "rows": rows,
     }
     if baselines:
         from .baselines import run_baselines, run_inaflash_limited, run_llama_cpp_unlimited
 
         result["llama_cpp_unlimited"] = run_llama_cpp_unlimited(store, prompt, gen_tokens)
-        limit_bytes = parse_memory(limit, store) if limit else budget
-        result["baselines"] = run_baselines(store, prompt, gen_tokens, limit_bytes, progress)
-        # inaflash's default (the full row) under the same whole-process limit, runtime included
-        result["baselines"].append(run_inaflash_limited(
-            store, prompt, gen_tokens, limit_bytes,
-            dict(mode="sparse", window=DEFAULT_WINDOW, cache_format=cache_format, max_gap=max_gap)))
+        result["baselines"] = []
+        for one in (limit.split(",") if limit else [memory]):
+            limit_bytes = parse_memory(one.strip(), store)
+            result["baselines"] += run_baselines(store, prompt, gen_tokens, limit_bytes, progress)
+            # inaflash's default (--mode auto) under the same whole-process limit, runtime included
+            result["baselines"].append(run_inaflash_limited(
+                store, prompt, gen_tokens, limit_bytes,
+                dict(mode="auto", window=DEFAULT_WINDOW, cache_format=cache_format, max_gap=max_gap)))
     result["summary"] = key_ratios(result)
     write_results(result, Path(out_dir))
     return result
@@ -255,13 +260,20 @@ def key_ratios(result: dict) -> dict:
         return None
 
     out["naive_over_full"] = ratio("naive", "full")
+    out["naive_over_auto"] = ratio("naive", "auto")
+    # under each whole-process limit: inaflash's default against llama.cpp-mmap, tokens/s over tokens/s
+    for limit in sorted({b.get("limit_bytes") for b in result.get("baselines", []) if b.get("limit_bytes")}):
+        rows = {b["name"]: b for b in result["baselines"] if b.get("limit_bytes") == limit}
+        ours, theirs = rows.get("inaflash-auto", {}), rows.get("llama.cpp-mmap", {})
+        if ours.get("tokens_per_s") and theirs.get("tokens_per_s"):
+            out[f"limited_speedup_over_llamacpp_{limit / 1e6:.0f}MB"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
     llama = result.get("llama_cpp_unlimited") or {}
     if "dram" in by and llama.get("ms_per_token"):
         out["dram_over_llamacpp"] = by["dram"]["ms_per_token"] / llama["ms_per_token"]
         out["dram_prefill_over_llamacpp"] = by["dram"]["prefill_ms"] / llama["prefill_ms"]
     out["full_over_dram"] = ratio("full", "dram")
     out["naive_over_coalescing"] = ratio("naive", "+coalescing")
-    for name in ("full", "+coalescing"):
+    for name in ("full", "+coalescing", "auto"):
         if name in by:
             out[f"{name}_bytes_share_of_ffn"] = by[name]["bytes_read_per_token"] / result["ffn_bytes"]
     return out
@@ -330,16 +342,24 @@ def markdown(result: dict, png_name: str | None = None) -> str:
         lines += ["", f"llama.cpp on the same GGUF with no memory limit (the speed to beat when the model fits; "
                       f"inaflash dram's prefill above is the {result['prompt_tokens']}-token prompt): {detail}"]
     if result.get("baselines"):
-        lines += ["", "Baselines and inaflash's full default, each a child process under a cgroup-v1 memory limit on "
+        lines += ["", "Baselines and inaflash's default (--mode auto; the mode it chose in brackets), each a child process "
+                      "under a cgroup-v1 memory limit on "
                       "the whole process (runtime included), model files evicted from the page cache first:", "",
                   "| baseline | limit MB | status | tokens/s | ms/token | peak cgroup usage MB |", "|---|---|---|---|---|---|"]
         for b in result["baselines"]:
-            lines.append(f"| {b['name']} | {_mb(b.get('limit_bytes'))} | {b['status']}"
+            chosen = f" ({b['chosen_mode']})" if b.get("chosen_mode") else ""
+            lines.append(f"| {b['name']}{chosen} | {_mb(b.get('limit_bytes'))} | {b['status']}"
                          f"{': ' + b['reason'] if b.get('reason') else ''} | "
                          f"{b.get('tokens_per_s', 0) or 0:.2f} | {_ms(b.get('ms_per_token'))} | "
                          f"{_mb(b.get('max_usage_bytes'))} |")
     s = result.get("summary", {})
     parts = [f"{k} = {v:.3g}" for k, v in s.items() if v is not None]
+    gate = result.get("calibration", {}).get("quality")
+    if gate:
+        lines += ["", f"The store's sparse quality gate (calibration's validation text; `--mode auto` runs sparse only "
+                      f"if it passed): {'passed' if gate.get('ok') else 'failed: ' + str(gate.get('failed'))}; "
+                      f"perplexity {gate['ppl_increase']:+.2%}, top-1 agreement {gate['top1_agreement']:.3f}, "
+                      f"greedy prefix {gate['greedy_prefix']:.1f} of 32."]
     lines += ["", "Key ratios: " + ("; ".join(parts) if parts else "n/a"), ""]
     if png_name:
         lines += [f"![ms/token by configuration]({png_name})", ""]

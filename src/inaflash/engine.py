@@ -9,12 +9,13 @@ from .memory import pin_mmap_threshold, release_free_heap
 from .ffn import HybridFFN, NaiveFlashFFN, ResidentFFN
 from .kernels import warn_if_missing
 from .models import build_model
-from .planner import active_neurons_per_token, parse_memory, plan_hybrid, plan_memory
+from .planner import active_neurons_per_token, choose_mode, parse_memory, plan_hybrid, plan_memory
 from .reader import FlashReader, ReadStats
 from .sparse import SparseFlashFFN, load_sparsity
 from .store import FlashStore
 
 MODES = {
+    "auto": "the fastest of the modes below that fits --memory (dram when the model fits)",
     "dram": "whole model in memory: the upper bound",
     "naive": "every layer's whole FFN read from flash for every token: the paper's baseline",
     "hybrid": "as many layers' FFN in DRAM as --memory allows, the others read whole every token",
@@ -33,8 +34,14 @@ class Engine:
             raise InaflashError("window must be >= 0")
         pin_mmap_threshold()
         warn_if_missing()
-        self.store, self.mode, self.config = store, mode, store.config
+        self.store, self.config = store, store.config
         self.context = min(context or DEFAULT_CONTEXT, self.config.max_position_embeddings)
+        self.choice = None
+        if mode == "auto":
+            budget = None if memory is None else parse_memory(memory, store)
+            self.choice = choose_mode(store, budget, self.context, load_sparsity(store), window, cache_format)
+            mode, memory = self.choice.mode, self.choice.budget
+        self.mode = mode
         self.reader = FlashReader(store.ffn_path, threads=io_threads)
         self.plan = None
         if mode == "sparse":

@@ -76,7 +76,7 @@ def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, p
     return FlashStore(target)
 
 
-def load(model: str | Path | None = None, mode: str = "naive", dtype: str = DEFAULT_DTYPE,
+def load(model: str | Path | None = None, mode: str = "auto", dtype: str = DEFAULT_DTYPE,
          bundling: bool | None = None, **engine_options):
     """Open (converting on first use) a model and return an api.Model (generate / stream / chat; .engine).
 

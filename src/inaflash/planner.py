@@ -120,3 +120,63 @@ def plan_hybrid(store: FlashStore, budget: int | None, context: int) -> int:
             f"(resident {store.resident_bytes / 1e6:.1f} + KV cache for {context} tokens "
             f"{kv_bytes(store, context) / 1e6:.1f} + streaming buffers {NaiveFlashFFN.dram_bytes(store) / 1e6:.1f} MB)")
     return min(n, (budget - fixed) // max(e.nbytes for e in store.layers))
+
+
+@dataclass
+class Choice:
+    mode: str
+    reason: str
+    budget: int  # bytes the chosen mode plans within
+
+
+def available_bytes() -> int:
+    """DRAM this process may still use: the smaller of the system's MemAvailable and what a cgroup memory limit on
+    this process leaves (v1 or v2)."""
+    free = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    free = free if free is not None else 1 << 62
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            cap = open(limit).read().strip()
+            if cap != "max" and int(cap) < 1 << 60:
+                free = min(free, int(cap) - int(open(usage).read()))
+        except (OSError, ValueError):
+            continue
+    return max(free, 0)
+
+
+def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, window: int,
+                cache_format: str = "store") -> Choice:
+    """`--mode auto`: the fastest mode whose plan fits `budget` (None: 80% of the DRAM available now).
+    dram if the whole model fits; else sparse if the store's calibration passed its quality gate (calibrate.py:
+    within the bounds on the validation text) and the caches fit; else hybrid, as many layers resident as fit (naive
+    if none). Sparse is never chosen on a calibration without a passed gate: its text would leave dense's."""
+    given = budget is not None
+    budget = budget if given else int(0.8 * available_bytes())
+    whole = model_bytes(store) + kv_bytes(store, context)
+    where = f"--memory {budget / 1e6:.0f} MB" if given else f"80% of the {budget / 0.8e6:.0f} MB available"
+    if whole <= budget:
+        return Choice("dram", f"the whole model ({whole / 1e6:.0f} MB with its KV cache) fits in {where}", budget)
+    gate = ((sparsity.info or {}).get("quality") or {}) if sparsity is not None else {}
+    why_not_sparse = ("the store is not calibrated (inaflash calibrate)" if sparsity is None or not sparsity.predictors
+                      else "its calibration has no quality gate (calibrated before gating: recalibrate)" if not gate
+                      else f"its sparsity failed the quality gate ({gate.get('failed')})" if not gate.get("ok")
+                      else None)
+    if why_not_sparse is None:
+        try:
+            plan = plan_memory(store, budget, context, sparsity.predictor_bytes, window,
+                               active_neurons_per_token(store, sparsity), cache_format)
+            return Choice("sparse", f"the model needs {whole / 1e6:.0f} MB, over {where}; its calibration passed the "
+                                    f"quality gate, and caches of {plan.cache_capacity} neurons per layer fit", budget)
+        except InaflashError as e:
+            why_not_sparse = f"sparse does not fit ({e})"
+    layers = plan_hybrid(store, budget, context)  # raises, naming the minimum, if not even streaming fits
+    mode = "hybrid" if layers > 0 else "naive"
+    return Choice(mode, f"the model needs {whole / 1e6:.0f} MB, over {where}; not sparse: {why_not_sparse}; "
+                        f"{layers} of {store.config.num_layers} layers' FFN fit in DRAM, the rest are read per token", budget)

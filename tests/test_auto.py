@@ -1,0 +1,106 @@
+"""`--mode auto` (one --memory knob) and the quality gate it trusts: the mode chosen follows the budget and the
+store's calibration verdict, its output is the chosen mode's, and the gate's verdict follows its measurements."""
+
+import shutil
+
+import pytest
+import torch
+
+from inaflash.calibrate import QUALITY_BOUNDS, quality_gate, save_sparsity
+from inaflash.engine import Engine
+from inaflash.errors import InaflashError
+from inaflash.planner import kv_bytes, model_bytes
+from inaflash.predictor import Predictor
+from inaflash.sparse import load_sparsity
+from inaflash.store import FlashStore
+from inaflash.sources import open_source
+from inaflash.store import write_store
+from test_sparse import logits_run
+from tiny import make_tiny
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama deep enough that streaming (two layer buffers + resident layers) needs less than the model."""
+    root = tmp_path_factory.mktemp("llama")
+    make_tiny("llama", root / "hf", num_hidden_layers=LAYERS, max_position_embeddings=512)
+    return FlashStore(write_store(open_source(root / "hf"), root / "store", dtype="float32", progress=False))
+
+
+def predictors(store, tau: float):
+    """Constant predictors: every neuron selected (tau < 0) or none (tau > 0)."""
+    c = store.config
+    return [Predictor(torch.zeros(4, c.hidden_size), torch.zeros(c.intermediate_size, 4),
+                      torch.zeros(c.intermediate_size), tau) for _ in range(c.num_layers)]
+
+
+def calibrated(store, tmp_path, quality: dict | None, tau: float = -1.0) -> FlashStore:
+    path = shutil.copytree(store.path, tmp_path / "cal")
+    report = {"layers": [{"predicted_fraction": 1.0}] * store.config.num_layers, "window": 4}
+    if quality is not None:
+        report["quality"] = quality
+    save_sparsity(FlashStore(path), "threshold", [0.0] * store.config.num_layers, predictors(store, tau), report)
+    return FlashStore(path)
+
+
+def streaming_budget(store, context: int, layers: int) -> int:
+    """A budget that holds the resident part, the KV cache, the two streaming buffers and `layers` layers' FFN."""
+    from inaflash.ffn import NaiveFlashFFN
+
+    return (store.resident_bytes + kv_bytes(store, context) + NaiveFlashFFN.dram_bytes(store)
+            + layers * max(e.nbytes for e in store.layers))
+
+
+def test_auto_runs_dram_when_the_model_fits(llama):
+    with Engine(llama, mode="auto", memory=model_bytes(llama) + kv_bytes(llama, 32), context=32) as e:
+        assert e.mode == "dram" and "fits" in e.choice.reason
+
+
+def test_auto_without_calibration_streams_and_matches_dense(llama):
+    budget = streaming_budget(llama, 32, layers=1)
+    with Engine(llama, mode="dram") as dense:
+        ref = logits_run(dense)
+    with Engine(llama, mode="auto", memory=budget, context=32) as e:
+        assert e.mode == "hybrid" and "not calibrated" in e.choice.reason
+        assert f"1 of {LAYERS} layers" in e.choice.reason
+        got = logits_run(e)
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("quality,mode,says", [
+    (None, "hybrid", "no quality gate"),
+    ({"ok": False, "failed": "top1_agreement 0.812"}, "hybrid", "failed the quality gate (top1_agreement 0.812)"),
+    ({"ok": True, "failed": None}, "sparse", "passed the quality gate"),
+])
+def test_auto_runs_sparse_only_where_the_gate_passed(llama, tmp_path, quality, mode, says):
+    store = calibrated(llama, tmp_path, quality)
+    budget = streaming_budget(store, 32, layers=1)
+    with Engine(store, mode="auto", memory=budget, context=32) as e:
+        assert e.mode == mode and says in e.choice.reason
+        if mode == "sparse":
+            assert e.plan.planned_bytes <= budget
+
+
+def test_auto_refuses_a_budget_that_cannot_even_stream(llama):
+    with pytest.raises(InaflashError, match=r"too small for hybrid mode: it needs at least [0-9.]+ MB"):
+        Engine(llama, mode="auto", memory=streaming_budget(llama, 32, 0) - 1, context=32)
+
+
+def test_quality_gate_passes_a_selection_of_everything_and_names_what_fails(llama, tmp_path):
+    ids = torch.randint(0, llama.config.vocab_size, (300,), generator=torch.Generator().manual_seed(0))
+    everything = load_sparsity(calibrated(llama, tmp_path / "a", None, tau=-1.0))
+    nothing = load_sparsity(calibrated(llama, tmp_path / "b", None, tau=1.0))
+    with Engine(llama, mode="dram", context=257) as engine:
+        same = quality_gate(engine, engine.ffn, everything, ids, window=4)
+        off = quality_gate(engine, engine.ffn, nothing, ids, window=4)
+    # every neuron selected: the deployed FFN is dense's, bit for bit
+    assert same["ok"] and same["failed"] is None
+    assert same["ppl_increase"] == 0.0 and same["top1_agreement"] == 1.0 and same["greedy_prefix"] == 32
+    # no neuron: the FFN is gone; the verdict lists exactly the bounds its own measurements break
+    assert off["ppl_increase"] != 0.0
+    broken = [k for k, b in QUALITY_BOUNDS.items() if (off[k] > b if k == "ppl_increase" else off[k] < b)]
+    assert broken and not off["ok"]
+    assert off["failed"] == ", ".join(f"{k} {off[k]:.3f}" for k in broken)
