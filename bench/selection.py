@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from inaflash.generate import chat_template_ids
 from inaflash.sparse import load_sparsity, window_union
 from inaflash.store import FlashStore
 
+COMMAND = ""
 PREFIX = 64  # dense tokens at the start of each chunk (a prompt); scored positions come after
 PROMPTS_RAW = ["The capital of France is", "def fibonacci(n):\n    ", "Water boils at a temperature of",
                "Once upon a time, a small robot", "The three primary colors are"]
@@ -156,6 +158,8 @@ def main() -> None:
     ap.add_argument("--methods", default="oracle,gate,gate*u,teal,griffin,predictor")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    global COMMAND
+    COMMAND = "python bench/selection.py " + " ".join(sys.argv[1:])
     densities = [float(d) for d in args.densities.split(",")]
     store = FlashStore(args.store)
     engine = Engine(store, mode="dram", context=max(CHUNK + 1, 200))
@@ -250,6 +254,27 @@ def main() -> None:
         print(f"{name:22s} ppl {row['ppl']:.3f} ({row['ppl_increase']:+.2%}) top1 {agree:.3f} greedy "
               f"{row['greedy_prefix_mean']:.1f} {greedy} density {r['density']:.3f} new/tok {r['new']:.3f} "
               f"read {read:.3f}", flush=True)
+        save()
+
+    def save() -> None:
+        """The table so far (written after every row: a long run that is stopped keeps what it measured)."""
+        if not args.out:
+            return
+        report = {"store": str(store.path), "heldout_tokens": args.tokens, "calibration_tokens": args.calib_tokens,
+                  "dense_ppl": dense["ppl"], "prefix": PREFIX, "gen": args.gen, "calibration_seconds": calib_s,
+                  "rows": results, "command": COMMAND}
+        Path(args.out + ".json").write_text(json.dumps(report, indent=1))
+        lines = [f"# Selection methods on {store.path.name} (`{COMMAND}`)", "",
+                 f"Held-out: {args.tokens} tokens of The Devil's Dictionary (positions after a {PREFIX}-token dense "
+                 f"prefix per 256-token chunk); dense perplexity {dense['ppl']:.3f}. Greedy: 10 prompts x {args.gen} "
+                 f"tokens. Thresholds from {args.calib_tokens} tokens of pydoc text ({calib_s:.0f} s).", "",
+                 "| method | ppl | ppl increase | top-1 agreement | greedy prefix (mean of 10) | density | "
+                 "new/token (w4) | FFN read/token (w4) |", "|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            lines.append(f"| {r['method']} | {r['ppl']:.3f} | {r['ppl_increase']:+.2%} | {r['top1_agreement']:.3f} | "
+                         f"{r['greedy_prefix_mean']:.1f} | {r['density']:.3f} | {r['new_per_token_w4']:.3f} | "
+                         f"{r['read_fraction_w4']:.3f} |")
+        Path(args.out + ".md").write_text("\n".join(lines) + "\n")
 
     methods = args.methods.split(",")
     print(f"dense ppl {dense['ppl']:.3f}")
@@ -270,23 +295,7 @@ def main() -> None:
         add("predictor", None, SelectFFN(weights, act, "predictor", predictors=spec.predictors))
         add("predictor+w4", None, SelectFFN(weights, act, "predictor", window=4, predictors=spec.predictors))
     engine.close()
-    report = {"store": str(store.path), "model": cfg.name if hasattr(cfg, "name") else None, "heldout_tokens": args.tokens,
-              "calibration_tokens": args.calib_tokens, "dense_ppl": dense["ppl"], "prefix": PREFIX, "gen": args.gen,
-              "calibration_seconds": calib_s, "rows": results,
-              "command": "python bench/selection.py " + " ".join(f"{a}" for a in vars(args).values() if a)}
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(report, indent=1))
-        lines = [f"# Selection methods on {store.path.name} (`python bench/selection.py`)", "",
-                 f"Held-out: {args.tokens} tokens of The Devil's Dictionary (positions after a {PREFIX}-token dense "
-                 f"prefix per 256-token chunk); dense perplexity {dense['ppl']:.3f}. Greedy: 10 prompts x {args.gen} "
-                 f"tokens. Thresholds from {args.calib_tokens} tokens of pydoc text ({calib_s:.0f} s).", "",
-                 "| method | ppl | ppl increase | top-1 agreement | greedy prefix (mean of 10) | density | new/token (w4) | FFN read/token (w4) |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for r in results:
-            lines.append(f"| {r['method']} | {r['ppl']:.3f} | {r['ppl_increase']:+.2%} | {r['top1_agreement']:.3f} | "
-                         f"{r['greedy_prefix_mean']:.1f} | {r['density']:.3f} | {r['new_per_token_w4']:.3f} | "
-                         f"{r['read_fraction_w4']:.3f} |")
-        Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    save()
 
 
 if __name__ == "__main__":

@@ -104,3 +104,14 @@ def test_quality_gate_passes_a_selection_of_everything_and_names_what_fails(llam
     broken = [k for k, b in QUALITY_BOUNDS.items() if (off[k] > b if k == "ppl_increase" else off[k] < b)]
     assert broken and not off["ok"]
     assert off["failed"] == ", ".join(f"{k} {off[k]:.3f}" for k in broken)
+
+
+def test_auto_plans_a_shorter_context_where_the_default_does_not_fit(llama):
+    budget = streaming_budget(llama, 300, 0)  # room for the KV cache of 300 tokens, not of the default 512
+    with pytest.raises(InaflashError, match="too small for hybrid mode"):
+        Engine(llama, mode="auto", memory=budget, context=512)  # a context asked for is kept, or refused
+    with Engine(llama, mode="auto", memory=budget) as e:
+        assert e.mode == "naive" and e.context == 300 and "KV cache planned for 300 tokens" in e.choice.reason
+        e.reset(300)
+        with pytest.raises(InaflashError, match="exceed the planned context of 300"):
+            e.reset(301)

@@ -26,7 +26,7 @@ class Model:
     @property
     def context(self) -> int:
         """Most tokens (prompt + generated) one generation may use."""
-        return self.engine.context if self.engine.plan is not None else self.engine.config.max_position_embeddings
+        return self.engine.context if self.engine.bounded else self.engine.config.max_position_embeddings
 
     def start(self, prompt_ids: list[int], max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
               seed: int | None = None, stop: list[str] | None = None) -> Generation:

@@ -369,8 +369,18 @@ def info(store: Path = typer.Argument(..., help="A store directory."),
         "path": str(s.path), "model_type": c.model_type, "layers": c.num_layers, "hidden_size": c.hidden_size,
         "ffn_neurons": c.intermediate_size, "dtype": s.dtype_name, "resident_bytes": s.resident_bytes,
         "ffn_bytes": s.ffn_bytes, "bundle_bytes": s.bundle_bytes, "layout": s.layout,
-        "ffn_format": s.ffn_format, "verified": verify,
+        "ffn_format": s.ffn_format, "verified": verify, "sparsity": _sparsity_summary(s),
     }, indent=1))
+
+
+def _sparsity_summary(store) -> dict | None:
+    """The calibration in one line's worth: target, predictor rank, and the quality gate's verdict."""
+    entry = store.manifest.get("sparsity")
+    if entry is None:
+        return None
+    gate = entry.get("quality")
+    return {"target_sparsity": entry.get("target_sparsity"), "rank": entry.get("rank"),
+            "quality_gate": None if gate is None else ("passed" if gate.get("ok") else f"failed: {gate.get('failed')}")}
 
 
 def main() -> None:

@@ -39,8 +39,9 @@ class Engine:
         self.choice = None
         if mode == "auto":
             budget = None if memory is None else parse_memory(memory, store)
-            self.choice = choose_mode(store, budget, self.context, load_sparsity(store), window, cache_format)
-            mode, memory = self.choice.mode, self.choice.budget
+            self.choice = choose_mode(store, budget, self.context, load_sparsity(store), window, cache_format,
+                                      context_given=context is not None)
+            mode, memory, self.context = self.choice.mode, self.choice.budget, self.choice.context
         self.mode = mode
         self.reader = FlashReader(store.ffn_path, threads=io_threads)
         self.plan = None
@@ -80,15 +81,17 @@ class Engine:
         release_free_heap()
         self.model = None
         self.max_seq = 0
+        # a plan within a budget holds a KV cache of self.context tokens, no more
+        self.bounded = self.plan is not None or (memory is not None and mode in ("hybrid", "naive"))
 
     def reset(self, max_seq: int) -> None:
         """A fresh KV cache for `max_seq` positions (keeps the model when it is already large enough)."""
         limit = self.config.max_position_embeddings
         if max_seq > limit:
             raise InaflashError(f"{max_seq} tokens exceed the model's context of {limit} (prompt + max tokens)")
-        if self.plan is not None and max_seq > self.context:
+        if self.bounded and max_seq > self.context:
             raise InaflashError(f"{max_seq} tokens exceed the planned context of {self.context} "
-                                "(prompt + max tokens; raise --context)")
+                                "(prompt + max tokens; raise --context, or --memory)")
         if self.model is None or max_seq > self.max_seq:
             self.model = None  # free the old cache first
             self.model = build_model(self.config, self.weights, self.ffn, max_seq)

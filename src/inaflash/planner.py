@@ -127,6 +127,7 @@ class Choice:
     mode: str
     reason: str
     budget: int  # bytes the chosen mode plans within
+    context: int  # tokens of KV cache it plans for
 
 
 def available_bytes() -> int:
@@ -151,18 +152,25 @@ def available_bytes() -> int:
     return max(free, 0)
 
 
+MIN_AUTO_CONTEXT = 256  # auto shrinks a default context (not one asked for) down to this before refusing a budget
+
+
 def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, window: int,
-                cache_format: str = "store") -> Choice:
+                cache_format: str = "store", context_given: bool = True) -> Choice:
     """`--mode auto`: the fastest mode whose plan fits `budget` (None: 80% of the DRAM available now).
     dram if the whole model fits; else sparse if the store's calibration passed its quality gate (calibrate.py:
     within the bounds on the validation text) and the caches fit; else hybrid, as many layers resident as fit (naive
-    if none). Sparse is never chosen on a calibration without a passed gate: its text would leave dense's."""
+    if none). Sparse is never chosen on a calibration without a passed gate: its text would leave dense's.
+    Where even streaming does not fit and the context was not asked for, the KV cache is planned for fewer tokens
+    (down to MIN_AUTO_CONTEXT; the default model's float16 store at --memory 50%: 1024 tokens need 47 MB of its
+    135)."""
     given = budget is not None
     budget = budget if given else int(0.8 * available_bytes())
     whole = model_bytes(store) + kv_bytes(store, context)
     where = f"--memory {budget / 1e6:.0f} MB" if given else f"80% of the {budget / 0.8e6:.0f} MB available"
     if whole <= budget:
-        return Choice("dram", f"the whole model ({whole / 1e6:.0f} MB with its KV cache) fits in {where}", budget)
+        return Choice("dram", f"the whole model ({whole / 1e6:.0f} MB with its KV cache) fits in {where}", budget,
+                      context)
     gate = ((sparsity.info or {}).get("quality") or {}) if sparsity is not None else {}
     why_not_sparse = ("the store is not calibrated (inaflash calibrate)" if sparsity is None or not sparsity.predictors
                       else "its calibration has no quality gate (calibrated before gating: recalibrate)" if not gate
@@ -173,10 +181,23 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
             plan = plan_memory(store, budget, context, sparsity.predictor_bytes, window,
                                active_neurons_per_token(store, sparsity), cache_format)
             return Choice("sparse", f"the model needs {whole / 1e6:.0f} MB, over {where}; its calibration passed the "
-                                    f"quality gate, and caches of {plan.cache_capacity} neurons per layer fit", budget)
+                                    f"quality gate, and caches of {plan.cache_capacity} neurons per layer fit", budget, context)
         except InaflashError as e:
             why_not_sparse = f"sparse does not fit ({e})"
-    layers = plan_hybrid(store, budget, context)  # raises, naming the minimum, if not even streaming fits
+    try:
+        layers = plan_hybrid(store, budget, context)
+        shrunk = ""
+    except InaflashError:
+        from .ffn import NaiveFlashFFN
+
+        room = budget - store.resident_bytes - NaiveFlashFFN.dram_bytes(store)
+        fits = room // max(kv_bytes(store, 1), 1)
+        if context_given or fits < MIN_AUTO_CONTEXT:
+            raise  # names the minimum
+        context = int(min(fits, context))
+        layers = plan_hybrid(store, budget, context)
+        shrunk = f"; KV cache planned for {context} tokens (prompt + answer; more needs more --memory or --context)"
     mode = "hybrid" if layers > 0 else "naive"
     return Choice(mode, f"the model needs {whole / 1e6:.0f} MB, over {where}; not sparse: {why_not_sparse}; "
-                        f"{layers} of {store.config.num_layers} layers' FFN fit in DRAM, the rest are read per token", budget)
+                        f"{layers} of {store.config.num_layers} layers' FFN fit in DRAM, the rest are read per token"
+                        f"{shrunk}", budget, context)
