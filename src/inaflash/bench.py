@@ -273,6 +273,10 @@ def key_ratios(result: dict) -> dict:
         out["dram_prefill_over_llamacpp"] = by["dram"]["prefill_ms"] / llama["prefill_ms"]
     out["full_over_dram"] = ratio("full", "dram")
     out["naive_over_coalescing"] = ratio("naive", "+coalescing")
+    gate = (result.get("calibration") or {}).get("quality") or {}
+    for k in ("ppl_increase", "top1_agreement", "greedy_prefix"):  # sparse's quality gate (what auto trusts)
+        if k in gate:
+            out[f"sparse_gate_{k}"] = gate[k]
     for name in ("full", "+coalescing", "auto"):
         if name in by:
             out[f"{name}_bytes_share_of_ffn"] = by[name]["bytes_read_per_token"] / result["ffn_bytes"]

@@ -302,10 +302,11 @@ def bench(
     repeat: int = typer.Option(1, min=1, help="Rounds; every configuration runs once per round (interleaved)."),
     config: Optional[list[str]] = typer.Option(None, help="Only these configurations (repeatable): dram, naive, "
                                                           "hybrid, +predictor, +windowing, +bundling, +coalescing, "
-                                                          "full."),
-    baselines: bool = typer.Option(True, help="Also run llama.cpp-mmap, transformers-offload and inaflash's full "
-                                              "default each in a child process under a cgroup memory limit."),
-    limit: Optional[str] = typer.Option(None, help="The baselines' whole-process memory limit (default: --memory)."),
+                                                          "full, auto."),
+    baselines: bool = typer.Option(True, help="Also run llama.cpp-mmap, transformers-offload and inaflash's default "
+                                              "(--mode auto) each in a child process under a cgroup memory limit."),
+    limit: Optional[str] = typer.Option(None, help="The baselines' whole-process memory limit(s), comma-separated, "
+                                                   "e.g. 900MB,700MB (default: --memory)."),
     max_seconds: float = typer.Option(120.0, min=1.0, help="Cut a configuration's run after this long (its row "
                                                            "says how many tokens it made)."),
     out_dir: Path = typer.Option(Path("bench/results"), help="Where <date>-<model>.json/.md/.png go."),
