@@ -169,3 +169,62 @@ def test_missing_kernel_is_said_and_the_torch_path_gives_the_same_logits(tiny_st
     if len(runs) == 2:
         assert said[0] == []
         assert ((runs[0] - runs[1]).norm() / runs[1].norm()).item() < 1e-3
+
+
+def listing(d):
+    return sorted((p.relative_to(d), p.stat().st_size) for p in d.rglob("*"))
+
+
+@pytest.mark.parametrize("target", ["source", "parent of source", "plain dir", "file"])
+def test_overwrite_replaces_only_a_store_and_never_the_source(tmp_path, capsys, monkeypatch, target):
+    src = tmp_path / "models" / "hf"
+    make_tiny("llama", src)
+    out = {"source": src, "parent of source": tmp_path / "models", "plain dir": tmp_path / "notes",
+           "file": tmp_path / "notes.txt"}[target]
+    if target == "plain dir":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    if target == "file":
+        out.write_text("mine")
+    before = listing(tmp_path)
+    code, err = cli(["convert", src, out, "--overwrite"], capsys, monkeypatch)
+    assert code == 1 and f"refusing to overwrite {out}" in err
+    assert ("holds the source model" in err) == target.endswith("source")
+    assert listing(tmp_path) == before  # nothing deleted, nothing left behind
+
+
+def test_overwrite_replaces_a_store(tiny_store, tmp_path, capsys, monkeypatch):
+    out = shutil.copytree(tiny_store, tmp_path / "store")
+    (out / "stale.bin").write_text("old")
+    code, _ = cli(["convert", tiny_store.parent / "hf", out, "--overwrite"], capsys, monkeypatch)
+    assert code == 0 and not (out / "stale.bin").exists() and (out / "manifest.json").exists()
+
+
+def test_convert_removes_partials_of_dead_conversions_only(tmp_path):
+    make_tiny("llama", tmp_path / "hf")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.partial-{dead.stdout.strip()}"  # a process that has exited
+    live = tmp_path / f".out.partial-{os.getppid()}"  # a live one (this test's parent)
+    for d in (stale, live):
+        d.mkdir()
+        (d / "ffn.bin").write_bytes(b"x")
+    write_store(open_source(tmp_path / "hf"), tmp_path / "out", progress=False)
+    assert not stale.exists() and live.exists() and (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda m, d: m["files"].update({"../../../../etc/passwd": {"bytes": 1, "sha256": "0"}}),
+     "manifest names file '../../../../etc/passwd', not a file inside the store"),
+    (lambda m, d: m["ffn"].update(file="/dev/zero"), "manifest names FFN file '/dev/zero'"),
+    (lambda m, d: (os.symlink("/etc/hostname", d / "evil"), m["ffn"].update(file="evil")),
+     "manifest's FFN file 'evil' leads outside the store"),
+    (lambda m, d: m["files"].pop("resident.safetensors"),
+     "manifest lists no size or checksum for resident.safetensors"),
+])
+def test_manifest_paths_stay_inside_the_store(store_copy, capsys, monkeypatch, edit, says):
+    m = json.loads((store_copy / "manifest.json").read_text())
+    edit(m, store_copy)
+    (store_copy / "manifest.json").write_text(json.dumps(m))
+    for args in (["info", store_copy, "--verify"], ["run", "--model", store_copy, "hi"]):
+        code, err = cli(args, capsys, monkeypatch)
+        assert code == 1 and says in err, err

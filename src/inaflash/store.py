@@ -111,7 +111,7 @@ class FlashStore:
         self.dtype_name = m["dtype"]
         self.dtype = DTYPES[self.dtype_name]
         ffn = m["ffn"]
-        self.ffn_path = self.path / ffn["file"]
+        self.ffn_path = _inside(self.path, ffn["file"], "FFN file")
         self.fields = {k: tuple(v) for k, v in ffn["fields"].items()}
         self.bundle_width = ffn["bundle_width"]
         self.bundle_bytes = ffn["bundle_bytes"]  # on flash
@@ -130,8 +130,14 @@ class FlashStore:
         self.layout = ffn.get("layout", "bundled")
         self.blocks = ffn.get("blocks")  # unbundled: field -> block offset within the layer
         self.layers = [LayerExtent(**e) for e in ffn["layers"]]
+        if self.embed is not None:
+            _inside(self.path, self.embed.get("file"), "embedding file")
+        named = {ffn["file"], "resident.safetensors"} | ({self.embed["file"]} if self.embed else set())
+        unlisted = sorted(named - set(m["files"]))
+        if unlisted:
+            raise StoreError(f"store {self.path}: manifest lists no size or checksum for {unlisted[0]}")
         for name, info in m["files"].items():
-            f = self.path / name
+            f = _inside(self.path, name, "file")
             if not f.exists():
                 raise StoreError(f"store {self.path} is missing {name}")
             size = f.stat().st_size
@@ -181,7 +187,7 @@ class FlashStore:
     def verify(self) -> None:
         """Check every file's sha256 against the manifest (reads the whole store)."""
         for name, info in self.manifest["files"].items():
-            if _sha256(self.path / name) != info["sha256"]:
+            if _sha256(_inside(self.path, name, "file")) != info["sha256"]:
                 raise StoreError(f"store {self.path}: {name} does not match its sha256 (corrupt; re-convert)")
 
 
@@ -216,6 +222,51 @@ def _read_manifest(path: Path) -> dict:
             f"{FORMAT_VERSION}: convert the model again"
         )
     return m
+
+
+def _check_replaceable(out: Path, source: Path) -> None:
+    """--overwrite replaces an inaflash store only: never another directory or file, never the source model or a
+    directory holding it (`convert src src --overwrite` once deleted the model's own weights)."""
+    if out.is_symlink() or not out.is_dir():
+        raise InaflashError(f"refusing to overwrite {out}: it is not an inaflash store (a file or a link)")
+    src, dst = source.resolve(), out.resolve()
+    if src == dst or dst in src.parents:
+        raise InaflashError(f"refusing to overwrite {out}: it holds the source model {source}")
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+        ours = isinstance(m, dict) and m.get("format") == FORMAT
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise InaflashError(f"refusing to overwrite {out}: it is not an inaflash store (no inaflash manifest.json); "
+                            "remove it yourself or choose another output")
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Leftovers of conversions into `out` that were killed (SIGKILL, power loss): `.NAME.partial-PID` whose process
+    is gone. Those of a live process (a conversion running beside this one) are left alone."""
+    for leftover in out.parent.glob(f".{out.name}.partial-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or leftover.is_symlink() or not leftover.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, another user's
+
+
+def _inside(root: Path, name: object, what: str) -> Path:
+    """`root / name` for a file named by a manifest, refused unless it is a plain relative path that stays inside
+    the store (no absolute path, no `..`, no symlink out): a manifest never makes inaflash read elsewhere."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise StoreError(f"store {root}: manifest names {what} {name!r}, not a file inside the store")
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise StoreError(f"store {root}: manifest's {what} {name!r} leads outside the store (a symlink)")
+    return path
 
 
 def _sha256(path: Path) -> str:
@@ -265,6 +316,8 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
     out = Path(out)
     if out.exists() and not overwrite:
         raise InaflashError(f"{out} already exists (pass --overwrite to replace it)")
+    if out.exists() or out.is_symlink():
+        _check_replaceable(out, Path(source.path))
     cfg, tdtype = source.config, DTYPES[dtype]
     names = source.names()
     ffn_names = {n for layer in range(cfg.num_layers) for n in ffn_tensor_names(cfg, layer)}
@@ -276,6 +329,7 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
     cfg.tie_word_embeddings = "lm_head.weight" not in names
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
