@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -228,3 +229,32 @@ def test_manifest_paths_stay_inside_the_store(store_copy, capsys, monkeypatch, e
     for args in (["info", store_copy, "--verify"], ["run", "--model", store_copy, "hi"]):
         code, err = cli(args, capsys, monkeypatch)
         assert code == 1 and says in err, err
+
+
+@pytest.mark.parametrize("spec", ["inf%", "nan%", "-5%", "0", "1e400GB", "12 parsecs"])
+def test_memory_that_is_not_a_budget(tiny_store, capsys, monkeypatch, spec):
+    code, err = cli(["run", "--model", tiny_store, "--memory", spec, "hi"], capsys, monkeypatch)
+    assert code == 1 and f"cannot read memory budget '{spec}'" in err
+
+
+def test_sampling_extremes_are_greedy_or_refused(tiny_store):
+    import torch
+
+    from inaflash.engine import Engine
+    from inaflash.errors import InaflashError
+    from inaflash.generate import generate_ids, sample
+
+    logits = torch.tensor([1.0, 5.0, 4.999, -3.0])
+    assert sample(logits, 1e-40, 1.0, None) == 1  # would be nan/inf without the shift
+    assert all(sample(logits, 1.0, 0.0, torch.Generator().manual_seed(s)) == 1 for s in range(20))  # top_p 0
+    from inaflash.store import FlashStore
+
+    with Engine(FlashStore(tiny_store), mode="dram") as e:
+        for kwargs, says in [(dict(seed=2 ** 64), "seed 18446744073709551616 is out of range"),
+                             (dict(seed=-1), "seed -1 is out of range"),
+                             (dict(top_p=1.5, temperature=1.0), "top_p in [0, 1]"),
+                             (dict(temperature=float("nan")), "temperature must be >= 0")]:
+            with pytest.raises(InaflashError, match=re.escape(says)):
+                generate_ids(e, [3, 4, 5], 2, **kwargs)
+        greedy = generate_ids(e, [3, 4, 5], 4, temperature=0.0, stop=set())[0]
+        assert generate_ids(e, [3, 4, 5], 4, temperature=1e-40, seed=2 ** 64 - 1, stop=set())[0] == greedy

@@ -48,10 +48,13 @@ class GenerationResult:
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # shifted by the maximum first, so a tiny temperature (1e-40) tends to greedy instead of overflowing to nan
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+        keep[0] = True  # top_p 0 keeps the most likely token
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -100,6 +103,10 @@ def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperatu
         raise InaflashError("empty prompt")
     if max_tokens < 1:
         raise InaflashError("max tokens must be at least 1")
+    if seed is not None and not 0 <= seed < 2 ** 64:
+        raise InaflashError(f"seed {seed} is out of range: use 0 .. 2**64 - 1")
+    if not 0 <= top_p <= 1 or temperature < 0 or temperature != temperature:
+        raise InaflashError(f"temperature must be >= 0 and top_p in [0, 1] (got {temperature}, {top_p})")
     stop = stop_ids(engine) if stop is None else stop
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     engine.reset(len(prompt_ids) + max_tokens)

@@ -27,20 +27,14 @@ def model_bytes(store: FlashStore) -> int:
 
 def parse_memory(spec: str | int, store: FlashStore) -> int:
     """'50%' (of the model's weight bytes), '300MiB', '4GB' or a byte count."""
-    if isinstance(spec, int):
+    if isinstance(spec, int) and spec > 0:
         return spec
     s = str(spec).strip().lower()
-    if s.endswith("%"):
-        try:
-            return int(float(s[:-1]) / 100 * model_bytes(store))
-        except ValueError:
-            pass
-    m = re.fullmatch(r"([0-9.]+)\s*([a-z]*)", s)
-    if m and m.group(2) in UNITS:
-        try:
-            return int(float(m.group(1)) * UNITS[m.group(2)])
-        except ValueError:
-            pass
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[a-z]*)", s)
+    if m and (m.group(2) == "%" or m.group(2) in UNITS):
+        value = float(m.group(1)) * (model_bytes(store) / 100 if m.group(2) == "%" else UNITS[m.group(2)])
+        if 0 < value < 1 << 62:
+            return int(value)
     raise InaflashError(f"cannot read memory budget {spec!r}: use e.g. 50%, 300MiB or 4GB")
 
 
