@@ -112,12 +112,15 @@ def test_completions_and_stop_strings(live, model):
     ({"model": "MODEL", "messages": [{"role": "user", "content": 5}]}, 400, "content"),
     ({"model": "gpt-4o", "messages": CHAT}, 400, "unknown model 'gpt-4o'"),
     ({"model": "MODEL", "messages": CHAT, "max_tokens": 10 ** 6}, 400, "exceed the context"),
+    ({"model": "MODEL", "messages": CHAT, "seed": 2 ** 64}, 400, "seed"),
+    ({"model": "MODEL", "messages": CHAT, "seed": -1}, 400, "seed"),
+    ('{"model": "MODEL", "messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, "lone surrogate"),
 ])
 def test_bad_requests_get_openai_style_400s(live, model, body, status, needle):
     if isinstance(body, dict):
         content = json.dumps({k: (model.name if v == "MODEL" else v) for k, v in body.items()})
     else:
-        content = body
+        content = body.replace("MODEL", model.name)
     r = httpx.post(live.url + "/v1/chat/completions", content=content,
                    headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from .api import Model
 from .errors import InaflashError
@@ -39,10 +39,22 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
 
 
+def _utf8(text: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_utf8)]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    content: Text
 
 
 class SamplingRequest(BaseModel):
@@ -52,8 +64,8 @@ class SamplingRequest(BaseModel):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2, strict=True)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1, strict=True)] = 1.0
-    seed: StrictInt | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, lt=2 ** 64)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
     stream: StrictBool = False
     n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
     stream_options: dict | None = None
@@ -67,7 +79,7 @@ class ChatRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
 
 
 class Metrics:
