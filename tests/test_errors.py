@@ -258,3 +258,33 @@ def test_sampling_extremes_are_greedy_or_refused(tiny_store):
                 generate_ids(e, [3, 4, 5], 2, **kwargs)
         greedy = generate_ids(e, [3, 4, 5], 4, temperature=0.0, stop=set())[0]
         assert generate_ids(e, [3, 4, 5], 4, temperature=1e-40, seed=2 ** 64 - 1, stop=set())[0] == greedy
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("intermediate_size", 200, "tensor model.layers.0.mlp.gate_proj.weight has shape [160, 64], but the model's "
+                               "config implies [200, 64]"),
+    ("num_hidden_layers", -1, "config num_layers = -1 is not a positive size"),
+    ("hidden_size", 0, "config hidden_size = 0 is not a positive size"),
+])
+def test_convert_checks_shapes_against_the_config(tmp_path, capsys, monkeypatch, field, value, says):
+    make_tiny("llama", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    code, err = cli(["convert", tmp_path / "hf", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 1 and says in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing written
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda c: c.update(num_layers=-1), "config num_layers = -1 is not a positive size"),
+    (lambda c: c.update(hidden_size=10 ** 12), "config hidden_size = 1000000000000 is not a positive size"),
+    (lambda c: c.update(num_kv_heads=3), "num_heads 4 is not a multiple of num_kv_heads 3"),
+    (lambda c: c.update(surprise=1), "manifest.json's config is malformed"),
+])
+def test_manifest_config_is_validated(store_copy, capsys, monkeypatch, edit, says):
+    m = json.loads((store_copy / "manifest.json").read_text())
+    edit(m["config"])
+    (store_copy / "manifest.json").write_text(json.dumps(m))
+    code, err = cli(["info", store_copy], capsys, monkeypatch)
+    assert code == 1 and says in err, err

@@ -36,7 +36,22 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**d)
+        return cls(**d).validated()
+
+    def validated(self) -> "ModelConfig":
+        """Refuse shapes no model has (a hand-edited or forged config): zero or negative sizes, heads that do not
+        divide, an unknown family or activation. Returns self."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 31:
+                raise UnsupportedModelError(f"config {name} = {value!r} is not a positive size")
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(f"config num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                                        f"{self.num_kv_heads}")
+        if self.family not in set(FAMILIES.values()) or self.hidden_act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"config family {self.family!r} / activation {self.hidden_act!r} unknown")
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +83,7 @@ class ModelConfig:
                 max_position_embeddings=hf.max_position_embeddings, norm_eps=1e-5, hidden_act=_act(act),
                 tie_word_embeddings=True, pre_norm=bool(hf.do_layer_norm_before),
                 bos_token_id=hf.bos_token_id, eos_token_ids=eos_ids,
-            )
+            ).validated()
         rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
@@ -89,7 +104,7 @@ class ModelConfig:
             head_dim=head_dim, max_position_embeddings=max_pos, norm_eps=hf.rms_norm_eps,
             hidden_act=_act(hf.hidden_act), tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             rope_theta=float(theta), bos_token_id=hf.bos_token_id, eos_token_ids=eos_ids,
-        )
+        ).validated()
 
 
 def _act(name: str) -> str:

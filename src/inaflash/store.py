@@ -107,7 +107,10 @@ class FlashStore:
         self.path = Path(path)
         self.manifest = _read_manifest(self.path)
         m = self.manifest
-        self.config = ModelConfig.from_dict(m["config"])
+        try:
+            self.config = ModelConfig.from_dict(m["config"])
+        except (TypeError, KeyError, AttributeError) as e:
+            raise StoreError(f"store {self.path}: manifest.json's config is malformed ({e})") from None
         self.dtype_name = m["dtype"]
         self.dtype = DTYPES[self.dtype_name]
         ffn = m["ffn"]
@@ -222,6 +225,34 @@ def _read_manifest(path: Path) -> dict:
             f"{FORMAT_VERSION}: convert the model again"
         )
     return m
+
+
+def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
+    """The shape the config implies for a source tensor (None for names it does not constrain)."""
+    d, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    tail = name.split(".layers.", 1)[-1].split(".", 1)[-1] if ".layers." in name else name
+    shapes = {"model.embed_tokens.weight": (v, d), "lm_head.weight": (v, d), "model.norm.weight": (d,),
+              "model.decoder.embed_tokens.weight": (v, d),
+              "mlp.gate_proj.weight": (n, d), "mlp.up_proj.weight": (n, d), "mlp.down_proj.weight": (d, n),
+              "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+              "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+              "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+              "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+              "fc1.weight": (n, d), "fc1.bias": (n,), "fc2.weight": (d, n), "fc2.bias": (d,),
+              "self_attn.out_proj.weight": (d, q)}
+    return shapes.get(tail)
+
+
+def _checked(source, name: str, cfg: ModelConfig) -> torch.Tensor:
+    """source.tensor(name), refused (nothing written) if its shape is not the one the config implies: a GGUF whose
+    feed_forward_length says 1535 for 1536-row tensors once converted and ran with a neuron silently dropped."""
+    t = source.tensor(name)
+    want = expected_shape(cfg, name)
+    if want is not None and tuple(t.shape) != want:
+        raise InaflashError(f"source {source.path}: tensor {name} has shape {list(t.shape)}, but the model's config "
+                            f"implies {list(want)} (a config or file that does not match its weights)")
+    return t
 
 
 def _check_replaceable(out: Path, source: Path) -> None:
@@ -341,7 +372,7 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
         h = hashlib.sha256()
         with open(tmp / "ffn.bin", "wb") as f:
             for layer in tqdm(range(cfg.num_layers), desc="convert FFN", unit="layer", disable=not progress):
-                bundles = build_bundles(cfg, [source.tensor(n) for n in ffn_tensor_names(cfg, layer)])
+                bundles = build_bundles(cfg, [_checked(source, n, cfg) for n in ffn_tensor_names(cfg, layer)])
                 offset = f.tell()
                 if ffn_format == "float":
                     parts = _layer_bytes(cfg, bundles.to(tdtype), layout, ffn_format)
@@ -365,7 +396,7 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
         resident, embed = {}, None
         embed_name = next((n for n in names if n.endswith("embed_tokens.weight")), None)
         for n in tqdm(sorted(names - ffn_names), desc="convert resident", unit="tensor", disable=not progress):
-            t = source.tensor(n)
+            t = _checked(source, n, cfg)
             if n == embed_name and embeddings_on_flash and not cfg.tie_word_embeddings:
                 rows = _tensor_bytes(t.to(tdtype))
                 with open(tmp / EMBED_FILE, "wb") as f:  # padded: O_DIRECT reads whole aligned pages
