@@ -288,3 +288,11 @@ def test_manifest_config_is_validated(store_copy, capsys, monkeypatch, edit, say
     (store_copy / "manifest.json").write_text(json.dumps(m))
     code, err = cli(["info", store_copy], capsys, monkeypatch)
     assert code == 1 and says in err, err
+
+
+def test_invalid_utf8_prompt_is_one_line(smollm2_store_f16):
+    out = subprocess.run([sys.executable.encode(), b"-m", b"inaflash", b"run", b"--model",
+                          str(smollm2_store_f16).encode(), b"-n", b"2", b"caf\xe9 \xff"],
+                         capture_output=True, timeout=300)
+    err = out.stderr.decode(errors="replace")
+    assert out.returncode == 1 and "Traceback" not in err and "prompt is not valid UTF-8 (byte 3 of it)" in err, err
