@@ -296,3 +296,16 @@ def test_invalid_utf8_prompt_is_one_line(smollm2_store_f16):
                          capture_output=True, timeout=300)
     err = out.stderr.decode(errors="replace")
     assert out.returncode == 1 and "Traceback" not in err and "prompt is not valid UTF-8 (byte 3 of it)" in err, err
+
+
+def test_unwritable_home_is_one_line(tmp_path, capsys, monkeypatch):
+    if os.geteuid() == 0:  # root writes anywhere: make the home a file instead
+        home = tmp_path / "home"
+        home.write_text("not a directory")
+    else:
+        home = tmp_path / "ro"
+        home.mkdir(mode=0o500)
+    make_tiny("llama", tmp_path / "hf")
+    monkeypatch.setenv("INAFLASH_HOME", str(home))
+    code, err = cli(["run", "--model", tmp_path / "hf", "hi"], capsys, monkeypatch)
+    assert code == 1 and "cannot write the converted store into" in err and "INAFLASH_HOME" in err, err

@@ -71,8 +71,13 @@ def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, p
 
     source = open_source(path)
     print(f"inaflash: converting {path} into {target} (once)", file=sys.stderr)
-    write_store(source, target, dtype=dtype, overwrite=True, progress=progress, layout=layout,
-                resident_format=resident_format)
+    try:
+        write_store(source, target, dtype=dtype, overwrite=True, progress=progress, layout=layout,
+                    resident_format=resident_format)
+    except OSError as e:  # a read-only or full $INAFLASH_HOME
+        raise InaflashError(f"cannot write the converted store into {target.parent}: {e.strerror or e}; set "
+                            "INAFLASH_HOME to a writable directory with room, or convert it yourself "
+                            "(inaflash convert SOURCE OUT) and pass --model OUT") from None
     return FlashStore(target)
 
 
