@@ -129,6 +129,17 @@ def test_bad_requests_get_openai_style_400s(live, model, body, status, needle):
     assert error["type"] == "invalid_request_error"
 
 
+def test_oversized_body_gets_an_openai_style_413(live, model):
+    from inaflash.server import MAX_BODY_BYTES
+
+    body = json.dumps({"model": model.name, "messages": [{"role": "user", "content": "x" * MAX_BODY_BYTES}]})
+    r = httpx.post(live.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large" and str(MAX_BODY_BYTES) in r.json()["error"]["message"]
+    assert httpx.get(live.url + "/health", timeout=10).json()["status"] == "ok"
+
+
 def test_api_key_is_required_when_set(model):
     server = LiveServer(model, api_key="sesame")
     try:

@@ -26,6 +26,9 @@ from .errors import InaflashError
 from .generate import Generation, chat_template_ids
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none (capped by what the context leaves)
+# Larger bodies get a 413 before they are read: a 10 MB body used to be parsed and tokenized on the event loop
+# (/health stalled ~7 s) and left the process +700 MB. 4 MB is ~1M tokens of text, far beyond any context here.
+MAX_BODY_BYTES = 4 << 20
 
 
 class APIError(Exception):
@@ -102,6 +105,8 @@ class Server:
         # requests are tokenized on the event loop while the worker decodes: Rust tokenizers must not be shared
         self.tokenizer = copy.deepcopy(model.engine.tokenizer)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inaflash-generate")
+        # tokenization off the event loop, one request at a time (the tokenizer copy is not shared across threads)
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inaflash-tokenize")
         self.lock: asyncio.Lock | None = None  # created on the server's event loop
         self.pending = 0  # admitted requests: the one generating + those waiting
         self.metrics = Metrics()
@@ -192,6 +197,17 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
     app = FastAPI(title="inaflash", description="OpenAI-compatible API over an inaflash model")
     app.state.server = server
 
+    @app.middleware("http")
+    async def _cap_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+            return error_response(413, f"request body of {size} bytes is over the {MAX_BODY_BYTES} byte limit",
+                                  code="request_too_large")
+        return await call_next(request)
+
+    async def tokenized(fn, *args) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(server.tokenizing, fn, *args)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         return error_response(e.status, e.message, e.type, e.param, e.code)
@@ -241,7 +257,7 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
         messages = [m.model_dump() for m in req.messages]
         if not server.tokenizer.chat_template:
             raise APIError(400, f"model {model.name} has no chat template: use /v1/completions")
-        gen = server.prepare(req, chat_template_ids(server.tokenizer, messages))
+        gen = server.prepare(req, await tokenized(chat_template_ids, server.tokenizer, messages))
         return await respond(req, gen, "chat.completion", "chatcmpl")
 
     @app.post("/v1/completions", dependencies=auth)
@@ -249,7 +265,7 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
-        gen = server.prepare(req, server.tokenizer(prompt)["input_ids"])
+        gen = server.prepare(req, await tokenized(lambda p: server.tokenizer(p)["input_ids"], prompt))
         return await respond(req, gen, "text_completion", "cmpl")
 
     async def respond(req: SamplingRequest, gen: Generation, kind: str, prefix: str):
