@@ -309,3 +309,33 @@ def test_unwritable_home_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("INAFLASH_HOME", str(home))
     code, err = cli(["run", "--model", tmp_path / "hf", "hi"], capsys, monkeypatch)
     assert code == 1 and "cannot write the converted store into" in err and "INAFLASH_HOME" in err, err
+
+
+def test_cancel_reaches_the_prefill(tiny_store, monkeypatch):
+    """A generation cancelled from another thread stops between prefill chunks: no further forward pass runs."""
+    import importlib
+    import threading
+
+    from inaflash.engine import Engine
+    from inaflash.store import FlashStore
+
+    g = importlib.import_module("inaflash.generate")  # the module (the package exports a function of that name)
+    monkeypatch.setattr(g, "PREFILL_CHUNK", 8)
+    with Engine(FlashStore(tiny_store), mode="dram") as e:
+        prompt = list(range(3, 43))  # 40 tokens: 5 chunks
+        ref = list(g.stream_ids(e, prompt, 4, stop=set()))
+        cancel, calls, real = threading.Event(), [], e.forward
+
+        def forward(ids, pos, last_only=False):
+            calls.append((len(ids), pos))
+            if len(calls) == 2:
+                cancel.set()  # the client leaves during the second chunk
+            return real(ids, pos, last_only)
+
+        monkeypatch.setattr(e, "forward", forward)
+        assert list(g.stream_ids(e, prompt, 4, stop=set(), cancelled=cancel.is_set)) == []
+        assert calls == [(8, 0), (8, 8)]  # the remaining three chunks and every decode step never ran
+        # chunked prefill is the same computation as one pass: the uncancelled tokens equal a 1-chunk prefill's
+        monkeypatch.setattr(e, "forward", real)
+        monkeypatch.setattr(g, "PREFILL_CHUNK", 1024)
+        assert list(g.stream_ids(e, prompt, 4, stop=set())) == ref

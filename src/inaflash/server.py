@@ -11,7 +11,6 @@ import asyncio
 import copy
 import json
 import secrets
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
@@ -147,7 +146,7 @@ class Server:
 
     async def pieces(self, gen: Generation):
         """Streamed: text pieces as the worker thread decodes them; cancelled if the consumer stops."""
-        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), gen.cancelled
 
         def produce() -> None:
             try:
@@ -175,8 +174,8 @@ class Server:
                         yield value
                 finally:
                     # a no-op when finished; otherwise the client left and this task is being cancelled: the
-                    # worker stops after the token it is on (the next generation queues behind it on the same
-                    # single worker thread, so releasing the lock now is safe)
+                    # worker stops after the prefill chunk or token it is on (the next generation queues behind it
+                    # on the same single worker thread, so releasing the lock now is safe)
                     cancel.set()
         finally:
             self.pending -= 1
