@@ -140,6 +140,31 @@ def test_oversized_body_gets_an_openai_style_413(live, model):
     assert httpx.get(live.url + "/health", timeout=10).json()["status"] == "ok"
 
 
+def test_shutdown_cancels_a_generation_in_flight_within_bounded_time(model):
+    """Shutdown (Ctrl-C) with a non-streamed request generating: the generation is cancelled and the worker stops
+    before the model is closed under it (which used to hang the process forever)."""
+    import asyncio
+    import time as clock
+
+    from inaflash.server import Server
+
+    server = Server(model, max_queue=1)
+    gen = server.prepare(type("R", (), {"model": model.name, "max_tokens": 4000, "max_completion_tokens": None,
+                                        "temperature": 0.0, "top_p": 1.0, "seed": None, "stops": lambda self: []})(),
+                         [1, 2, 3, 4])
+    loop = asyncio.new_event_loop()
+    server.pending = 1
+    task = loop.create_task(server.run(gen))
+    loop.run_until_complete(asyncio.sleep(1.0))  # generating now
+    assert gen in server.admitted and 0 < len(gen.token_ids) < 4000
+    t0 = clock.perf_counter()
+    assert server.shutdown(timeout=30)
+    assert clock.perf_counter() - t0 < 5  # one token's time, not the 4000-token generation's
+    loop.run_until_complete(task)
+    loop.close()
+    assert gen.finish_reason is None and len(gen.token_ids) < 4000 and not server.admitted
+
+
 def test_api_key_is_required_when_set(model):
     server = LiveServer(model, api_key="sesame")
     try:

@@ -242,7 +242,8 @@ class Generation:
                     sent = len(text) - hold
             else:
                 last = self.token_ids[-1] if self.token_ids else None
-                self.finish_reason = "stop" if last in self._eos else "length"
+                if not self.cancelled.is_set():  # cancelled: no finish reason
+                    self.finish_reason = "stop" if last in self._eos else "length"
             if len(self.text) > sent:
                 yield self.text[sent:]
         finally:

@@ -11,6 +11,8 @@ import asyncio
 import copy
 import json
 import secrets
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
@@ -108,6 +110,7 @@ class Server:
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inaflash-tokenize")
         self.lock: asyncio.Lock | None = None  # created on the server's event loop
         self.pending = 0  # admitted requests: the one generating + those waiting
+        self.admitted: set[Generation] = set()  # what shutdown() cancels
         self.metrics = Metrics()
         self.started = int(time.time())
 
@@ -137,16 +140,32 @@ class Server:
 
     async def run(self, gen: Generation) -> None:
         """Non-streamed: wait for the slot, generate on the worker thread."""
+        self.admitted.add(gen)
         try:
             async with self._lock():
                 await asyncio.get_running_loop().run_in_executor(self.worker, gen.result)
-            self.metrics.record(gen, cancelled=False)
+            self.metrics.record(gen, cancelled=gen.cancelled.is_set())
         finally:
             self.pending -= 1
+            self.admitted.discard(gen)
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Cancel every admitted generation and wait (bounded) for the worker to stop, so the engine can be closed
+        under it safely: before, two Ctrl-C with a request in flight closed the reader while the generation still
+        waited on its reads, and the process hung forever. Returns whether the worker stopped in time."""
+        for gen in list(self.admitted):
+            gen.cancelled.set()
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
+        self.worker.shutdown(wait=False, cancel_futures=True)  # queued work never starts
+        waiter = threading.Thread(target=self.worker.shutdown, daemon=True)  # joins the running one
+        waiter.start()
+        waiter.join(timeout)
+        return not waiter.is_alive()
 
     async def pieces(self, gen: Generation):
         """Streamed: text pieces as the worker thread decodes them; cancelled if the consumer stops."""
         loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), gen.cancelled
+        self.admitted.add(gen)
 
         def produce() -> None:
             try:
@@ -179,6 +198,7 @@ class Server:
                     cancel.set()
         finally:
             self.pending -= 1
+            self.admitted.discard(gen)
 
     def _lock(self) -> asyncio.Lock:
         if self.lock is None:
@@ -314,4 +334,9 @@ def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str 
           max_queue: int = 8) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model, api_key, max_queue), host=host, port=port, log_level="info")
+    app = create_app(model, api_key, max_queue)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:  # the caller closes the model next: nothing may still be generating on it
+        if not app.state.server.shutdown():
+            print("inaflash: a generation did not stop within 30 s of shutdown", file=sys.stderr)
