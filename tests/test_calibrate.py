@@ -33,6 +33,12 @@ def test_report_and_store(calibrated):
     ppl = report["perplexity"]
     assert ppl["dense"] < ppl["oracle"] < ppl["dense"] * 1.5
     assert not list(path.glob(".*tmp"))  # no temp files left
+    # the quality gate: sparse as deployed against dense on the validation slice, its verdict following its numbers
+    gate = entry["quality"]
+    assert gate["ppl_increase"] == pytest.approx(ppl["predictor+window4"] / ppl["dense"] - 1)
+    assert len(gate["greedy_prefixes"]) == 10 and gate["greedy_prefix"] == sum(gate["greedy_prefixes"]) / 10
+    holds = (gate["ppl_increase"] <= 0.03 and gate["top1_agreement"] >= 0.93 and gate["greedy_prefix"] >= 16)
+    assert gate["ok"] == holds and (gate["failed"] is None) == holds
     print("\n" + json.dumps({k: v for k, v in report.items() if k != "layers"}))
 
 

@@ -136,7 +136,7 @@ def run_inaflash_limited(store, prompt_ids: list[int], gen_tokens: int, limit: i
         for event in _events(stdout, kind):
             event.pop("event")
             event.pop("t", None)
-            row.update(event)
+            row.update({k: v for k, v in event.items() if v is not None})  # a later event's None keeps the value
     row["options"] = options
     return row
 

@@ -190,16 +190,20 @@ def agreement(a: list[int], b: list[int]) -> int:
 
 
 def quality_gate(engine: Engine, resident: ResidentFFN, spec: Sparsity, val: torch.Tensor, window: int,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, scored: tuple | None = None) -> dict:
     """Sparse mode as it runs by default (predictors, the window's union computed) against dense, on the validation
     slice of the calibration text: perplexity, top-1 agreement, and greedy agreement over GATE_PROMPTS prompts cut
-    from it. `ok` when every bound of QUALITY_BOUNDS holds; `failed` names those that do not."""
+    from it. `ok` when every bound of QUALITY_BOUNDS holds; `failed` names those that do not. `scored`: (dense
+    perplexity, dense top tokens, deployed perplexity, deployed top tokens) on `val` already measured."""
     from .generate import generate_ids
 
     deployed = MaskedDenseFFN(resident, spec, True, window)
-    dense_top, top = [], []
-    dense_ppl = run_chunks(engine, val, resident, predictions=dense_top)
-    ppl = run_chunks(engine, val, deployed, predictions=top)
+    if scored is None:
+        dense_top, top = [], []
+        dense_ppl = run_chunks(engine, val, resident, predictions=dense_top)
+        ppl = run_chunks(engine, val, deployed, predictions=top)
+    else:
+        dense_ppl, dense_top, ppl, top = scored
     step = (len(val) - GATE_PROMPT_TOKENS) // GATE_PROMPTS
     greedy = []
     for i in tqdm(range(GATE_PROMPTS), desc="quality gate: greedy", disable=not progress, leave=False):
@@ -288,11 +292,13 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
             layers.append({"threshold": spec.thresholds[layer], **metrics.__dict__})
         return layers
 
-    def deployed_ppl(spec: Sparsity) -> float:
+    def deployed_ppl(spec: Sparsity, predictions: list | None = None) -> float:
         """Validation perplexity as sparse mode runs by default: predictor, compute over the window's cache."""
-        return run_chunks(engine, val, MaskedDenseFFN(resident, spec, True, window))
+        return run_chunks(engine, val, MaskedDenseFFN(resident, spec, True, window), predictions=predictions)
 
-    ppl = {"dense": run_chunks(engine, val, resident, progress="dense perplexity" if progress else None)}
+    dense_top: list[int] = []  # the quality gate reuses the dense pass
+    ppl = {"dense": run_chunks(engine, val, resident, progress="dense perplexity" if progress else None,
+                               predictions=dense_top)}
     if relu:
         target, spec = None, Sparsity("relu", [0.0] * cfg.num_layers)
         layers = with_predictors(spec, "train predictors")
@@ -323,8 +329,10 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
 
     ppl["oracle"] = run_chunks(engine, val, MaskedDenseFFN(resident, spec, False))
     ppl["predictor"] = run_chunks(engine, val, MaskedDenseFFN(resident, spec, True))
-    ppl[f"predictor+window{window}"] = deployed_ppl(spec)
-    quality = quality_gate(engine, resident, spec, val, window, progress)
+    deployed_top: list[int] = []
+    ppl[f"predictor+window{window}"] = deployed_ppl(spec, deployed_top)
+    quality = quality_gate(engine, resident, spec, val, window, progress,
+                           scored=(ppl["dense"], dense_top, ppl[f"predictor+window{window}"], deployed_top))
     engine.close()
 
     predictors = spec.predictors
