@@ -71,8 +71,8 @@ def write_synthetic_store(path: str | Path, layers: int, hidden: int, neurons: i
     if (path / "manifest.json").exists():
         return FlashStore(path)
     cfg = ModelConfig(family="opt", model_type="opt", vocab_size=50272, hidden_size=hidden,
-                      intermediate_size=neurons, num_layers=layers, num_heads=hidden // 128,
-                      num_kv_heads=hidden // 128, head_dim=128, max_position_embeddings=2048, norm_eps=1e-5,
+                      intermediate_size=neurons, num_layers=layers, num_heads=max(1, hidden // 128),
+                      num_kv_heads=max(1, hidden // 128), head_dim=min(128, hidden), max_position_embeddings=2048, norm_eps=1e-5,
                       hidden_act="relu", tie_word_embeddings=True)
     fields = bundle_fields(cfg)
     width = max(b for _, b in fields.values())
