@@ -66,6 +66,10 @@ def test_auto_without_calibration_streams_and_matches_dense(llama):
         assert e.mode == "hybrid" and "not calibrated" in e.choice.reason
         assert f"1 of {LAYERS} layers" in e.choice.reason
         got = logits_run(e)
+        from inaflash.generate import generate_ids
+
+        stats = generate_ids(e, [3, 4, 5], 2, stop=set())[1]
+        assert 0 < stats.runtime_rss_bytes <= stats.peak_rss_bytes  # what the plan does not cover is reported
     for a, b in zip(got, ref):
         assert (a - b).abs().max().item() < 1e-4
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InaflashError
-from .memory import pin_mmap_threshold, release_free_heap
+from .memory import pin_mmap_threshold, release_free_heap, rss_bytes
 from .ffn import HybridFFN, NaiveFlashFFN, ResidentFFN
 from .kernels import warn_if_missing
 from .models import build_model
@@ -34,6 +34,9 @@ class Engine:
             raise InaflashError("window must be >= 0")
         pin_mmap_threshold()
         warn_if_missing()
+        # what the process holds before any model data (Python, torch, libraries): a whole-process memory limit
+        # needs this plus the plan; stats report both, so what the plan leaves out is visible
+        self.runtime_bytes = rss_bytes()
         self.store, self.config = store, store.config
         self.context = min(context or DEFAULT_CONTEXT, self.config.max_position_embeddings)
         self.choice = None

@@ -33,6 +33,7 @@ class GenerationStats:
     budget_bytes: int | None = None
     planned_bytes: int | None = None
     peak_rss_bytes: int = 0  # the whole process's peak resident set so far (runtime included; see planner.py)
+    runtime_rss_bytes: int = 0  # the process's RSS before the engine loaded any model data (Python, torch, libs)
 
     def to_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -180,6 +181,7 @@ def _finish_stats(engine: Engine, stats: GenerationStats, io0, sparse0, t_decode
     if engine.plan is not None:
         stats.budget_bytes, stats.planned_bytes = engine.plan.budget_bytes, engine.plan.planned_bytes
     stats.peak_rss_bytes = peak_rss_bytes()
+    stats.runtime_rss_bytes = getattr(engine, "runtime_bytes", 0)
 
 
 def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,

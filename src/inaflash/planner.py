@@ -1,6 +1,9 @@
 """Plan DRAM use from a budget: resident part + predictors + KV cache + staging + per-layer neuron caches.
 
-The budget covers the model's data (what grows with the model); the Python/torch runtime itself is not in it.
+The budget covers the model's data (what grows with the model); the Python/torch runtime itself is not in it. A
+whole-process limit (a container, a cgroup) needs the runtime plus the plan: the runtime is ~240 MB before any model data
+(SmolLM2 run, `runtime_rss_bytes`) and 318 MB with Qwen2.5's tokenizer loaded (bench's limited child), reported per
+generation as `runtime_rss_bytes` next to `planned_bytes` and `peak_rss_bytes`.
 """
 
 from __future__ import annotations
