@@ -339,3 +339,20 @@ def test_cancel_reaches_the_prefill(tiny_store, monkeypatch):
         monkeypatch.setattr(e, "forward", real)
         monkeypatch.setattr(g, "PREFILL_CHUNK", 1024)
         assert list(g.stream_ids(e, prompt, 4, stop=set())) == ref
+
+
+@pytest.mark.parametrize("args,note", [
+    (["--mode", "dram", "--memory", "50%"], "mode dram does not use --memory; ignored"),
+    (["--mode", "naive", "--window", "8", "--compute", "active"], "mode naive does not use --window, --compute; ignored"),
+    (["--memory", "300%", "--window", "2"], "mode dram does not use --window; ignored"),  # auto chose dram
+    (["--mode", "dram"], None),
+])
+def test_options_the_mode_does_not_use_are_said(tiny_store, capsys, monkeypatch, args, note):
+    from inaflash.cli import unused_options
+
+    monkeypatch.setattr(sys, "argv", ["inaflash", "run", "--model", str(tiny_store), *args, "hi"])
+    with pytest.raises(SystemExit):  # the tiny store has no tokenizer: it stops after opening, notes said
+        main()
+    err = capsys.readouterr().err
+    assert (note in err) if note else "note:" not in err, err
+    assert unused_options("auto", "sparse", window=True, memory=True) == []

@@ -55,7 +55,24 @@ def open_model(model, mode, memory, window, no_predictor, compute, no_bundling, 
              cache_format=cache_format)
     if m.engine.choice is not None:
         print(f"inaflash: mode {m.engine.mode}: {m.engine.choice.reason}", file=sys.stderr)
+    ignored = unused_options(mode, m.engine.mode, memory=memory is not None, window=window != 4,
+                             no_predictor=no_predictor, compute=compute != "cached", cache_format=cache_format != "store")
+    if ignored:
+        print(f"inaflash: note: mode {m.engine.mode} does not use {', '.join(ignored)}; ignored", file=sys.stderr)
     return m
+
+
+SPARSE_ONLY = {"window": "--window", "no_predictor": "--no-predictor", "compute": "--compute",
+               "cache_format": "--cache-format"}
+
+
+def unused_options(requested: str, running: str, **given: bool) -> list[str]:
+    """The options the user set that the running mode does not use (said, never silently dropped): the sparse
+    switches outside sparse mode; --memory in a dram or naive mode asked for by name (auto always uses it)."""
+    out = [flag for name, flag in SPARSE_ONLY.items() if given.get(name) and running != "sparse"]
+    if given.get("memory") and requested in ("dram", "naive"):
+        out.insert(0, "--memory")
+    return out
 
 
 @app.command()
