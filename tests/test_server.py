@@ -165,6 +165,27 @@ def test_shutdown_cancels_a_generation_in_flight_within_bounded_time(model):
     assert gen.finish_reason is None and len(gen.token_ids) < 4000 and not server.admitted
 
 
+def test_a_stream_that_fails_sends_an_error_event_then_done(live, model, monkeypatch):
+    real, calls = model.engine.forward, []
+
+    def failing(ids, pos, last_only=False):
+        calls.append(pos)
+        if len(calls) == 4:  # prefill and two tokens went out, then the disk goes away
+            raise OSError(5, "Input/output error")
+        return real(ids, pos, last_only)
+
+    monkeypatch.setattr(model.engine, "forward", failing)
+    body = {"model": model.name, "messages": CHAT, "max_tokens": 16, "temperature": 0, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    monkeypatch.setattr(model.engine, "forward", real)
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["type"] == "server_error" and "Input/output error" in error["message"]
+    assert all("choices" in json.loads(line[6:]) for line in lines[:-2])  # the pieces before it were sent
+    assert httpx.get(live.url + "/health", timeout=10).json()["status"] == "ok"  # and the server goes on
+
+
 def test_api_key_is_required_when_set(model):
     server = LiveServer(model, api_key="sesame")
     try:

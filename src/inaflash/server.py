@@ -312,9 +312,16 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
 
         async def events():
             first = True
-            async for piece in server.pieces(gen):
-                yield chunk(piece, first=first)
-                first = False
+            try:
+                async for piece in server.pieces(gen):
+                    yield chunk(piece, first=first)
+                    first = False
+            except Exception as e:  # headers are sent: say it in the stream (OpenAI's error shape), then end it
+                message = str(e) if isinstance(e, InaflashError) else f"generation failed: {type(e).__name__}: {e}"
+                body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+                yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             if first and chat:
                 yield chunk(None, first=True)
             yield chunk(None, gen.finish_reason)
