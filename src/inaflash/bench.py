@@ -169,7 +169,8 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
     cache_format: the sparse rows' neuron cache ("store": bundles as stored, or "int8")."""
     from .engine import Engine
     from .planner import parse_memory
-    from .probe import load_max_gap, profile_path, throughput
+    from .paths import load_max_gap, profile_path
+    from .probe import throughput
 
     chosen = [c for c in CONFIGS if configs is None or c.name in configs]
     if configs is not None and len(chosen) != len(configs):

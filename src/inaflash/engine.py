@@ -9,6 +9,7 @@ from .memory import pin_mmap_threshold, release_free_heap, rss_bytes
 from .ffn import HybridFFN, NaiveFlashFFN, ResidentFFN
 from .kernels import warn_if_missing
 from .models import build_model
+from .paths import load_max_gap
 from .planner import active_neurons_per_token, choose_mode, parse_memory, plan_hybrid, plan_memory
 from .reader import FlashReader, ReadStats
 from .sparse import SparseFlashFFN, load_sparsity
@@ -50,8 +51,6 @@ class Engine:
         self.plan = None
         if mode == "sparse":
             if max_gap is None:  # the gap `inaflash probe` measured on this machine, else the default
-                from .probe import load_max_gap
-
                 max_gap = load_max_gap()
             sparsity = load_sparsity(store)
             if sparsity is None:

