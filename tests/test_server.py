@@ -241,6 +241,28 @@ def test_queue_bound_gives_429_and_a_disconnect_frees_the_model(live, model):
     assert m["rejected"] >= 1 and m["cancelled"] >= 1 and m["pending"] == 0
 
 
+def test_a_non_streamed_request_whose_client_leaves_is_cancelled(live, model):
+    """The client sends a non-streamed 2000-token request and hangs up: its generation stops (prefill or decode) and
+    the next request is served promptly instead of after it."""
+    import socket
+    from urllib.parse import urlparse
+
+    body = json.dumps({"model": model.name, "messages": CHAT, "max_tokens": 2000, "temperature": 0.8, "seed": 2})
+    cancelled0 = live.state.metrics.cancelled
+    url = urlparse(live.url)
+    s = socket.create_connection((url.hostname, url.port))
+    s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    wait_for(lambda: live.state.pending == 1)
+    time.sleep(1.0)  # under way
+    s.close()  # gone before the first byte of the answer
+    left = time.time()
+    wait_for(lambda: live.state.metrics.cancelled == cancelled0 + 1)
+    r = httpx.post(live.url + "/v1/chat/completions", json={"model": model.name, "messages": CHAT, "max_tokens": 4,
+                                                             "temperature": 0}, timeout=120)
+    assert r.status_code == 200 and time.time() - left < 15  # 2000 tokens would take well over a minute
+
+
 def test_python_api_greedy_equals_cli(model):
     prompt = "Give me two facts about owls."
     out = subprocess.run([sys.executable, "-m", "inaflash", "run", "--mode", "dram", "--temperature", "0",

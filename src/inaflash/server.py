@@ -211,18 +211,29 @@ def usage(gen: Generation) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+class BodyCap:
+    """Refuses bodies over MAX_BODY_BYTES (by Content-Length) with a 413 before they are read. Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, whose wrapped `receive` hides a client's disconnect from the endpoint."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length", b"0").decode("latin-1")
+            if not size.isdigit() or int(size) > MAX_BODY_BYTES:
+                response = error_response(413, f"request body of {size} bytes is over the {MAX_BODY_BYTES} byte "
+                                               "limit", code="request_too_large")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> FastAPI:
     server = Server(model, api_key, max_queue)
     app = FastAPI(title="inaflash", description="OpenAI-compatible API over an inaflash model")
     app.state.server = server
 
-    @app.middleware("http")
-    async def _cap_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-            return error_response(413, f"request body of {size} bytes is over the {MAX_BODY_BYTES} byte limit",
-                                  code="request_too_large")
-        return await call_next(request)
+    app.add_middleware(BodyCap)
 
     async def tokenized(fn, *args) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(server.tokenizing, fn, *args)
@@ -272,27 +283,36 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
                 "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens, "last_generation": m.last}
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         messages = [m.model_dump() for m in req.messages]
         if not server.tokenizer.chat_template:
             raise APIError(400, f"model {model.name} has no chat template: use /v1/completions")
         gen = server.prepare(req, await tokenized(chat_template_ids, server.tokenizer, messages))
-        return await respond(req, gen, "chat.completion", "chatcmpl")
+        return await respond(req, gen, "chat.completion", "chatcmpl", request)
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
         gen = server.prepare(req, await tokenized(lambda p: server.tokenizer(p)["input_ids"], prompt))
-        return await respond(req, gen, "text_completion", "cmpl")
+        return await respond(req, gen, "text_completion", "cmpl", request)
 
-    async def respond(req: SamplingRequest, gen: Generation, kind: str, prefix: str):
+    async def respond(req: SamplingRequest, gen: Generation, kind: str, prefix: str, request: Request):
         server.admit()
         rid, created = f"{prefix}-{secrets.token_hex(12)}", int(time.time())
         chat = kind == "chat.completion"
         if not req.stream:
-            await server.run(gen)
+            async def watch() -> None:  # a client that leaves cancels its generation (prefill included)
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.25)
+                gen.cancelled.set()
+
+            watcher = asyncio.create_task(watch())
+            try:
+                await server.run(gen)
+            finally:
+                watcher.cancel()
             choice = ({"message": {"role": "assistant", "content": gen.text}} if chat
                       else {"text": gen.text, "logprobs": None})
             return {"id": rid, "object": kind, "created": created, "model": model.name,
