@@ -12,18 +12,13 @@ import time
 import torch.nn.functional as F
 
 from inaflash import kernels
-from inaflash.calibrate import heldout_text, token_ids
+from inaflash.calibrate import agreement, heldout_text, token_ids
 from inaflash.engine import Engine
 from inaflash.generate import generate_ids
 from inaflash.store import FlashStore
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Water boils at", "Once upon a time, a small robot",
            "The three primary colors are"]
-
-
-def agreement(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two greedy continuations share."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main(store_path: str, tokens: int = 1024) -> None:

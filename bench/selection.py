@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inaflash.calibrate import CHUNK, _Recorder, calibration_text, heldout_text, run_chunks, token_ids
+from inaflash.calibrate import CHUNK, _Recorder, agreement, calibration_text, heldout_text, run_chunks, token_ids
 from inaflash.engine import Engine
 from inaflash.ffn import compute_layout
 from inaflash.generate import chat_template_ids
-from inaflash.sparse import load_sparsity, window_union
+from inaflash.sparse import WindowHistory, load_sparsity, window_union
 from inaflash.store import FlashStore
 
 COMMAND = ""
@@ -49,17 +49,13 @@ PROMPTS_CHAT = ["What is the difference between a list and a tuple in Python?", 
                 "Explain what a hash table is.", "Write a haiku about the sea.", "Why is the sky blue?"]
 
 
-def agreement(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 class SelectFFN:
     """Dense float32 FFN whose hidden activations are masked by a selection method."""
 
     def __init__(self, weights, act, method: str = "dense", t=None, window: int = 1, ubar=None, predictors=None):
-        self.w, self.act, self.method, self.t, self.window = weights, act, method, t, window
+        self.w, self.act, self.method, self.t = weights, act, method, t
         self.ubar, self.predictors = ubar, predictors
-        self.history: dict[int, torch.Tensor] = {}  # last window-1 selections per layer (decoding)
+        self.windows = WindowHistory(window)  # last window-1 selections per layer (decoding)
         self.fixed: dict[int, torch.Tensor] = {}  # griffin's per-prompt set
         self.masks: dict[int, list[torch.Tensor]] = {}  # every mask, for density and reuse figures
         self.record = False
@@ -69,7 +65,8 @@ class SelectFFN:
         pass
 
     def reset_state(self) -> None:
-        self.history, self.fixed = {}, {}
+        self.windows.reset()
+        self.fixed = {}
 
     def select(self, layer: int, x, g, u, h) -> torch.Tensor:
         m, t = self.method, self.t
@@ -112,12 +109,8 @@ class SelectFFN:
             mask = (h.abs() > self.t[1][layer]) if self.method == "teal" else self.select(layer, x, g, u, h)
             if T > 1:
                 mask[:PREFIX] = True  # the prompt part runs dense (as a prefill over the union would)
-            if self.window > 1:
-                prev = self.history.get(layer)
-                full = mask if prev is None else torch.cat([prev, mask])
-                union = window_union(full, self.window)[-T:]
-                self.history[layer] = full[-(self.window - 1):]
-                mask = union if self.method != "teal" else mask
+            if self.method != "teal":
+                mask = self.windows.union(layer, mask)
         if self.record:
             self.masks.setdefault(layer, []).append(mask.expand(T, -1)[PREFIX if T > 1 else 0:].clone())
         return (h * mask) @ D.T

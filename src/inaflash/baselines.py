@@ -53,14 +53,14 @@ INAFLASH = r"""
 import json, sys, time
 from inaflash.engine import Engine
 from inaflash.generate import GenerationStats, stream_ids
-from inaflash.memory import release_free_heap
+from inaflash.memory import release_free_heap, rss_bytes
 from inaflash.store import FlashStore
 path, ids, n, limit, margin, options = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
                                         int(sys.argv[5]), json.loads(sys.argv[6]))
 store = FlashStore(path)
 store.tokenizer()
 release_free_heap()
-runtime = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+runtime = rss_bytes()
 budget = limit - runtime - margin
 print(json.dumps({"event": "budget", "runtime_bytes": runtime, "budget_bytes": budget}), flush=True)
 if budget <= 0:

@@ -28,7 +28,7 @@ from .engine import Engine
 from .errors import InaflashError
 from .ffn import ResidentFFN
 from .predictor import Predictor, train_predictor
-from .sparse import SPARSITY_FILE, Sparsity, window_union
+from .sparse import SPARSITY_FILE, Sparsity, WindowHistory
 from .store import FlashStore
 
 DEVIL_DICT = Path("/usr/share/dictd/devil.dict.dz")
@@ -87,26 +87,22 @@ class MaskedDenseFFN:
     numbers.)"""
 
     def __init__(self, resident: ResidentFFN, sparsity: Sparsity, use_predictor: bool, window: int = 1):
-        self.resident, self.sparsity, self.use_predictor, self.window = resident, sparsity, use_predictor, window
+        self.resident, self.sparsity, self.use_predictor = resident, sparsity, use_predictor
         self.selected = self.total = 0
-        self.history: dict[int, torch.Tensor] = {}  # each layer's last window-1 selections in this sequence
+        self.windows = WindowHistory(window)
 
     def begin_forward(self) -> None:
         pass
 
     def reset_state(self) -> None:
-        self.history = {}
+        self.windows.reset()
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.use_predictor:
             mask = self.sparsity.predictors[layer](x)
         else:
             mask = self.sparsity.true_active(layer, self.resident.hidden(layer, x))
-        if self.window > 1:
-            prev = self.history.get(layer)
-            full = mask if prev is None else torch.cat([prev, mask])
-            mask = window_union(full, self.window)[-x.shape[0]:]
-            self.history[layer] = full[-(self.window - 1):]
+        mask = self.windows.union(layer, mask)
         self.selected += int(mask.sum())
         self.total += mask.numel()
         return self.resident(layer, x, mask)
@@ -240,8 +236,7 @@ def gate_only(store_path: str | Path, progress: bool = True) -> dict:
     val = token_ids(engine, calibration_text(), tokens + val_tokens)[tokens:]  # the slice calibration left out
     gate = quality_gate(engine, engine.ffn, spec, val, info.get("window", 4), progress)
     engine.close()
-    report = {k: v for k, v in info.items() if k not in ("kind", "thresholds", "predictor")}
-    save_sparsity(store, spec.kind, spec.thresholds, spec.predictors, {**report, "quality": gate})
+    save_sparsity(store, spec.kind, spec.thresholds, spec.predictors, {**_report(info), "quality": gate})
     return gate
 
 
@@ -381,5 +376,9 @@ def copy_sparsity(src: FlashStore, dst: FlashStore) -> None:
         raise InaflashError(f"store {src.path} is not calibrated")
     if src.config.to_dict() != dst.config.to_dict():
         raise InaflashError(f"stores {src.path} and {dst.path} hold different models")
-    report = {k: v for k, v in src.manifest["sparsity"].items() if k not in ("kind", "thresholds", "predictor")}
-    save_sparsity(dst, spec.kind, spec.thresholds, spec.predictors, report)
+    save_sparsity(dst, spec.kind, spec.thresholds, spec.predictors, _report(src.manifest["sparsity"]))
+
+
+def _report(entry: dict) -> dict:
+    """A manifest's sparsity entry less what save_sparsity writes from its own arguments: the calibration report."""
+    return {k: v for k, v in entry.items() if k not in ("kind", "thresholds", "predictor")}

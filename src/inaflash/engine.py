@@ -41,9 +41,10 @@ class Engine:
         self.store, self.config = store, store.config
         self.context = min(context or DEFAULT_CONTEXT, self.config.max_position_embeddings)
         self.choice = None
+        sparsity = load_sparsity(store) if mode in ("auto", "sparse") else None  # read once (predictors included)
         if mode == "auto":
             budget = None if memory is None else parse_memory(memory, store)
-            self.choice = choose_mode(store, budget, self.context, load_sparsity(store), window, cache_format,
+            self.choice = choose_mode(store, budget, self.context, sparsity, window, cache_format,
                                       context_given=context is not None)
             mode, memory, self.context = self.choice.mode, self.choice.budget, self.choice.context
         self.mode = mode
@@ -52,7 +53,6 @@ class Engine:
         if mode == "sparse":
             if max_gap is None:  # the gap `inaflash probe` measured on this machine, else the default
                 max_gap = load_max_gap()
-            sparsity = load_sparsity(store)
             if sparsity is None:
                 raise InaflashError(f"store {store.path} is not calibrated for sparsity: run  "
                                     f"inaflash calibrate {store.path}")

@@ -11,6 +11,7 @@ import torch
 
 from .engine import Engine
 from .errors import InaflashError
+from .memory import peak_rss_bytes
 
 
 @dataclass
@@ -194,17 +195,6 @@ def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, tempera
         if on_token is not None:
             on_token(token)
     return out, stats
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set: VmHWM (which bench resets per configuration), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class Generation:

@@ -38,10 +38,25 @@ def release_free_heap() -> None:
         pass
 
 
-def rss_bytes() -> int:
-    """This process's resident set now (VmRSS; 0 where /proc is not there)."""
+def _status_bytes(field: str) -> int | None:
+    """A size line of /proc/self/status (e.g. VmRSS) in bytes; None where /proc is not there."""
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
     except (OSError, StopIteration):
-        return 0
+        return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (VmRSS; 0 where /proc is not there)."""
+    return _status_bytes("VmRSS") or 0
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set: VmHWM (which bench resets per configuration), else ru_maxrss."""
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -102,6 +102,13 @@ def active_neurons_per_token(store: FlashStore, sparsity) -> int:
     return math.ceil(max(layer.get(key, 0.5) for layer in layers) * n)
 
 
+def streaming_bytes(store: FlashStore) -> int:
+    """What streaming every layer's FFN holds besides the KV cache: the resident part and the two read buffers."""
+    from .ffn import NaiveFlashFFN
+
+    return store.resident_bytes + NaiveFlashFFN.dram_bytes(store)
+
+
 def plan_hybrid(store: FlashStore, budget: int | None, context: int) -> int:
     """Hybrid mode: how many layers' FFN fit in DRAM next to the resident part, the KV cache and the two streaming
     buffers (all of them without a budget)."""
@@ -110,7 +117,7 @@ def plan_hybrid(store: FlashStore, budget: int | None, context: int) -> int:
     n = store.config.num_layers
     if budget is None:
         return n
-    fixed = store.resident_bytes + kv_bytes(store, context) + NaiveFlashFFN.dram_bytes(store)
+    fixed = streaming_bytes(store) + kv_bytes(store, context)
     if budget < fixed:
         raise InaflashError(
             f"memory budget {budget / 1e6:.1f} MB is too small for hybrid mode: it needs at least {fixed / 1e6:.1f} MB "
@@ -185,10 +192,7 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
         layers = plan_hybrid(store, budget, context)
         shrunk = ""
     except InaflashError:
-        from .ffn import NaiveFlashFFN
-
-        room = budget - store.resident_bytes - NaiveFlashFFN.dram_bytes(store)
-        fits = room // max(kv_bytes(store, 1), 1)
+        fits = (budget - streaming_bytes(store)) // max(kv_bytes(store, 1), 1)
         if context_given or fits < MIN_AUTO_CONTEXT:
             raise  # names the minimum
         context = int(min(fits, context))

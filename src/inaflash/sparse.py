@@ -57,6 +57,27 @@ def window_union(mask: torch.Tensor, window: int) -> torch.Tensor:
     return torch.nn.functional.max_pool1d(m, window, stride=1)[0].T > 0
 
 
+class WindowHistory:
+    """window_union across calls: per layer, the last window-1 selections of the sequence being decoded, so that
+    token-by-token decoding gets each token's union with the tokens before it (what a window cache holds).
+    `reset()` starts a new sequence."""
+
+    def __init__(self, window: int):
+        self.window, self.last = window, {}
+
+    def reset(self) -> None:
+        self.last = {}
+
+    def union(self, layer: int, mask: torch.Tensor) -> torch.Tensor:
+        """[T, n] this call's selections -> [T, n] each token's union with the window-1 selections before it."""
+        if self.window <= 1:
+            return mask
+        prev = self.last.get(layer)
+        full = mask if prev is None else torch.cat([prev, mask])
+        self.last[layer] = full[-(self.window - 1):]
+        return window_union(full, self.window)[-mask.shape[0]:]
+
+
 def load_sparsity(store: FlashStore) -> Sparsity | None:
     """The calibrated sparsity of a store; for ReLU models without calibration, exact zeros (no predictor)."""
     info = store.manifest.get("sparsity")
