@@ -14,7 +14,7 @@ from inaflash.predictor import Predictor
 from inaflash.sparse import load_sparsity
 from inaflash.store import FlashStore
 from inaflash.sources import open_source
-from inaflash.store import write_store
+from inaflash.convert import write_store
 from test_sparse import logits_run
 from tiny import make_tiny
 

@@ -15,7 +15,8 @@ from inaflash.engine import Engine
 from inaflash.predictor import train_predictor
 from inaflash.reader import plan_bundle_reads
 from inaflash.sources import open_source
-from inaflash.store import ALIGN, FlashStore, write_store
+from inaflash.store import ALIGN, FlashStore
+from inaflash.convert import write_store
 from tiny import make_tiny
 
 

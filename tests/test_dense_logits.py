@@ -5,7 +5,8 @@ import torch
 
 from inaflash.engine import Engine
 from inaflash.sources import open_source
-from inaflash.store import FlashStore, write_store
+from inaflash.store import FlashStore
+from inaflash.convert import write_store
 from tiny import make_tiny
 
 KINDS = ["llama", "qwen2", "opt", "opt-postnorm"]

@@ -8,7 +8,7 @@ import inaflash
 
 PACKAGE = Path(inaflash.__file__).parent
 # measuring tools: the core (store -> reader -> cache -> FFN -> model -> generate -> API -> server) must not need them
-TOOLS = {"bench", "baselines", "cgroup", "simulate", "probe", "fetch", "calibrate"}
+TOOLS = {"bench", "baselines", "cgroup", "simulate", "probe", "fetch", "calibrate", "loadtest"}
 TOP = {"cli", "__main__"}  # the command line sits above both
 
 

@@ -13,7 +13,8 @@ from inaflash.errors import InaflashError
 from inaflash.ffn import bundle_views
 from inaflash.reader import BundleReader, FlashReader
 from inaflash.sources import open_source
-from inaflash.store import FlashStore, bundle_fields, build_bundles, ffn_tensor_names, write_store
+from inaflash.store import FlashStore, bundle_fields, build_bundles, ffn_tensor_names
+from inaflash.convert import write_store
 from test_store import read_layer
 from tiny import make_tiny
 

@@ -321,3 +321,16 @@ def test_chat_repl_turns_commands_and_ctrl_c(model):
     messages = repl(model, system="Be brief.", max_tokens=4, temperature=0, out=InterruptingOut(),
                     input_fn=scripted("Hi", "/reset"))  # then Ctrl-D
     assert messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_load_with_abandoned_requests_gives_no_5xx_and_stops_abandoned_work(model):
+    """A small run of `inaflash loadtest`: concurrent clients, a queue that overflows, clients that hang up, invalid
+    bodies. Every answer is valid, 400 (invalid) or 429 (queue full); abandoned work is cancelled, so the server is
+    idle right after the last client; /health answers."""
+    from inaflash.loadtest import loadtest
+
+    r = loadtest(model, clients=6, requests=30, abandon_every=4, seed=3, max_queue=2)
+    assert r["server_errors"] == 0 and r["stream_errors"] == 0 and r["unfinished_streams"] == 0, r
+    assert r["invalid_not_400"] == 0 and set(r["statuses"]) <= {"200", "400", "429", "abandoned"}, r
+    assert r["statuses"].get("200", 0) >= 10 and r["metrics"]["cancelled"] >= 1, r
+    assert r["idle_after_s"] is not None and r["idle_after_s"] < 15 and r["health_status"] == 200, r

@@ -12,7 +12,8 @@ from inaflash.errors import InaflashError
 from inaflash.planner import parse_memory, plan_memory
 from inaflash.reader import BundleReader, FlashReader
 from inaflash.sources import open_source
-from inaflash.store import FlashStore, write_store
+from inaflash.store import FlashStore
+from inaflash.convert import write_store
 from tiny import make_tiny
 
 PROMPT = [3, 17, 42, 5, 88, 9, 61]

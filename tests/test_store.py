@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from inaflash.ffn import bundle_views
 from inaflash.reader import FlashReader, aligned_buffer
 from inaflash.sources import open_source
-from inaflash.store import FlashStore, write_store
+from inaflash.store import FlashStore
+from inaflash.convert import write_store
 from tiny import make_tiny
 
 

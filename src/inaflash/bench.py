@@ -33,6 +33,7 @@ class Config:
     bundled: bool = True
     coalesce: bool = True
     budget: bool = False  # run under --memory (else unlimited)
+    checksums: bool = True  # every page read checked against the store's CRC-32C (the default everywhere)
 
 
 CONFIGS = [
@@ -47,6 +48,10 @@ CONFIGS = [
     Config("+coalescing", "sparse", "merge reads closer than the probed gap"),
     Config("full", "sparse", "sparse mode with every technique, within --memory", budget=True),
     Config("auto", "auto", "the default (--mode auto): the fastest mode that fits --memory", budget=True),
+    Config("naive-unchecked", "naive", "naive without checking reads against their checksums (the check's cost)",
+           checksums=False),
+    Config("auto-unchecked", "auto", "auto without checking reads against their checksums", budget=True,
+           checksums=False),
 ]
 FIELDS = ["ms_per_token", "io_ms_per_token", "predictor_ms_per_token", "memory_ms_per_token", "compute_ms_per_token",
           "bytes_read_per_token", "reads_per_token", "cache_hit_rate", "prefill_ms", "peak_rss_bytes"]
@@ -106,7 +111,7 @@ def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tok
     target = store if cfg.bundled else unbundled
     if target is None:
         return {"status": "unavailable", "reason": "no unbundled store"}
-    options = dict(mode=cfg.mode, context=len(prompt) + gen_tokens + 1)
+    options = dict(mode=cfg.mode, context=len(prompt) + gen_tokens + 1, checksums=cfg.checksums)
     if cfg.mode in ("sparse", "hybrid", "auto"):
         options["memory"] = memory if cfg.budget else None
     if cfg.mode in ("sparse", "auto"):
@@ -274,6 +279,9 @@ def key_ratios(result: dict) -> dict:
         out["dram_prefill_over_llamacpp"] = by["dram"]["prefill_ms"] / llama["prefill_ms"]
     out["full_over_dram"] = ratio("full", "dram")
     out["naive_over_coalescing"] = ratio("naive", "+coalescing")
+    for name in ("naive", "auto"):  # what checking every read costs: checked over unchecked ms/token, minus 1
+        r = ratio(name, f"{name}-unchecked")
+        out[f"checksum_cost_{name}"] = None if r is None else r - 1
     gate = (result.get("calibration") or {}).get("quality") or {}
     for k in ("ppl_increase", "top1_agreement", "greedy_prefix"):  # sparse's quality gate (what auto trusts)
         if k in gate:

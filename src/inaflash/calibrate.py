@@ -14,7 +14,6 @@ Held-out evaluation text (The Devil's Dictionary) is never used here.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from .errors import InaflashError
 from .ffn import ResidentFFN
 from .predictor import Predictor, train_predictor
 from .sparse import SPARSITY_FILE, Sparsity, WindowHistory
-from .store import FlashStore
+from .store import FlashStore, _read_manifest, file_entry, write_manifest
 
 DEVIL_DICT = Path("/usr/share/dictd/devil.dict.dz")
 CHUNK = 256  # tokens per forward pass when recording or scoring text
@@ -345,7 +344,7 @@ def save_sparsity(store: FlashStore, kind: str, thresholds: list[float], predict
     """Write the sparsity file (temp name, then rename) and replace the manifest atomically."""
     from safetensors.torch import save_file
 
-    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest = _read_manifest(store.path)  # as on disk now, its checksum checked
     if predictors:
         tensors = {}
         for i, p in enumerate(predictors):
@@ -353,18 +352,16 @@ def save_sparsity(store: FlashStore, kind: str, thresholds: list[float], predict
                             f"{i}.bias": p.bias.contiguous()})
         tmp = store.path / f".{SPARSITY_FILE}.tmp"
         save_file(tensors, str(tmp))
-        data = tmp.read_bytes()
         os.replace(tmp, store.path / SPARSITY_FILE)
-        manifest["files"][SPARSITY_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest["files"][SPARSITY_FILE] = file_entry(store.path / SPARSITY_FILE)
     else:
         manifest["files"].pop(SPARSITY_FILE, None)
     entry = {"kind": kind, "thresholds": thresholds, **report}
     if predictors:
         entry["predictor"] = {"rank": predictors[0].down.shape[0], "tau": [p.tau for p in predictors]}
-    manifest["sparsity"] = json.loads(json.dumps(entry))
-    tmp = store.path / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, store.path / "manifest.json")
+    manifest["sparsity"] = entry
+    write_manifest(store.path, manifest)
+    store.manifest = json.loads((store.path / "manifest.json").read_text())
 
 
 def copy_sparsity(src: FlashStore, dst: FlashStore) -> None:

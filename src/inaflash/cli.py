@@ -45,14 +45,18 @@ NO_BUNDLING = typer.Option(False, "--no-bundling",
 CONTEXT = typer.Option(None, min=2, help="Tokens of context to plan the KV cache for (default 1024, capped by the "
                                          "model).")
 DTYPE = typer.Option("float16", help="Store dtype when --model needs converting.")
+NO_CHECKSUMS = typer.Option(False, "--no-checksums",
+                            help="Do not check data read from the store against its checksums (on by default: a "
+                                 "damaged store is an error, never a wrong answer; README has the cost).")
 
 
-def open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format):
+def open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format,
+               no_checksums=False):
     from .loader import load
 
     m = load(model, mode=mode, dtype=dtype, bundling=False if no_bundling else None, memory=memory,
              window=window, use_predictor=not no_predictor, compute=compute, context=context,
-             cache_format=cache_format)
+             cache_format=cache_format, checksums=not no_checksums)
     if m.engine.choice is not None:
         print(f"inaflash: mode {m.engine.mode}: {m.engine.choice.reason}", file=sys.stderr)
     ignored = unused_options(mode, m.engine.mode, memory=memory is not None, window=window != 4,
@@ -87,6 +91,7 @@ def run(
     cache_format: str = CACHE_FORMAT,
     no_bundling: bool = NO_BUNDLING,
     context: Optional[int] = CONTEXT,
+    no_checksums: bool = NO_CHECKSUMS,
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
     temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
@@ -98,7 +103,8 @@ def run(
     """Generate text from PROMPT, streaming it to stdout."""
     from .generate import generate
 
-    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format) as m:
+    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format,
+                    no_checksums) as m:
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -128,6 +134,7 @@ def serve(
     no_bundling: bool = NO_BUNDLING,
     context: Optional[int] = CONTEXT,
     dtype: str = DTYPE,
+    no_checksums: bool = NO_CHECKSUMS,
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only; 0.0.0.0: all)."),
     port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, envvar="INAFLASH_API_KEY",
@@ -138,7 +145,8 @@ def serve(
     stream: true), /v1/models, /health, /metrics."""
     from .server import serve as run_server
 
-    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format) as m:
+    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format,
+                    no_checksums) as m:
         print(f"inaflash: serving {m.name!r} ({m.engine.mode}) on http://{host}:{port}/v1", file=sys.stderr)
         run_server(m, host=host, port=port, api_key=api_key, max_queue=max_queue)
 
@@ -155,6 +163,7 @@ def chat(
     no_bundling: bool = NO_BUNDLING,
     context: Optional[int] = CONTEXT,
     dtype: str = DTYPE,
+    no_checksums: bool = NO_CHECKSUMS,
     system: Optional[str] = typer.Option(None, help="A system message to start the conversation with."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Tokens per answer at most."),
     temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0, help="0 = greedy."),
@@ -165,7 +174,8 @@ def chat(
     conversation), /stats (last answer's speed and I/O), /exit. Ctrl-C stops an answer; Ctrl-D leaves."""
     from .chat import repl
 
-    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format) as m:
+    with open_model(model, mode, memory, window, no_predictor, compute, no_bundling, context, dtype, cache_format,
+                    no_checksums) as m:
         repl(m, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
@@ -186,7 +196,8 @@ def convert(
 ):
     """Convert a model into a flash store (resident part + bundled FFN file)."""
     from .sources import open_source
-    from .store import FlashStore, write_store
+    from .store import FlashStore
+    from .convert import write_store
 
     if embeddings not in ("flash", "dram"):
         raise InaflashError(f"--embeddings must be flash or dram, not {embeddings!r}")
@@ -359,6 +370,38 @@ def simulate(
     print(markdown(run(model, out=store, sparsities=tuple(sparsity or (0.97, 0.9)), tokens=tokens)))
 
 
+@app.command()
+def loadtest(
+    model: Optional[str] = MODEL,
+    mode: str = MODE,
+    memory: Optional[str] = MEMORY,
+    clients: int = typer.Option(32, min=1, help="Concurrent clients."),
+    requests: int = typer.Option(200, min=1, help="Requests in all."),
+    abandon_every: int = typer.Option(8, min=2, help="Every Nth request's client hangs up early."),
+    seed: int = typer.Option(0, min=0, help="Seed of the request mix and of each request's sampling."),
+    max_queue: int = typer.Option(8, min=0, help="The server's --max-queue."),
+    out: Path = typer.Option(Path("bench/results"), help="Where the JSON and markdown go."),
+):
+    """Load-test the server over loopback: concurrent clients, abandoned requests, invalid bodies; status codes,
+    latency percentiles, cancellation and RSS to bench/results/."""
+    import time
+
+    from .loader import load
+    from .loadtest import loadtest as run_load, markdown
+
+    with load(model, mode=mode, memory=memory) as m:
+        result = run_load(m, clients=clients, requests=requests, abandon_every=abandon_every, seed=seed,
+                          max_queue=max_queue)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y-%m-%d')}-loadtest-{m.name}-{clients}x{requests}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"inaflash: wrote {out / stem}.json and .md", file=sys.stderr)
+    if result["server_errors"] or result["idle_after_s"] is None or result["health_status"] != 200:
+        raise typer.Exit(1)
+
+
 @app.command("fetch-bench-model")
 def fetch_bench_model(
     convert: bool = typer.Option(True, help="Also convert it into a float16 store (once)."),
@@ -377,7 +420,8 @@ def fetch_bench_model(
 
 @app.command()
 def info(store: Path = typer.Argument(..., help="A store directory."),
-         verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256.")):
+         verify: bool = typer.Option(False, "--verify", help="Also read the whole store and check it: every file's "
+                                                             "sha256, every page's and resident tensor's CRC-32C.")):
     """Describe a store: model shape, dtype, resident and FFN sizes."""
     from .store import FlashStore
 
@@ -407,7 +451,7 @@ def main() -> None:
     try:
         app()
     except InaflashError as e:
-        print(f"inaflash: error: {e}", file=sys.stderr)
+        print(f"inaflash: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library said
         sys.exit(1)
     except KeyboardInterrupt:
         print("\ninaflash: interrupted", file=sys.stderr)

@@ -51,6 +51,18 @@ class ModelConfig:
                                         f"{self.num_kv_heads}")
         if self.family not in set(FAMILIES.values()) or self.hidden_act not in ACTIVATIONS:
             raise UnsupportedModelError(f"config family {self.family!r} / activation {self.hidden_act!r} unknown")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0 < value < float("inf"):
+                raise UnsupportedModelError(f"config {name} = {value!r} is not a positive number")
+        for name in ("tie_word_embeddings", "pre_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise UnsupportedModelError(f"config {name} = {getattr(self, name)!r} is not true or false")
+        ids = [self.bos_token_id] if self.bos_token_id is not None else []
+        if not isinstance(self.eos_token_ids, list) or any(
+                type(i) is not int or not 0 <= i < self.vocab_size for i in ids + self.eos_token_ids):
+            raise UnsupportedModelError(f"config token ids bos {self.bos_token_id!r} / eos {self.eos_token_ids!r} "
+                                        f"are not ids of a {self.vocab_size}-token vocabulary")
         return self
 
     def to_dict(self) -> dict:

@@ -10,9 +10,10 @@ from .store import ALIGN, EMBED_BATCH, FlashStore, round_up
 
 
 class FlashEmbedding:
-    def __init__(self, store: FlashStore, threads: int = 4):
+    def __init__(self, store: FlashStore, threads: int = 4, checksums: bool = True):
         e = store.embed
-        self.reader = FlashReader(store.path / e["file"], threads=threads)
+        path = store.path / e["file"]
+        self.reader = FlashReader(path, threads=threads, pages=store.pages(path, checksums))
         self.rows, self.row_bytes, self.dtype = e["rows"], e["row_bytes"], store.dtype
         self.span = round_up(self.row_bytes) + ALIGN  # the most pages one row can straddle
         self.buf = aligned_buffer(EMBED_BATCH * self.span)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .errors import InaflashError
@@ -28,7 +30,7 @@ DEFAULT_CONTEXT = 1024
 class Engine:
     def __init__(self, store: FlashStore, mode: str = "naive", memory: str | int | None = None, window: int = 4,
                  use_predictor: bool = True, context: int | None = None, max_gap: int | None = None,
-                 io_threads: int = 8, compute: str = "cached", cache_format: str = "store"):
+                 io_threads: int = 8, compute: str = "cached", cache_format: str = "store", checksums: bool = True):
         if mode not in MODES:
             raise InaflashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if window < 0:
@@ -48,7 +50,12 @@ class Engine:
                                       context_given=context is not None)
             mode, memory, self.context = self.choice.mode, self.choice.budget, self.choice.context
         self.mode = mode
-        self.reader = FlashReader(store.ffn_path, threads=io_threads)
+        # checksums: every page read from flash and every resident tensor checked against the store's checksums
+        # (README: the cost, measured); off only when asked, and then said
+        self.checksums = checksums
+        if not checksums:
+            warnings.warn("checksums off: data read from the store is not verified", RuntimeWarning, stacklevel=2)
+        self.reader = FlashReader(store.ffn_path, threads=io_threads, pages=store.pages(store.ffn_path, checksums))
         self.plan = None
         if mode == "sparse":
             if max_gap is None:  # the gap `inaflash probe` measured on this machine, else the default
@@ -71,12 +78,12 @@ class Engine:
         else:
             self.ffn = NaiveFlashFFN(store, self.reader)
         self.reader.stats = ReadStats()  # loading (dram mode, the oracle) is not generation I/O
-        self.weights = store.resident_weights()
+        self.weights = store.resident_weights(check=checksums)
         self.embedding = None
         if store.embed is not None:
             from .embedding import FlashEmbedding
 
-            self.embedding = FlashEmbedding(store)
+            self.embedding = FlashEmbedding(store, checksums=checksums)
             self.embedding.reader.stats = self.reader.stats  # its reads count with the FFN's
             self.weights[store.embed["name"]] = self.embedding
         self.tokenizer = store.tokenizer()

@@ -11,3 +11,7 @@ class StoreError(InaflashError):
 
 class UnsupportedModelError(InaflashError):
     """The source model's architecture (or one of its options) is not implemented."""
+
+
+class CorruptStoreError(StoreError):
+    """Data read from a store does not match its checksums: the store is damaged (the message names file and bytes)."""

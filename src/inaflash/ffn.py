@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from .kernels import BundleFFN
-from .ops import ACTIVATIONS, linear
-from .reader import FlashReader, _gather_rows, aligned_buffer
+from .ops import ACTIVATIONS, gather_rows_torch, linear
+from .reader import FlashReader, aligned_buffer
 from .store import FlashStore
 
 DOWN = {"llama": "down", "opt": "fc2"}
@@ -115,7 +115,7 @@ class BundleMath:
         """[m, row_bytes] uint8 rows (a view when they are already evenly spaced)."""
         if offsets is None:
             return rows[: m * self.row_bytes].view(m, self.row_bytes) if rows.dim() == 1 else rows[:m]
-        return _gather_rows(rows.view(-1), offsets, self.row_bytes)
+        return gather_rows_torch(rows.view(-1), offsets, self.row_bytes)
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, m: int, layer: int, offsets: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .quant import kernel_layout
-from .reader import _gather_rows
+from .ops import gather_rows_torch
 
 FIELD_SLOTS = {"gate": 0, "fc1": 0, "up": 1, "down": 2, "fc2": 2, "fc1_bias": 3}
 ACTS = {"silu": 0, "relu": 1}
@@ -136,7 +136,7 @@ def gather_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, row
         LIB.inaflash_gather_rows(dst.data_ptr(), dst.stride(0), src.data_ptr(), offsets.data_ptr(), offsets.numel(),
                                  row_bytes)
         return
-    dst[: offsets.numel(), :row_bytes] = _gather_rows(src, offsets, row_bytes)
+    dst[: offsets.numel(), :row_bytes] = gather_rows_torch(src, offsets, row_bytes)
 
 
 def move_rows(rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

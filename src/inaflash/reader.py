@@ -5,6 +5,11 @@ mmap-backed buffers (page aligned) and callers ask for aligned spans. Reads are 
 (os.preadv releases the GIL): one queue hand-off costs a few microseconds, where an executor task per read costs ~40.
 Where O_DIRECT is refused (tmpfs), reads go through the page cache and are dropped from it right after
 (posix_fadvise DONTNEED), so repeated runs still read from the device where there is one.
+
+Every read is checked as it lands: given the file's page checksums (store.py), a worker hashes the pages it just
+read (checksum.py; ~15 GB/s natively, beside reads of ~2 GB/s) and re-reads once on a mismatch (a transient fault
+passes the second time); a page still wrong raises CorruptStoreError naming the file and the byte range, so damage
+never becomes an answer. I/O errors (EIO, EINTR, short reads) are retried a bounded number of times, then named.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import StoreError
+from . import checksum
+from .errors import CorruptStoreError, StoreError
+from .ops import gather_rows_torch
 from .store import ALIGN
 
 
@@ -70,9 +77,21 @@ class ReadBatch:
             raise self.error
 
 
+READ_ATTEMPTS = 4  # per piece, for I/O errors (EIO, EINTR, EAGAIN, a read returning 0 bytes)
+RETRY_DELAY_S = 0.01  # doubled after each failed attempt
+
+
 class FlashReader:
-    def __init__(self, path, threads: int = 8, chunk_bytes: int = 1 << 20, direct: bool = True):
+    """Reads of one file. `pages`: its uint32 CRC-32C per 4096-byte page (None: unchecked)."""
+
+    # The file layer: (fd, [buffer], offset) -> bytes read. Faults are injected here in the tests (flipped bits,
+    # short reads, EINTR, EIO on the Nth read), below everything the engine does.
+    pread = staticmethod(os.preadv)
+
+    def __init__(self, path, threads: int = 8, chunk_bytes: int = 1 << 20, direct: bool = True,
+                 pages: np.ndarray | None = None):
         self.path = str(path)
+        self.pages = pages
         self.chunk_bytes = chunk_bytes
         self.direct = False
         if direct:
@@ -125,18 +144,44 @@ class FlashReader:
             offset, dest, batch = item
             error = None
             try:
-                view = memoryview(dest.numpy())
-                done = 0
-                while done < len(view):
-                    n = os.preadv(self.fd, [view[done:]], offset + done)
-                    if n <= 0:
-                        raise StoreError(f"short read at byte {offset + done} of {self.path}: truncated store?")
-                    done += n
-                if not self.direct:
-                    os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+                self._read(offset, dest)
+                if self.pages is not None:
+                    self._check(offset, dest)
             except BaseException as e:  # handed to the waiting thread
                 error = e
             batch._finish_one(error)
+
+    def _read(self, offset: int, dest: torch.Tensor) -> None:
+        view = memoryview(dest.numpy())
+        done, failures, delay = 0, 0, RETRY_DELAY_S
+        while done < len(view):
+            try:
+                n = self.pread(self.fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"no bytes at {offset + done} (file shorter than its manifest says?)")
+                done += n
+            except OSError as e:
+                failures += 1
+                if failures >= READ_ATTEMPTS:
+                    raise StoreError(f"cannot read bytes {offset}-{offset + len(view)} of {self.path} after "
+                                     f"{READ_ATTEMPTS} attempts: {e.strerror or e}") from None
+                time.sleep(delay)
+                delay *= 2
+        if not self.direct:
+            os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+
+    def _check(self, offset: int, dest: torch.Tensor) -> None:
+        first = offset // checksum.PAGE
+        for attempt in range(2):
+            bad = np.flatnonzero(checksum.page_crcs(dest) != self.pages[first:first + dest.numel() // checksum.PAGE])
+            if bad.size == 0:
+                return
+            if attempt == 0:
+                self._read(offset, dest)  # once more from the device: a transient fault passes
+        a = offset + int(bad[0]) * checksum.PAGE
+        b = offset + (int(bad[-1]) + 1) * checksum.PAGE
+        raise CorruptStoreError(f"{self.path}: bytes {a}-{b} do not match their checksums (the store is damaged: "
+                                "re-convert it; inaflash info STORE --verify checks it whole)")
 
     def close(self) -> None:
         for _ in self._workers:
@@ -268,7 +313,7 @@ class BundleReader:
         elements = self.staging.view(s.dtype)
         out = torch.empty(m, s.bundle_width, dtype=s.dtype)
         for ((a, b), plan), base in zip(plans, bases):
-            out[:, a:b] = _gather_rows(elements, base + plan.element_offsets, b - a)
+            out[:, a:b] = gather_rows_torch(elements, base + plan.element_offsets, b - a)
         return out.view(torch.uint8).view(-1), torch.arange(m) * s.bundle_bytes
 
     def read_raw(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
@@ -276,7 +321,7 @@ class BundleReader:
         parts = []
         for chunk, plans in self.chunks(layer, neurons):
             src, offsets = self.finish(self.start(layer, chunk, plans))
-            parts.append(_gather_rows(src, offsets, self.store.bundle_bytes))
+            parts.append(gather_rows_torch(src, offsets, self.store.bundle_bytes))
         return torch.cat(parts) if parts else torch.empty(0, self.store.bundle_bytes, dtype=torch.uint8)
 
     def read(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
@@ -285,8 +330,3 @@ class BundleReader:
         s = self.store
         return s.decode(raw, layer) if s.quantized else raw.view(s.dtype).view(raw.shape[0], s.bundle_width)
 
-
-def _gather_rows(elements: torch.Tensor, offsets: torch.Tensor, width: int) -> torch.Tensor:
-    """[m, width]: row i = elements[offsets[i] : offsets[i] + width]. A sliding-window view makes this one
-    index_select (~25x faster than advanced indexing with an [m, width] index)."""
-    return elements[: offsets.max() + width].unfold(0, width, 1).index_select(0, offsets)

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from .api import Model
-from .errors import InaflashError
+from .errors import InaflashError, StoreError
 from .generate import Generation, chat_template_ids
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none (capped by what the context leaves)
@@ -255,6 +255,10 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
     @app.exception_handler(InaflashError)
     async def _inaflash_error(request: Request, e: InaflashError):
         return error_response(400, str(e))
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, e: StoreError):  # a damaged store is the server's fault, not the request's
+        return error_response(500, str(e), "server_error")
 
     def authorize(request: Request) -> None:
         if server.api_key is None:

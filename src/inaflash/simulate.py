@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig
-from .store import ALIGN, FORMAT, FORMAT_VERSION, FlashStore, bundle_fields, round_up
+from .store import ALIGN, FlashStore, bundle_fields, new_manifest, round_up, seal
 
 OPT_6_7B = {"layers": 32, "hidden": 4096, "neurons": 16384}
 PAPER_TABLE2 = [  # OPT-6.7B, M1 Max, float32 bundles (Alizadeh et al., Table 2): data read, I/O latency per token
@@ -89,16 +89,14 @@ def write_synthetic_store(path: str | Path, layers: int, hidden: int, neurons: i
                 offset = f.tell()
                 f.write(rng.integers(0, 256, size=round_up(nbytes), dtype=np.uint8).tobytes())
                 extents.append({"offset": offset, "nbytes": nbytes, "span": round_up(nbytes)})
-        save_file({"synthetic": torch.zeros(1)}, str(tmp / "resident.safetensors"))
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": "not computed (synthetic)"}
-                 for name in ("ffn.bin", "resident.safetensors")}
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict(), "dtype": "float16",
-                    "source": {"kind": "synthetic", "path": None},
-                    "ffn": {"file": "ffn.bin", "layout": "bundled", "format": "float", "alignment": ALIGN,
-                            "fields": fields, "bundle_width": width, "bundle_bytes": bundle, "neurons": neurons,
-                            "layers": extents},
-                    "files": files, "hf_config": {}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        resident = {"synthetic": torch.zeros(1)}
+        save_file(resident, str(tmp / "resident.safetensors"))
+        manifest = new_manifest(config=cfg.to_dict(), dtype="float16", source={"kind": "synthetic", "path": None},
+                                ffn={"file": "ffn.bin", "layout": "bundled", "format": "float", "alignment": ALIGN,
+                                     "fields": fields, "bundle_width": width, "bundle_bytes": bundle,
+                                     "neurons": neurons, "layers": extents},
+                                resident={"format": "float", "embed": None}, hf_config={})
+        seal(tmp, manifest, resident)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,7 +133,7 @@ def replay(store: FlashStore, activations: torch.Tensor, sparsity: float, window
     capacity = min(cfg.intermediate_size, (max(window, 1) + 1) * (k + 16))  # room for any window union
     caches = [NeuronCache(store, capacity, window) for _ in range(cfg.num_layers)]
     per_token, needed_total = [], 0
-    with FlashReader(store.ffn_path) as reader:
+    with FlashReader(store.ffn_path, pages=store.pages(store.ffn_path)) as reader:
         bundles = BundleReader(store, reader, staging_bytes=staging_bytes, max_gap=max_gap)
         for step, layers in enumerate(tqdm(list(selections(activations, sparsity, cfg.num_layers, mapping)),
                                            desc=f"replay s={sparsity} k={window}", disable=not progress), start=1):
@@ -164,7 +162,7 @@ def replay_naive(store: FlashStore, tokens: int = 2) -> dict:
     span = max(e.span for e in store.layers)
     bufs = [aligned_buffer(span), aligned_buffer(span)]
     times = []
-    with FlashReader(store.ffn_path) as reader:
+    with FlashReader(store.ffn_path, pages=store.pages(store.ffn_path)) as reader:
         for _ in range(tokens):
             io0, t0 = reader.stats.copy(), time.perf_counter()
             pending = reader.submit([(store.layers[0].offset, bufs[0][:store.layers[0].span])])

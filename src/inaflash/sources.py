@@ -78,10 +78,12 @@ class HFSource(ModelSource):
         self.path = path
         try:
             hf = AutoConfig.from_pretrained(path)
-        except (ValueError, KeyError) as e:
-            raise UnsupportedModelError(f"cannot read {path / 'config.json'}: {e}") from None
-        self.hf_config = hf.to_dict()
-        self.config = ModelConfig.from_hf(hf)
+            self.hf_config = hf.to_dict()
+            self.config = ModelConfig.from_hf(hf)
+        except InaflashError:
+            raise
+        except Exception as e:  # transformers' and huggingface_hub's validation errors, a malformed value
+            raise UnsupportedModelError(f"cannot read {path / 'config.json'}: {type(e).__name__}: {e}") from None
         files = sorted(path.glob("*.safetensors"))
         if not files:
             pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
@@ -89,7 +91,10 @@ class HFSource(ModelSource):
             raise InaflashError(f"no *.safetensors weights in {path}{hint}")
         self._where: dict[str, tuple] = {}
         for f in files:
-            handle = safe_open(str(f), framework="pt")
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors' own error names neither the file nor the remedy
+                raise InaflashError(f"not a valid safetensors file: {f} ({type(e).__name__}: {e})") from None
             for name in handle.keys():
                 self._where[_canonical_hf_name(name)] = (handle, name)
         self.tokenizer = _load_tokenizer(path) if any((path / f).exists() for f in TOKENIZER_FILES[:5]) else None
@@ -99,7 +104,10 @@ class HFSource(ModelSource):
 
     def tensor(self, name: str) -> torch.Tensor:
         handle, key = self._where[name]
-        return handle.get_tensor(key).float()
+        try:
+            return handle.get_tensor(key).float()
+        except Exception as e:
+            raise InaflashError(f"cannot read tensor {key} of {self.path}: {type(e).__name__}: {e}") from None
 
 
 def _canonical_hf_name(name: str) -> str:
@@ -135,10 +143,13 @@ class GGUFSource(ModelSource):
         self._arch = arch
         try:
             hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        except (ValueError, KeyError) as e:
-            raise UnsupportedModelError(f"transformers cannot map the GGUF config of {path}: {e}") from None
-        self.hf_config = hf.to_dict()
-        self.config = ModelConfig.from_hf(hf)
+            self.hf_config = hf.to_dict()
+            self.config = ModelConfig.from_hf(hf)
+        except InaflashError:
+            raise
+        except Exception as e:
+            raise UnsupportedModelError(f"transformers cannot map the GGUF config of {path}: {type(e).__name__}: "
+                                        f"{e}") from None
         self._tensors = {}
         for t in self._reader.tensors:
             hf_name = _gguf_to_hf(t.name)

@@ -85,11 +85,11 @@ def load_sparsity(store: FlashStore) -> Sparsity | None:
         if store.config.hidden_act == "relu":
             return Sparsity("relu", [0.0] * store.config.num_layers)
         return None
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     predictors = None
     if info.get("predictor"):
-        t = load_file(str(store.path / SPARSITY_FILE))
+        t = load(store.read_verified(SPARSITY_FILE))
         taus = info["predictor"]["tau"]
         predictors = [Predictor(t[f"{i}.down"], t[f"{i}.up"], t[f"{i}.bias"], taus[i])
                       for i in range(store.config.num_layers)]

@@ -13,7 +13,12 @@ A store is a directory:
                          field ([n, field width]: gate rows, up rows, down columns), each block 4096-aligned, so a
                          neuron takes one read per field
   tokenizer/             the tokenizer files (tokenizer.json, chat template, ...)
-The manifest is written last and the directory is renamed into place, so anything without a manifest is not a store.
+  checksums.safetensors  CRC-32C of every 4096-byte page of ffn.bin and embed.bin (uint32 per page)
+The manifest lists every file's size and sha256 and each resident tensor's CRC-32C, and carries its own sha256
+(`manifest_sha256`, over its canonical JSON). So every byte inaflash uses is checked as it is read: pages of flash
+reads by the reader (checksum.py), resident tensors as they load, small files (tokenizer, palettes, predictors, the
+checksums themselves) whole as they are opened. The manifest is written last, by write_manifest() alone, and the
+directory is renamed into place, so anything without a manifest is not a store. convert.py writes stores.
 """
 
 from __future__ import annotations
@@ -22,20 +27,21 @@ import functools
 import hashlib
 import json
 import os
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from tqdm import tqdm
 
+from . import checksum, quant
 from .config import ModelConfig
-from .errors import InaflashError, StoreError, UnsupportedModelError
-from . import quant
-from .quant import FFN_FORMATS, PALETTE_FILE, Int8Matrix
+from .errors import StoreError
+from .quant import PALETTE_FILE, Int8Matrix
 
 FORMAT = "inaflash-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums (pages, resident tensors, the manifest itself)
+CHECKSUM_FILE = "checksums.safetensors"
 ALIGN = 4096
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -101,54 +107,127 @@ class LayerExtent:
 
 
 class FlashStore:
-    """An opened, validated store."""
+    """An opened, validated store: the manifest's checksum, structure, paths and file sizes checked, the page
+    checksums of the flash files loaded (checked by the readers as data arrives)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.manifest = _read_manifest(self.path)
-        m = self.manifest
+        self.manifest = m = _read_manifest(self.path)
         try:
             self.config = ModelConfig.from_dict(m["config"])
         except (TypeError, KeyError, AttributeError) as e:
             raise StoreError(f"store {self.path}: manifest.json's config is malformed ({e})") from None
+        try:
+            self._open(m)
+        except (TypeError, KeyError, AttributeError, ValueError, IndexError) as e:
+            raise StoreError(f"store {self.path}: manifest.json is malformed ({type(e).__name__}: {e})") from None
+
+    def _open(self, m: dict) -> None:
         self.dtype_name = m["dtype"]
+        if self.dtype_name not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype_name!r}")
         self.dtype = DTYPES[self.dtype_name]
         ffn = m["ffn"]
         self.ffn_path = _inside(self.path, ffn["file"], "FFN file")
         self.fields = {k: tuple(v) for k, v in ffn["fields"].items()}
-        self.bundle_width = ffn["bundle_width"]
-        self.bundle_bytes = ffn["bundle_bytes"]  # on flash
+        self.bundle_width = _count(ffn["bundle_width"], "bundle_width", low=1)
+        self.bundle_bytes = _count(ffn["bundle_bytes"], "bundle_bytes", low=1)  # on flash
+        if any(not 0 <= _count(a, "field") < _count(b, "field") <= self.bundle_width for a, b in self.fields.values()):
+            raise ValueError(f"fields {self.fields} do not fit a bundle of {self.bundle_width}")
         self.ffn_format = ffn.get("format", "float")
+        if self.ffn_format not in quant.FFN_FORMATS:
+            raise ValueError(f"unknown FFN format {self.ffn_format!r}")
         self.quantized = self.ffn_format != "float"
         self.row_bytes = self.bundle_width * self.dtype.itemsize  # one neuron in DRAM, in the compute dtype
         self.resident_format = m.get("resident", {}).get("format", "float")
         self.embed = m.get("resident", {}).get("embed")  # {"file", "row_bytes", "rows"} when embeddings are on flash
-        self.palettes = None
-        if self.ffn_format.startswith("palette"):
-            from safetensors.torch import load_file
-
-            books = load_file(str(self.path / PALETTE_FILE))
-            self.palettes = [{f: books[f"{i}.{f}"] for f in quant.palettized(self.fields)} for i in
-                             range(len(ffn["layers"]))]
         self.layout = ffn.get("layout", "bundled")
         self.blocks = ffn.get("blocks")  # unbundled: field -> block offset within the layer
         self.layers = [LayerExtent(**e) for e in ffn["layers"]]
-        if self.embed is not None:
-            _inside(self.path, self.embed.get("file"), "embedding file")
-        named = {ffn["file"], "resident.safetensors"} | ({self.embed["file"]} if self.embed else set())
-        unlisted = sorted(named - set(m["files"]))
+        # the layout follows from the config and the format: a manifest that says otherwise is not believed
+        if self.fields != {k: tuple(v) for k, v in bundle_fields(self.config).items()} or \
+                self.bundle_width != max(b for _, b in self.fields.values()) or \
+                self.bundle_bytes != quant.bundle_bytes(self.ffn_format, self.bundle_width, self.fields,
+                                                        self.dtype.itemsize):
+            raise ValueError(f"bundle fields {self.fields} of {self.bundle_bytes} bytes do not follow from the config "
+                             f"and format {self.ffn_format}")
+        if self.layout not in LAYOUTS or (self.layout == "unbundled") != isinstance(self.blocks, dict) or \
+                (self.blocks is not None and self.blocks != field_blocks(self.config, self.dtype.itemsize)):
+            raise ValueError(f"FFN layout {self.layout!r} with blocks {self.blocks!r}")
+        if self.resident_format not in RESIDENT_FORMATS or not (self.embed is None or isinstance(self.embed, dict)):
+            raise ValueError(f"resident format {self.resident_format!r}, embedding {self.embed!r}")
+        files = m["files"]
+        named = {ffn["file"], "resident.safetensors", m["checksums"]["file"]} | \
+            ({self.embed["file"]} if self.embed else set())
+        unlisted = sorted(named - set(files))
         if unlisted:
             raise StoreError(f"store {self.path}: manifest lists no size or checksum for {unlisted[0]}")
-        for name, info in m["files"].items():
+        for name, info in files.items():
             f = _inside(self.path, name, "file")
-            if not f.exists():
+            want = _count(info["bytes"], f"{name}'s size")
+            if not isinstance(info["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", info["sha256"]):
+                raise ValueError(f"{name}'s sha256 is not a sha256")
+            if not f.is_file():
                 raise StoreError(f"store {self.path} is missing {name}")
             size = f.stat().st_size
-            if size != info["bytes"]:
-                raise StoreError(
-                    f"store {self.path}: {name} is {size} bytes but the manifest says {info['bytes']} "
-                    f"(truncated or modified; re-run inaflash convert)"
-                )
+            if size != want:
+                raise StoreError(f"store {self.path}: {name} is {size} bytes but the manifest says {want} "
+                                 f"(truncated or modified; re-run inaflash convert)")
+        n, ffn_size = self.config.intermediate_size, files[ffn["file"]]["bytes"]
+        if len(self.layers) != self.config.num_layers or any(
+                e.offset % ALIGN or e.nbytes != n * self.bundle_bytes or e.span < e.nbytes or e.span % ALIGN
+                or e.offset + e.span > ffn_size for e in self.layers):
+            raise ValueError(f"layer extents do not describe {self.config.num_layers} layers of {n} bundles in "
+                             f"{ffn['file']} ({ffn_size} bytes)")
+        if self.embed is not None:
+            _inside(self.path, self.embed.get("file"), "embedding file")
+            rows, row_bytes = _count(self.embed["rows"], "embedding rows", 1), _count(self.embed["row_bytes"], "row", 1)
+            if rows * row_bytes > files[self.embed["file"]]["bytes"] or rows != self.config.vocab_size or \
+                    row_bytes != self.config.hidden_size * self.dtype.itemsize or not isinstance(self.embed["name"], str):
+                raise ValueError(f"embedding of {rows} rows x {row_bytes} bytes does not fit {self.embed['file']}")
+        self.palettes = None
+        if self.ffn_format.startswith("palette"):
+            from safetensors.torch import load
+
+            books = load(self.read_verified(PALETTE_FILE))
+            self.palettes = [{f: books[f"{i}.{f}"] for f in quant.palettized(self.fields)} for i in
+                             range(len(self.layers))]
+        self.page_crcs = self._page_checksums(m["checksums"])
+
+    def _page_checksums(self, entry: dict) -> dict[str, np.ndarray]:
+        """File name -> uint32 CRC-32C per 4096-byte page, for the files read from flash."""
+        from safetensors.numpy import load
+
+        if entry.get("algorithm") != checksum.ALGORITHM or entry.get("page") != checksum.PAGE:
+            raise ValueError(f"checksums {entry.get('algorithm')!r} per {entry.get('page')} bytes (this inaflash "
+                             f"checks {checksum.ALGORITHM} per {checksum.PAGE})")
+        try:
+            tables = load(self.read_verified(entry["file"]))
+        except StoreError:
+            raise
+        except Exception as e:  # safetensors' own errors
+            raise StoreError(f"store {self.path}: {entry['file']} is unreadable ({e})") from None
+        files = self.manifest["files"]
+        for name in [self.manifest["ffn"]["file"]] + ([self.embed["file"]] if self.embed else []):
+            t = tables.get(name)
+            if t is None or t.dtype != np.uint32 or t.shape != (-(-files[name]["bytes"] // checksum.PAGE),):
+                raise StoreError(f"store {self.path}: {entry['file']} has no page checksums for {name}")
+        return tables
+
+    def pages(self, path: Path, checked: bool = True) -> np.ndarray | None:
+        """The page checksums a reader of `path` (a file of this store) checks, or None when not `checked`."""
+        return self.page_crcs[Path(path).relative_to(self.path).as_posix()] if checked else None
+
+    def read_verified(self, name: str) -> bytes:
+        """A small file of the store, whole, checked against its sha256."""
+        path = _inside(self.path, name, "file")
+        info = self.manifest["files"].get(name)
+        if info is None:
+            raise StoreError(f"store {self.path}: manifest lists no size or checksum for {name}")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise StoreError(f"store {self.path}: {name} does not match its sha256 (damaged; re-convert the store)")
+        return data
 
     def decode(self, raw: torch.Tensor, layer: int) -> torch.Tensor:
         """Bundles of `layer` as stored ([m, bundle_bytes] uint8) -> [m, bundle_width] in the compute dtype."""
@@ -167,31 +246,58 @@ class FlashStore:
 
     @property
     def resident_bytes(self) -> int:
-        """What the resident part holds in DRAM: its tensors, the palettes' codebooks, and for an embedding on flash
-        only the read buffer of its lookups."""
+        """What the resident part holds in DRAM: its tensors, the palettes' codebooks, the page checksums, and for
+        an embedding on flash only the read buffer of its lookups."""
         files = self.manifest["files"]
         embed_buffer = EMBED_BATCH * (round_up(self.embed["row_bytes"]) + ALIGN) if self.embed else 0
-        return files["resident.safetensors"]["bytes"] + files.get(PALETTE_FILE, {}).get("bytes", 0) + embed_buffer
+        return files["resident.safetensors"]["bytes"] + files.get(PALETTE_FILE, {}).get("bytes", 0) + embed_buffer \
+            + files[CHECKSUM_FILE]["bytes"]  # the page checksums stay in DRAM
 
-    def resident_weights(self) -> dict[str, torch.Tensor]:
-        """Name -> tensor, or quant.Int8Matrix for int8 matrices (stored as `name` codes + `name.scale`)."""
+    def resident_weights(self, check: bool = True) -> dict[str, torch.Tensor]:
+        """Name -> tensor, or quant.Int8Matrix for int8 matrices (stored as `name` codes + `name.scale`). `check`:
+        each tensor's CRC-32C against the manifest's (~50 ms for Qwen2.5-1.5B's 390 MB)."""
         from safetensors.torch import load_file
 
-        w = load_file(str(self.path / "resident.safetensors"))
-        for name in [n for n in w if n.endswith(".scale")]:
-            base = name[: -len(".scale")]
-            w[base] = Int8Matrix(w[base], w.pop(name))
+        name = "resident.safetensors"
+        try:
+            w = load_file(str(self.path / name))
+        except Exception as e:  # a damaged header: safetensors' own error, naming no file
+            raise StoreError(f"store {self.path}: {name} is unreadable ({e}); re-convert the store") from None
+        if check:
+            want = self.manifest["resident"].get("crc32c", {})
+            if sorted(w) != sorted(want):
+                raise StoreError(f"store {self.path}: {name} holds other tensors than its manifest lists "
+                                 "(damaged; re-convert the store)")
+            for n, t in w.items():
+                if checksum.crc32c(t) != want[n]:
+                    raise StoreError(f"store {self.path}: tensor {n} of {name} does not match its checksum "
+                                     "(damaged; re-convert the store)")
+        for n in [n for n in w if n.endswith(".scale")]:
+            base = n[: -len(".scale")]
+            w[base] = Int8Matrix(w[base], w.pop(n))
         return w
 
     def tokenizer(self):
         tok_dir = self.path / "tokenizer"
-        return _load_tokenizer(str(tok_dir.resolve())) if tok_dir.is_dir() else None
+        if not tok_dir.is_dir():
+            return None
+        for name in self.manifest["files"]:
+            if name.startswith("tokenizer/"):
+                self.read_verified(name)
+        return _load_tokenizer(str(tok_dir.resolve()))
 
     def verify(self) -> None:
-        """Check every file's sha256 against the manifest (reads the whole store)."""
+        """Check everything against the manifest (reads the whole store): every file's sha256, every page checksum
+        against the data, every resident tensor's checksum. (The manifest's own was checked at open.)"""
         for name, info in self.manifest["files"].items():
-            if _sha256(_inside(self.path, name, "file")) != info["sha256"]:
-                raise StoreError(f"store {self.path}: {name} does not match its sha256 (corrupt; re-convert)")
+            if checksum.sha256_file(_inside(self.path, name, "file")) != info["sha256"]:
+                raise StoreError(f"store {self.path}: {name} does not match its sha256 (damaged; re-convert)")
+        for name, table in self.page_crcs.items():
+            bad = np.flatnonzero(checksum.file_page_crcs(self.path / name) != table)
+            if bad.size:
+                raise StoreError(f"store {self.path}: page checksums of {name} disagree from byte "
+                                 f"{bad[0] * checksum.PAGE} (damaged; re-convert)")
+        self.resident_weights(check=True)
 
 
 @functools.lru_cache(maxsize=4)
@@ -224,69 +330,57 @@ def _read_manifest(path: Path) -> dict:
             f"store {path} has format version {m.get('format_version')}, this inaflash reads version "
             f"{FORMAT_VERSION}: convert the model again"
         )
+    if m.get("manifest_sha256") != manifest_digest(m):
+        raise StoreError(f"store {path}: manifest.json does not match its own checksum (edited by hand or damaged); "
+                         "re-convert the store")
     return m
 
 
-def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
-    """The shape the config implies for a source tensor (None for names it does not constrain)."""
-    d, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    tail = name.split(".layers.", 1)[-1].split(".", 1)[-1] if ".layers." in name else name
-    shapes = {"model.embed_tokens.weight": (v, d), "lm_head.weight": (v, d), "model.norm.weight": (d,),
-              "model.decoder.embed_tokens.weight": (v, d),
-              "mlp.gate_proj.weight": (n, d), "mlp.up_proj.weight": (n, d), "mlp.down_proj.weight": (d, n),
-              "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
-              "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
-              "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-              "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-              "fc1.weight": (n, d), "fc1.bias": (n,), "fc2.weight": (d, n), "fc2.bias": (d,),
-              "self_attn.out_proj.weight": (d, q)}
-    return shapes.get(tail)
+def manifest_digest(m: dict) -> str:
+    """sha256 of a manifest's canonical JSON, its own checksum left out."""
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _checked(source, name: str, cfg: ModelConfig) -> torch.Tensor:
-    """source.tensor(name), refused (nothing written) if its shape is not the one the config implies: a GGUF whose
-    feed_forward_length says 1535 for 1536-row tensors once converted and ran with a neuron silently dropped."""
-    t = source.tensor(name)
-    want = expected_shape(cfg, name)
-    if want is not None and tuple(t.shape) != want:
-        raise InaflashError(f"source {source.path}: tensor {name} has shape {list(t.shape)}, but the model's config "
-                            f"implies {list(want)} (a config or file that does not match its weights)")
-    return t
+def new_manifest(**fields) -> dict:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **fields}
 
 
-def _check_replaceable(out: Path, source: Path) -> None:
-    """--overwrite replaces an inaflash store only: never another directory or file, never the source model or a
-    directory holding it (`convert src src --overwrite` once deleted the model's own weights)."""
-    if out.is_symlink() or not out.is_dir():
-        raise InaflashError(f"refusing to overwrite {out}: it is not an inaflash store (a file or a link)")
-    src, dst = source.resolve(), out.resolve()
-    if src == dst or dst in src.parents:
-        raise InaflashError(f"refusing to overwrite {out}: it holds the source model {source}")
-    try:
-        m = json.loads((out / "manifest.json").read_text())
-        ours = isinstance(m, dict) and m.get("format") == FORMAT
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise InaflashError(f"refusing to overwrite {out}: it is not an inaflash store (no inaflash manifest.json); "
-                            "remove it yourself or choose another output")
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """The one writer of manifest.json (convert, calibrate, the synthetic store): sealed with its checksum and
+    replaced atomically."""
+    m = json.loads(json.dumps(manifest))  # canonical: what a reader will load
+    m.pop("manifest_sha256", None)
+    m["manifest_sha256"] = manifest_digest(m)
+    tmp = Path(directory) / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(m, indent=1))
+    os.replace(tmp, Path(directory) / "manifest.json")
 
 
-def _remove_dead_partials(out: Path) -> None:
-    """Leftovers of conversions into `out` that were killed (SIGKILL, power loss): `.NAME.partial-PID` whose process
-    is gone. Those of a live process (a conversion running beside this one) are left alone."""
-    for leftover in out.parent.glob(f".{out.name}.partial-*"):
-        pid = leftover.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or leftover.is_symlink() or not leftover.is_dir():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive
-        except ProcessLookupError:
-            shutil.rmtree(leftover, ignore_errors=True)
-        except PermissionError:
-            continue  # alive, another user's
+def file_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": checksum.sha256_file(path)}
+
+
+def seal(directory: Path, manifest: dict, resident: dict[str, torch.Tensor]) -> None:
+    """Finish a store whose files are all written: page checksums of the files read from flash, CRC-32C of each
+    resident tensor, size and sha256 of every file, then the manifest."""
+    from safetensors.numpy import save_file
+
+    paged = [manifest["ffn"]["file"]] + ([manifest["resident"]["embed"]["file"]]
+                                         if manifest["resident"].get("embed") else [])
+    save_file({name: checksum.file_page_crcs(directory / name) for name in paged}, str(directory / CHECKSUM_FILE))
+    manifest["checksums"] = {"file": CHECKSUM_FILE, "algorithm": checksum.ALGORITHM, "page": checksum.PAGE}
+    manifest["resident"]["crc32c"] = {n: checksum.crc32c(t) for n, t in sorted(resident.items())}
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest["files"] = {p.relative_to(directory).as_posix(): file_entry(p) for p in files}
+    write_manifest(directory, manifest)
+
+
+def _count(v: object, what: str, low: int = 0) -> int:
+    """An integer from a manifest, in range (a bool, float or 10**30 is not a size)."""
+    if type(v) is not int or not low <= v < 1 << 48:
+        raise ValueError(f"{what} {v!r} is not an integer in [{low}, 2**48)")
+    return v
 
 
 def _inside(root: Path, name: object, what: str) -> Path:
@@ -300,145 +394,3 @@ def _inside(root: Path, name: object, what: str) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
-
-
-def _layer_bytes(cfg: ModelConfig, bundles: torch.Tensor, layout: str, ffn_format: str) -> list[memoryview]:
-    """One layer's data for ffn.bin: the bundle matrix, or (unbundled) each field's block padded to alignment."""
-    if ffn_format != "float":
-        raise AssertionError("compressed bundles are encoded by write_store")
-    if layout == "bundled":
-        return [_tensor_bytes(bundles)]
-    parts = []
-    for a, b in bundle_fields(cfg).values():
-        data = _tensor_bytes(bundles[:, a:b])
-        parts += [data, memoryview(bytes(round_up(len(data)) - len(data)))]
-    return parts[:-1]  # the layer's own padding follows
-
-
-def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool = False,
-                progress: bool = True, layout: str = "bundled", ffn_format: str = "float",
-                resident_format: str = "float", embeddings_on_flash: bool = True) -> Path:
-    """Convert `source` (a sources.ModelSource) into a store at `out`, atomically.
-
-    `embeddings_on_flash`: an untied input embedding goes to embed.bin (one row read per token) instead of DRAM;
-    a tied one is the output head, which every token needs whole, so it stays resident either way."""
-    from safetensors.torch import save_file
-
-    if dtype not in DTYPES:
-        raise InaflashError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if layout not in LAYOUTS:
-        raise InaflashError(f"unknown FFN layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if ffn_format not in FFN_FORMATS:
-        raise InaflashError(f"unknown FFN format {ffn_format!r}; choose one of {', '.join(FFN_FORMATS)}")
-    if resident_format not in RESIDENT_FORMATS:
-        raise InaflashError(f"unknown resident format {resident_format!r}; choose one of {', '.join(RESIDENT_FORMATS)}")
-    if ffn_format != "float" and layout != "bundled":
-        raise InaflashError(f"FFN format {ffn_format} is written bundled only (not with --unbundled)")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InaflashError(f"{out} already exists (pass --overwrite to replace it)")
-    if out.exists() or out.is_symlink():
-        _check_replaceable(out, Path(source.path))
-    cfg, tdtype = source.config, DTYPES[dtype]
-    names = source.names()
-    ffn_names = {n for layer in range(cfg.num_layers) for n in ffn_tensor_names(cfg, layer)}
-    missing = sorted(ffn_names - names)
-    if missing:
-        raise InaflashError(f"source {source.path} lacks FFN weights, e.g. {missing[0]}")
-    if any(n.endswith(("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")) for n in names):
-        raise UnsupportedModelError("Llama-family MLP biases (mlp_bias=True) are not supported")
-    cfg.tie_word_embeddings = "lm_head.weight" not in names
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fields = bundle_fields(cfg)
-        width = max(end for _, end in fields.values())
-        bundle_bytes = quant.bundle_bytes(ffn_format, width, fields, tdtype.itemsize)
-        layers, files, palettes = [], {}, {}
-        h = hashlib.sha256()
-        with open(tmp / "ffn.bin", "wb") as f:
-            for layer in tqdm(range(cfg.num_layers), desc="convert FFN", unit="layer", disable=not progress):
-                bundles = build_bundles(cfg, [_checked(source, n, cfg) for n in ffn_tensor_names(cfg, layer)])
-                offset = f.tell()
-                if ffn_format == "float":
-                    parts = _layer_bytes(cfg, bundles.to(tdtype), layout, ffn_format)
-                else:
-                    raw, books = quant.encode(ffn_format, bundles, fields)
-                    parts = [_tensor_bytes(raw)]
-                    palettes.update({f"{layer}.{k}": v for k, v in books.items()})
-                for data in parts:
-                    f.write(data)
-                    h.update(data)
-                size = f.tell() - offset
-                pad = bytes(round_up(size) - size)
-                f.write(pad)
-                h.update(pad)
-                layers.append({"offset": offset, "nbytes": cfg.intermediate_size * bundle_bytes,
-                               "span": size + len(pad)})
-        files["ffn.bin"] = {"bytes": (tmp / "ffn.bin").stat().st_size, "sha256": h.hexdigest()}
-        if palettes:
-            save_file(palettes, str(tmp / PALETTE_FILE))
-
-        resident, embed = {}, None
-        embed_name = next((n for n in names if n.endswith("embed_tokens.weight")), None)
-        for n in tqdm(sorted(names - ffn_names), desc="convert resident", unit="tensor", disable=not progress):
-            t = _checked(source, n, cfg)
-            if n == embed_name and embeddings_on_flash and not cfg.tie_word_embeddings:
-                rows = _tensor_bytes(t.to(tdtype))
-                with open(tmp / EMBED_FILE, "wb") as f:  # padded: O_DIRECT reads whole aligned pages
-                    f.write(rows)
-                    f.write(bytes(round_up(len(rows)) - len(rows)))
-                embed = {"name": n, "file": EMBED_FILE, "rows": t.shape[0], "row_bytes": t.shape[1] * tdtype.itemsize}
-            elif t.dim() == 1:  # norms, biases: tiny and precision-sensitive, kept float32
-                resident[n] = t.contiguous()
-            elif resident_format == "int8" and is_resident_matrix(n):
-                resident[n], resident[n + ".scale"] = Int8Matrix.quantize(t)
-            else:
-                resident[n] = t.to(tdtype).contiguous()
-        save_file(resident, str(tmp / "resident.safetensors"))
-        for name in ["resident.safetensors"] + ([PALETTE_FILE] if palettes else []) + ([EMBED_FILE] if embed else []):
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-        if source.tokenizer is not None:
-            source.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            for p in sorted((tmp / "tokenizer").iterdir()):
-                files[f"tokenizer/{p.name}"] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "config": cfg.to_dict(),
-            "dtype": dtype,
-            "source": {"kind": source.kind, "path": str(source.path)},
-            "ffn": {
-                "file": "ffn.bin", "layout": layout, "format": ffn_format, "alignment": ALIGN, "fields": fields,
-                **({"group": quant.GROUP[ffn_format]} if ffn_format in quant.GROUP else {}),
-                "bundle_width": width, "bundle_bytes": bundle_bytes, "neurons": cfg.intermediate_size,
-                "layers": layers,
-                **({"blocks": field_blocks(cfg, tdtype.itemsize)} if layout == "unbundled" else {}),
-            },
-            "resident": {"format": resident_format, "embed": embed},
-            "files": files,
-            "hf_config": json.loads(json.dumps(source.hf_config, default=str)),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

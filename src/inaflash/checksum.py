@@ -1,0 +1,89 @@
+"""Checksums of store data: CRC-32C per 4096-byte page of the files read from flash, per tensor of the resident file.
+
+Pages are the unit of every O_DIRECT read (offsets and lengths are multiples of 4096), so each read can be checked
+whole, as it lands, without reading a byte more. CRC-32C because x86 computes it in hardware (SSE4.2): the native
+kernel hashes three pages at a time; where the kernel is not built, google-crc32c (also hardware, one call per page)
+computes the same values, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import kernels
+
+PAGE = 4096
+ALGORITHM = "crc32c"
+
+
+def _native(name: str):
+    fn = getattr(kernels.LIB, name, None) if kernels.LIB is not None else None
+    if fn is not None and fn.argtypes is None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] + ([ctypes.c_int64] if name.endswith("pages") else []) + \
+            [ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+_CRC, _PAGES = _native("inaflash_crc32c"), _native("inaflash_crc32c_pages")
+
+
+def _u8(data) -> np.ndarray:
+    if isinstance(data, torch.Tensor):
+        data = data.contiguous().view(torch.uint8).reshape(-1).numpy()
+    return np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+
+
+def crc32c(data) -> int:
+    """CRC-32C of a bytes-like object, numpy array or tensor (its raw bytes)."""
+    a = np.ascontiguousarray(_u8(data))
+    if _CRC is not None:
+        out = np.zeros(1, dtype=np.uint32)
+        if _CRC(a.ctypes.data, a.size, out.ctypes.data) == 0:
+            return int(out[0])
+    import google_crc32c
+
+    return google_crc32c.value(a.tobytes())
+
+
+def page_crcs(data) -> np.ndarray:
+    """uint32 CRC-32C of each 4096-byte page of `data` (its length a multiple of PAGE)."""
+    a = np.ascontiguousarray(_u8(data))
+    if a.size % PAGE:
+        raise ValueError(f"{a.size} bytes is not a whole number of {PAGE}-byte pages")
+    out = np.empty(a.size // PAGE, dtype=np.uint32)
+    if _PAGES is not None and _PAGES(a.ctypes.data, out.size, PAGE, out.ctypes.data) == 0:
+        return out
+    import google_crc32c
+
+    for i in range(out.size):
+        out[i] = google_crc32c.value(a[i * PAGE:(i + 1) * PAGE].tobytes())
+    return out
+
+
+def file_page_crcs(path: Path, chunk: int = 1 << 22) -> np.ndarray:
+    """Page CRCs of a whole file (a final partial page is hashed zero-padded; store files are padded anyway)."""
+    parts = []
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            if len(data) % PAGE:
+                data += bytes(PAGE - len(data) % PAGE)
+            parts.append(page_crcs(data))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def native() -> bool:
+    return _PAGES is not None
