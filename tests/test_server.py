@@ -334,3 +334,13 @@ def test_load_with_abandoned_requests_gives_no_5xx_and_stops_abandoned_work(mode
     assert r["invalid_not_400"] == 0 and set(r["statuses"]) <= {"200", "400", "429", "abandoned"}, r
     assert r["statuses"].get("200", 0) >= 10 and r["metrics"]["cancelled"] >= 1, r
     assert r["idle_after_s"] is not None and r["idle_after_s"] < 15 and r["health_status"] == 200, r
+
+
+def test_a_body_that_is_not_utf8_gets_an_openai_style_400(live, model):
+    content = b'{"model": "%s", "messages": [{"role": "user", "content": "caf\xe9"}]}' % model.name.encode()
+    r = httpx.post(live.url + "/v1/chat/completions", content=content,
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and set(r.json()) == {"error"}, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error" and "not valid UTF-8" in r.json()["error"]["message"]
+    r = httpx.get(live.url + "/v1/nowhere", timeout=30)  # FastAPI's own errors are OpenAI-shaped too
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error", r.text

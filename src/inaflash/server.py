@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -255,6 +256,12 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
     @app.exception_handler(InaflashError)
     async def _inaflash_error(request: Request, e: InaflashError):
         return error_response(400, str(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):  # FastAPI's own (unparsable body, 404, 405)
+        detail = "request body is not valid UTF-8 JSON" if e.detail == "There was an error parsing the body" \
+            else str(e.detail)
+        return error_response(e.status_code, detail, "invalid_request_error" if e.status_code < 500 else "server_error")
 
     @app.exception_handler(StoreError)
     async def _store_error(request: Request, e: StoreError):  # a damaged store is the server's fault, not the request's
