@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from inaflash import checksum
 from inaflash.engine import Engine
@@ -39,7 +40,7 @@ def measure(store: FlashStore, mode: str, memory: str | None, tokens: int) -> di
         tables = [r.pages for r in readers]
         ids = encode_prompt(e, "Write a Python function that merges two sorted lists, and explain it.", raw=False)
         e.reset(len(ids) + tokens + 1)
-        e.forward(__import__("torch").tensor(ids), 0, last_only=True)
+        e.forward(torch.tensor(ids), 0, last_only=True)
         times = {True: [], False: []}
         pos, token = len(ids), ids[-1]
         for i in range(tokens):
@@ -47,7 +48,7 @@ def measure(store: FlashStore, mode: str, memory: str | None, tokens: int) -> di
             for r, t in zip(readers, tables):
                 r.pages = t if checked else None
             t0 = time.perf_counter()
-            logits = e.forward(__import__("torch").tensor([token]), pos, last_only=True)
+            logits = e.forward(torch.tensor([token]), pos, last_only=True)
             times[checked].append((time.perf_counter() - t0) * 1e3)
             token, pos = int(logits[-1].argmax()), pos + 1
         for r, t in zip(readers, tables):

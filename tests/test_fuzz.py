@@ -32,6 +32,12 @@ def one_line(err: str) -> bool:
     return err.rstrip("\n").split("\n")[-1].startswith("inaflash: error: ") and err.count("inaflash: error") == 1
 
 
+def fresh_copy(src, dest):
+    """`src` copied to `dest`, replacing what an earlier example left there (hypothesis reuses tmp_path)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    return shutil.copytree(src, dest)
+
+
 def converted_or_one_line(args, out, capsys, monkeypatch):
     """The property: exit 0 with a store that opens at `out`, or exit 1 with nothing at `out`; no partial left."""
     code, err = cli(args, capsys, monkeypatch)
@@ -55,9 +61,7 @@ def hf(tmp_path_factory):
 @given(data=st.data())
 @settings(max_examples=40, **SETTINGS)
 def test_damaged_safetensors_header(hf, tmp_path, capsys, monkeypatch, data):
-    src = tmp_path / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(hf, src)
+    src = fresh_copy(hf, tmp_path / "src")
     weights = src / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     header = 8 + int.from_bytes(raw[:8], "little")
@@ -74,9 +78,7 @@ def test_damaged_safetensors_header(hf, tmp_path, capsys, monkeypatch, data):
 @given(data=st.data())
 @settings(max_examples=40, **SETTINGS)
 def test_damaged_config(hf, tmp_path, capsys, monkeypatch, data):
-    src = tmp_path / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(hf, src)
+    src = fresh_copy(hf, tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
     keys = sorted(k for k, v in cfg.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool))
     for _ in range(data.draw(st.integers(1, 3))):
@@ -128,9 +130,7 @@ def leaves(node, path=()):
 def test_damaged_manifest(store, tmp_path, capsys, monkeypatch, data):
     """Any leaf of the manifest replaced by any JSON value, then sealed (as a buggy writer would): the store opens
     and runs, or a one-line StoreError; with the seal left broken, always the checksum's error."""
-    copy = tmp_path / "s"
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(store, copy)
+    copy = fresh_copy(store, tmp_path / "s")
     m = json.loads((copy / "manifest.json").read_text())
     paths = [p for p in leaves(m) if p[0] not in ("manifest_sha256", "hf_config", "source")]
     for _ in range(data.draw(st.integers(1, 3))):

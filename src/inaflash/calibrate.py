@@ -28,7 +28,7 @@ from .errors import InaflashError
 from .ffn import ResidentFFN
 from .predictor import Predictor, train_predictor
 from .sparse import SPARSITY_FILE, Sparsity, WindowHistory
-from .store import FlashStore, _read_manifest, file_entry, write_manifest
+from .store import FlashStore, file_entry, read_manifest, write_manifest
 
 DEVIL_DICT = Path("/usr/share/dictd/devil.dict.dz")
 CHUNK = 256  # tokens per forward pass when recording or scoring text
@@ -344,7 +344,7 @@ def save_sparsity(store: FlashStore, kind: str, thresholds: list[float], predict
     """Write the sparsity file (temp name, then rename) and replace the manifest atomically."""
     from safetensors.torch import save_file
 
-    manifest = _read_manifest(store.path)  # as on disk now, its checksum checked
+    manifest = read_manifest(store.path)  # as on disk now, its checksum checked
     if predictors:
         tensors = {}
         for i, p in enumerate(predictors):
@@ -360,8 +360,7 @@ def save_sparsity(store: FlashStore, kind: str, thresholds: list[float], predict
     if predictors:
         entry["predictor"] = {"rank": predictors[0].down.shape[0], "tau": [p.tau for p in predictors]}
     manifest["sparsity"] = entry
-    write_manifest(store.path, manifest)
-    store.manifest = json.loads((store.path / "manifest.json").read_text())
+    store.manifest = write_manifest(store.path, manifest)
 
 
 def copy_sparsity(src: FlashStore, dst: FlashStore) -> None:

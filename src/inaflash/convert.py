@@ -16,8 +16,8 @@ from . import quant
 from .config import ModelConfig
 from .errors import InaflashError, UnsupportedModelError
 from .quant import FFN_FORMATS, PALETTE_FILE, Int8Matrix
-from .store import (ALIGN, DTYPES, EMBED_FILE, FORMAT, LAYOUTS, RESIDENT_FORMATS, bundle_fields, build_bundles,
-                    field_blocks, ffn_tensor_names, is_resident_matrix, new_manifest, round_up, seal)
+from .store import (ALIGN, DTYPES, EMBED_FILE, LAYOUTS, RESIDENT_FORMATS, bundle_fields, build_bundles,
+                    field_blocks, ffn_tensor_names, is_resident_matrix, new_manifest, peek_manifest, round_up, seal)
 
 
 def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
@@ -56,12 +56,7 @@ def _check_replaceable(out: Path, source: Path) -> None:
     src, dst = source.resolve(), out.resolve()
     if src == dst or dst in src.parents:
         raise InaflashError(f"refusing to overwrite {out}: it holds the source model {source}")
-    try:
-        m = json.loads((out / "manifest.json").read_text())
-        ours = isinstance(m, dict) and m.get("format") == FORMAT
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
+    if peek_manifest(out) is None:
         raise InaflashError(f"refusing to overwrite {out}: it is not an inaflash store (no inaflash manifest.json); "
                             "remove it yourself or choose another output")
 

