@@ -154,3 +154,15 @@ def test_damaged_manifest(store, tmp_path, capsys, monkeypatch, data):
                 generate_ids(e, [3, 4, 5], 2, stop=set())
         except InaflashError:
             pass
+
+
+def test_gguf_metadata_that_is_not_utf8_is_named(gguf_copy, tmp_path, capsys, monkeypatch):
+    """Found by test_damaged_gguf_header: the gguf package decodes strings lazily, so a damaged one failed later."""
+    raw = bytearray(gguf_copy.read_bytes())
+    key = b"general.architecture"
+    raw[raw.find(key) + len(key) + 12] = 0xB8  # the value's first byte (after its u32 type and u64 length)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(bytes(raw))
+    code, err = cli(["convert", path, tmp_path / "out"], capsys, monkeypatch)
+    assert code == 1 and one_line(err) and "(metadata general.architecture: UnicodeDecodeError" in err, err
+    assert not (tmp_path / "out").exists()

@@ -155,11 +155,18 @@ class GGUFSource(ModelSource):
             hf_name = _gguf_to_hf(t.name)
             if hf_name is not None:
                 self._tensors[hf_name] = t
-        self.tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
+        try:
+            self.tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
+        except Exception as e:  # damaged vocabulary metadata
+            raise InaflashError(f"cannot read the tokenizer of {path}: {type(e).__name__}: {e}") from None
 
     def _field(self, key: str):
         f = self._reader.fields.get(key)
-        return None if f is None else f.contents()
+        try:
+            return None if f is None else f.contents()
+        except Exception as e:  # the gguf package decodes values lazily: a damaged string fails here
+            raise InaflashError(f"not a valid GGUF file: {self.path} (metadata {key}: {type(e).__name__}: "
+                                f"{e})") from None
 
     def names(self) -> set[str]:
         return set(self._tensors)
