@@ -17,8 +17,11 @@ from inaflash.store import FlashStore, write_manifest
 from test_errors import cli
 from tiny import make_tiny
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                      HealthCheck.too_slow])
+# derandomize: the same examples on every run, so CI's verdict is the code's; explore with other seeds by hand
+# (set derandomize=False and run `pytest tests/test_fuzz.py --hypothesis-seed=N`: random draws found the bugs fixed
+# in sources.py, config.py, store.py and cli.py this session, the last one in a CI run)
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                        HealthCheck.too_slow])
 
 # values a damaged or hostile file might hold where a number, a name or a list belongs
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.sampled_from([0, 1, -1, 2 ** 63]),
