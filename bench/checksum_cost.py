@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inaflash import checksum
+from inaflash.store import checksum
 from inaflash.engine import Engine
 from inaflash.generate import encode_prompt
-from inaflash.store import FlashStore
+from inaflash.store.format import FlashStore
 
 
 def hash_rate() -> float:

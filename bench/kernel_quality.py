@@ -11,11 +11,11 @@ import time
 
 import torch.nn.functional as F
 
-from inaflash import kernels
-from inaflash.calibrate import agreement, heldout_text, token_ids
+from inaflash.ffn import kernels
+from inaflash.tools.calibrate import agreement, heldout_text, token_ids
 from inaflash.engine import Engine
 from inaflash.generate import generate_ids
-from inaflash.store import FlashStore
+from inaflash.store.format import FlashStore
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Water boils at", "Once upon a time, a small robot",
            "The three primary colors are"]

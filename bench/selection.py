@@ -34,12 +34,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inaflash.calibrate import CHUNK, _Recorder, agreement, calibration_text, heldout_text, run_chunks, token_ids
+from inaflash.tools.calibrate import (CHUNK, agreement, calibration_text, heldout_text, recorded_inputs,
+                                      token_ids)
 from inaflash.engine import Engine
-from inaflash.ffn import compute_layout
+from inaflash.ffn.dense import compute_layout
 from inaflash.generate import chat_template_ids
-from inaflash.sparse import WindowHistory, load_sparsity, window_union
-from inaflash.store import FlashStore
+from inaflash.ffn.sparse import WindowHistory, load_sparsity, window_union
+from inaflash.store.format import FlashStore
 
 COMMAND = ""
 PREFIX = 64  # dense tokens at the start of each chunk (a prompt); scored positions come after
@@ -168,9 +169,7 @@ def main() -> None:
     act = resident.math.math.act
 
     # calibration statistics (pydoc text, never the held-out text)
-    rec = _Recorder(SelectFFN(weights, act), cfg.num_layers)
-    run_chunks(engine, token_ids(engine, calibration_text(), args.calib_tokens), rec)
-    xs = [torch.cat(r) for r in rec.inputs]
+    xs = recorded_inputs(engine, SelectFFN(weights, act), token_ids(engine, calibration_text(), args.calib_tokens))
     stats = {"oracle": [], "gate": [], "gate*u": [], "x": [], "ubar": []}
     for layer, x in enumerate(xs):
         G, U, _ = weights[layer]
@@ -191,7 +190,7 @@ def main() -> None:
               [chat_template_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS_CHAT]
 
     def run(ffn: SelectFFN) -> dict:
-        engine.ffn, engine.model = ffn, None
+        engine.set_ffn(ffn)
         # held-out scoring on positions after each chunk's dense prefix
         ffn.record = True
         nll, count, tops = 0.0, 0, []

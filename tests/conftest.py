@@ -22,8 +22,8 @@ def smollm2_gguf():
 
 @pytest.fixture(scope="session")
 def smollm2_store_f32(smollm2_gguf, tmp_path_factory):
-    from inaflash.sources import open_source
-    from inaflash.convert import write_store
+    from inaflash.store.sources import open_source
+    from inaflash.store.convert import write_store
 
     return write_store(open_source(smollm2_gguf), tmp_path_factory.mktemp("smol") / "f32", dtype="float32",
                        progress=False)
@@ -31,8 +31,8 @@ def smollm2_store_f32(smollm2_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_store_f16(smollm2_gguf, tmp_path_factory):
-    from inaflash.sources import open_source
-    from inaflash.convert import write_store
+    from inaflash.store.sources import open_source
+    from inaflash.store.convert import write_store
 
     return write_store(open_source(smollm2_gguf), tmp_path_factory.mktemp("smol") / "f16", dtype="float16",
                        progress=False)

@@ -6,15 +6,15 @@ import shutil
 import pytest
 import torch
 
-from inaflash.calibrate import QUALITY_BOUNDS, quality_gate, save_sparsity
+from inaflash.tools.calibrate import QUALITY_BOUNDS, quality_gate, save_sparsity
 from inaflash.engine import Engine
 from inaflash.errors import InaflashError
 from inaflash.planner import kv_bytes, model_bytes
-from inaflash.predictor import Predictor
-from inaflash.sparse import load_sparsity
-from inaflash.store import FlashStore
-from inaflash.sources import open_source
-from inaflash.convert import write_store
+from inaflash.ffn.predictor import Predictor
+from inaflash.ffn.sparse import load_sparsity
+from inaflash.store.format import FlashStore
+from inaflash.store.sources import open_source
+from inaflash.store.convert import write_store
 from test_sparse import logits_run
 from tiny import make_tiny
 
@@ -47,7 +47,7 @@ def calibrated(store, tmp_path, quality: dict | None, tau: float = -1.0) -> Flas
 
 def streaming_budget(store, context: int, layers: int) -> int:
     """A budget that holds the resident part, the KV cache, the two streaming buffers and `layers` layers' FFN."""
-    from inaflash.ffn import NaiveFlashFFN
+    from inaflash.ffn.dense import NaiveFlashFFN
 
     return (store.resident_bytes + kv_bytes(store, context) + NaiveFlashFFN.dram_bytes(store)
             + layers * max(e.nbytes for e in store.layers))

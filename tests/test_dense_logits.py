@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from inaflash.engine import Engine
-from inaflash.sources import open_source
-from inaflash.store import FlashStore
-from inaflash.convert import write_store
+from inaflash.store.sources import open_source
+from inaflash.store.format import FlashStore
+from inaflash.store.convert import write_store
 from tiny import make_tiny
 
 KINDS = ["llama", "qwen2", "opt", "opt-postnorm"]
@@ -41,7 +41,7 @@ def test_logits_match_transformers(tiny, mode):
     ref = hf_logits(hf, prompt, steps=8)
     memory = None
     if mode == "hybrid":  # room for exactly one layer's FFN in DRAM: the other is streamed
-        from inaflash.ffn import NaiveFlashFFN
+        from inaflash.ffn.dense import NaiveFlashFFN
         from inaflash.planner import kv_bytes
 
         context = min(1024, store.config.max_position_embeddings)

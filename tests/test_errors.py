@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from inaflash.cli import main
-from inaflash.sources import open_source
-from inaflash.convert import write_store
-from inaflash.store import write_manifest
+from inaflash.store.sources import open_source
+from inaflash.store.convert import write_store
+from inaflash.store.format import write_manifest
 from tiny import make_tiny
 
 
@@ -151,9 +151,9 @@ def test_missing_kernel_is_said_and_the_torch_path_gives_the_same_logits(tiny_st
 
     import torch
 
-    from inaflash import kernels
+    from inaflash.ffn import kernels
     from inaflash.engine import Engine
-    from inaflash.store import FlashStore
+    from inaflash.store.format import FlashStore
 
     store, runs, said = FlashStore(tiny_store), [], []
     monkeypatch.delenv("INAFLASH_KERNEL", raising=False)
@@ -248,7 +248,7 @@ def test_sampling_extremes_are_greedy_or_refused(tiny_store):
     logits = torch.tensor([1.0, 5.0, 4.999, -3.0])
     assert sample(logits, 1e-40, 1.0, None) == 1  # would be nan/inf without the shift
     assert all(sample(logits, 1.0, 0.0, torch.Generator().manual_seed(s)) == 1 for s in range(20))  # top_p 0
-    from inaflash.store import FlashStore
+    from inaflash.store.format import FlashStore
 
     with Engine(FlashStore(tiny_store), mode="dram") as e:
         for kwargs, says in [(dict(seed=2 ** 64), "seed 18446744073709551616 is out of range"),
@@ -318,7 +318,7 @@ def test_cancel_reaches_the_prefill(tiny_store, monkeypatch):
     import threading
 
     from inaflash.engine import Engine
-    from inaflash.store import FlashStore
+    from inaflash.store.format import FlashStore
 
     g = importlib.import_module("inaflash.generate")  # the module (the package exports a function of that name)
     monkeypatch.setattr(g, "PREFILL_CHUNK", 8)
@@ -349,11 +349,11 @@ def test_cancel_reaches_the_prefill(tiny_store, monkeypatch):
     (["--mode", "dram"], None),
 ])
 def test_options_the_mode_does_not_use_are_said(tiny_store, capsys, monkeypatch, args, note):
-    from inaflash.cli import unused_options
+    from inaflash.options import Options
 
     monkeypatch.setattr(sys, "argv", ["inaflash", "run", "--model", str(tiny_store), *args, "hi"])
     with pytest.raises(SystemExit):  # the tiny store has no tokenizer: it stops after opening, notes said
         main()
     err = capsys.readouterr().err
     assert (note in err) if note else "note:" not in err, err
-    assert unused_options("auto", "sparse", window=True, memory=True) == []
+    assert Options(mode="auto", window=2, memory="50%").unused("sparse") == []

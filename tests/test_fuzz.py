@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inaflash.convert import write_store
+from inaflash.store.convert import write_store
 from inaflash.engine import Engine
 from inaflash.errors import InaflashError
 from inaflash.generate import generate_ids
-from inaflash.sources import open_source
-from inaflash.store import FlashStore, write_manifest
+from inaflash.store.sources import open_source
+from inaflash.store.format import FlashStore, write_manifest
 from test_errors import cli
 from tiny import make_tiny
 

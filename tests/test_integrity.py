@@ -9,14 +9,14 @@ import shutil
 import numpy as np
 import pytest
 
-from inaflash.convert import write_store
+from inaflash.store.convert import write_store
 from inaflash.engine import Engine
 from inaflash.errors import CorruptStoreError, StoreError
 from inaflash.generate import generate_ids
 from inaflash.planner import kv_bytes, streaming_bytes
 from inaflash.reader import READ_ATTEMPTS, FlashReader
-from inaflash.sources import open_source
-from inaflash.store import FlashStore
+from inaflash.store.sources import open_source
+from inaflash.store.format import FlashStore
 from tiny import make_tiny
 
 PROMPT = [5, 17, 3, 42, 8]

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inaflash import kernels, quant
-from inaflash.kernels import BundleFFN
+from inaflash.ffn import kernels
+from inaflash.store import quant
+from inaflash.ffn.kernels import BundleFFN
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the native kernel is not built")
 
@@ -106,9 +107,9 @@ def test_kernel_over_offsets_with_a_mask(fmt, dtype):
 
 @pytest.fixture(scope="module")
 def int4_llama(tmp_path_factory):
-    from inaflash.sources import open_source
-    from inaflash.store import FlashStore
-    from inaflash.convert import write_store
+    from inaflash.store.sources import open_source
+    from inaflash.store.format import FlashStore
+    from inaflash.store.convert import write_store
     from tiny import make_tiny
 
     root = tmp_path_factory.mktemp("int4")
@@ -123,7 +124,7 @@ def int4_llama(tmp_path_factory):
 def test_cache_live_block_computes_its_neurons(int4_llama, window, capacity, steps):
     """An int4 store's cache after any evict/append sequence: the kernel over its live block (bundles as read,
     moved by swap-delete) equals the float FFN of exactly the neurons it holds, decoded from the store."""
-    from inaflash.cache import NeuronCache
+    from inaflash.ffn.cache import NeuronCache
     from inaflash.reader import BundleReader, FlashReader
 
     store, d = int4_llama, int4_llama.config.hidden_size
@@ -156,9 +157,9 @@ def test_greedy_text_through_the_kernel_equals_the_decoded_path(smollm2_gguf, tm
     are the tokens of torch's decoded path."""
     from inaflash.engine import Engine
     from inaflash.generate import generate_ids
-    from inaflash.sources import open_source
-    from inaflash.store import FlashStore
-    from inaflash.convert import write_store
+    from inaflash.store.sources import open_source
+    from inaflash.store.format import FlashStore
+    from inaflash.store.convert import write_store
 
     store = FlashStore(write_store(open_source(smollm2_gguf), tmp_path_factory.mktemp("smol8") / "s",
                                    ffn_format="int8", progress=False))
@@ -178,7 +179,7 @@ def test_greedy_text_through_the_kernel_equals_the_decoded_path(smollm2_gguf, tm
 
 def test_cache_moves_bytes_the_same_without_the_native_library(int4_llama, monkeypatch):
     """Swap-delete and append through torch (no compiler) leave every slot byte for byte as the native moves do."""
-    from inaflash.cache import NeuronCache
+    from inaflash.ffn.cache import NeuronCache
     from inaflash.reader import BundleReader, FlashReader
 
     steps = [[1, 5, 9, 40, 41], [5, 60, 61, 62], [0, 1, 2, 3, 150], [9, 159], [70, 71, 72, 73, 74, 75]]

@@ -7,8 +7,9 @@ from pathlib import Path
 import inaflash
 
 PACKAGE = Path(inaflash.__file__).parent
-# measuring tools: the core (store -> reader -> cache -> FFN -> model -> generate -> API -> server) must not need them
-TOOLS = {"bench", "baselines", "cgroup", "simulate", "probe", "fetch", "calibrate", "loadtest"}
+# measuring tools live in one subpackage: the core (store -> reader -> cache -> FFN -> model -> generate -> API ->
+# server) must not need them
+TOOLS = {"tools"}
 TOP = {"cli", "__main__"}  # the command line sits above both
 
 
@@ -16,32 +17,34 @@ def module_name(path: Path) -> str:
     return ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__") or "__init__"
 
 
+def is_module(name: str) -> bool:
+    path = PACKAGE / name.replace(".", "/")
+    return bool(name) and (path.with_suffix(".py").exists() or (path / "__init__.py").exists())
+
+
 def imports(path: Path) -> set[str]:
-    """inaflash modules `path` imports anywhere in its body (top level or inside functions)."""
+    """inaflash modules `path` imports anywhere in its body (top level or inside functions). `from P import x` is an
+    import of the module P.x when there is one, else of P."""
     name = module_name(path)
-    package = name.rsplit(".", 1)[0] if path.name != "__init__.py" and "." in name else (
-        name if path.name == "__init__.py" else "")
+    parts = name.split(".")
+    package = parts if path.name == "__init__.py" and name != "__init__" else parts[:-1]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
+                base = package[: len(package) - node.level + 1]
                 target = ".".join([*base, *(node.module.split(".") if node.module else [])])
-                candidates = [target] + [f"{target}.{a.name}" if target else a.name for a in node.names]
-            elif node.module and node.module.startswith("inaflash"):
+            elif node.module and (node.module == "inaflash" or node.module.startswith("inaflash.")):
                 target = node.module.removeprefix("inaflash").lstrip(".")
-                candidates = [target] + [f"{target}.{a.name}" if target else a.name for a in node.names]
             else:
                 continue
+            for a in node.names:
+                sub = f"{target}.{a.name}" if target else a.name
+                out.add(sub if is_module(sub) else (target or "__init__"))
         elif isinstance(node, ast.Import):
-            candidates = [a.name.removeprefix("inaflash").lstrip(".") for a in node.names
-                          if a.name.startswith("inaflash")]
-        else:
-            continue
-        out |= {c for c in candidates if c and ((PACKAGE / f"{c.replace('.', '/')}.py").exists()
-                                                or (PACKAGE / c.replace(".", "/") / "__init__.py").exists())}
+            out |= {a.name.removeprefix("inaflash").lstrip(".") for a in node.names if a.name.startswith("inaflash.")}
     out.discard(name)
-    return out
+    return {m for m in out if m == "__init__" or is_module(m)}
 
 
 def graph() -> dict[str, set[str]]:
@@ -84,4 +87,5 @@ def test_no_import_cycles():
 def test_the_walk_sees_imports_inside_functions():
     g = graph()
     assert "paths" in g["engine"]  # a top-level import
-    assert "sources" in g["loader"]  # imported inside resolve_store
+    assert "store.sources" in g["loader"]  # imported inside resolve_store
+    assert "native" in g["store.checksum"]  # `from .. import native`: the module, not the package

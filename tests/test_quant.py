@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from inaflash import quant
+from inaflash.store import quant
 from inaflash.engine import Engine
 from inaflash.errors import InaflashError
-from inaflash.ffn import bundle_views
+from inaflash.ffn.dense import bundle_views
 from inaflash.reader import BundleReader, FlashReader
-from inaflash.sources import open_source
-from inaflash.store import FlashStore, bundle_fields, build_bundles, ffn_tensor_names
-from inaflash.convert import write_store
+from inaflash.store.sources import open_source
+from inaflash.store.format import FlashStore, bundle_fields, build_bundles, ffn_tensor_names
+from inaflash.store.convert import write_store
 from test_store import read_layer
 from tiny import make_tiny
 
@@ -247,8 +247,8 @@ def test_int8_resident_and_flash_embedding(tmp_path):
 def test_planner_counts_compressed_sizes(tmp_path):
     """A budget too small for the float store is accepted once resident part, bundles and cache are compressed,
     and the plan stays within it: the planner counts what each format really holds."""
-    from inaflash.calibrate import save_sparsity
-    from inaflash.cache import NeuronCache
+    from inaflash.tools.calibrate import save_sparsity
+    from inaflash.ffn.cache import NeuronCache
     from inaflash.planner import plan_memory
 
     make_tiny("qwen2", tmp_path / "hf")

@@ -327,7 +327,7 @@ def test_load_with_abandoned_requests_gives_no_5xx_and_stops_abandoned_work(mode
     """A small run of `inaflash loadtest`: concurrent clients, a queue that overflows, clients that hang up, invalid
     bodies. Every answer is valid, 400 (invalid) or 429 (queue full); abandoned work is cancelled, so the server is
     idle right after the last client; /health answers."""
-    from inaflash.loadtest import loadtest
+    from inaflash.tools.loadtest import loadtest
 
     r = loadtest(model, clients=6, requests=30, abandon_every=4, seed=3, max_queue=2)
     assert r["server_errors"] == 0 and r["stream_errors"] == 0 and r["unfinished_streams"] == 0, r

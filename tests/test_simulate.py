@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from inaflash.reader import plan_bundle_reads
-from inaflash.simulate import neuron_map, replay, selections, write_synthetic_store
+from inaflash.tools.simulate import neuron_map, replay, selections, write_synthetic_store
 
 
 def test_neuron_map_partitions_the_wide_layer():

@@ -10,7 +10,7 @@ import torch
 
 from inaflash.engine import Engine
 from inaflash.generate import generate_ids
-from inaflash.store import FlashStore
+from inaflash.store.format import FlashStore
 
 PROMPT = "The history of the printing press begins"
 N = 32

@@ -5,15 +5,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inaflash.cache import NeuronCache
-from inaflash.calibrate import MaskedDenseFFN, save_sparsity
+from inaflash.ffn.cache import NeuronCache
+from inaflash.ffn.dense import RecordingFFN
+from inaflash.tools.calibrate import MaskedDenseFFN, save_sparsity
 from inaflash.engine import Engine
 from inaflash.errors import InaflashError
 from inaflash.planner import parse_memory, plan_memory
 from inaflash.reader import BundleReader, FlashReader
-from inaflash.sources import open_source
-from inaflash.store import FlashStore
-from inaflash.convert import write_store
+from inaflash.store.sources import open_source
+from inaflash.store.format import FlashStore
+from inaflash.store.convert import write_store
 from tiny import make_tiny
 
 PROMPT = [3, 17, 42, 5, 88, 9, 61]
@@ -42,7 +43,7 @@ def layer0_bundles(llama):
 
 def requantized(store, bundles):
     """What the int8 cache holds for float bundle rows [m, 3d]: quant.py's int8 bundles (a scale per 64), decoded."""
-    from inaflash import quant
+    from inaflash.store import quant
 
     raw = quant.encode("int8", bundles.float(), store.fields)[0]
     return quant.decode("int8", raw, store.fields, store.bundle_width, torch.float32)
@@ -105,6 +106,21 @@ def test_relu_oracle_sparse_equals_dense(opt, window, memory):
         assert (a - b).abs().max().item() < 1e-4
 
 
+def test_a_swapped_ffn_serves_across_resets_and_the_engine_still_counts_its_own(opt):
+    """set_ffn after reset() takes effect (it once did not: the model kept its old provider), a smaller reset keeps
+    it, and counters() still counts the engine's sparse provider under the wrapper."""
+    with Engine(opt, mode="sparse", use_predictor=False, context=32) as e:
+        e.reset(16)
+        seen = []
+        e.set_ffn(RecordingFFN(e.ffn, lambda layer, x, out: seen.append((layer, x.shape[0]))))
+        e.reset(8)
+        before = e.counters()
+        e.forward(torch.tensor(PROMPT), 0)
+        done = e.counters() - before
+    assert seen == [(layer, len(PROMPT)) for layer in range(opt.config.num_layers)]
+    assert done.sparse.neurons_needed > 0 and done.sparse.neurons_read > 0 and done.io.bytes > 0
+
+
 @pytest.fixture
 def thresholded_llama(llama, tmp_path):
     """The tiny Llama with thresholds dropping about half of each layer's neurons on PROMPT."""
@@ -113,9 +129,9 @@ def thresholded_llama(llama, tmp_path):
     store = FlashStore(shutil.copytree(llama.path, tmp_path / "s"))
     with Engine(store, mode="dram") as dense:
         xs = []
-        dense.ffn = _Tap(dense.ffn, xs)
+        dense.set_ffn(RecordingFFN(dense.ffn, lambda layer, x, out: xs.append(x.clone())))
         logits_run(dense, steps=0)
-        th = [float(dense.ffn.inner.hidden(i, x).abs().median())
+        th = [float(dense.ffn.hidden(i, x).abs().median())
               for i, x in enumerate(xs)]
     save_sparsity(store, "threshold", th, None, {})
     return FlashStore(store.path)
@@ -124,10 +140,10 @@ def thresholded_llama(llama, tmp_path):
 def test_threshold_sparse_equals_dense_restricted_to_active(thresholded_llama):
     store = thresholded_llama
     with Engine(store, mode="dram") as masked:
-        from inaflash.sparse import load_sparsity
+        from inaflash.ffn.sparse import load_sparsity
 
         spec = load_sparsity(store)
-        masked.ffn = MaskedDenseFFN(masked.ffn, spec, use_predictor=False)
+        masked.set_ffn(MaskedDenseFFN(masked.ffn, spec, use_predictor=False))
         ref = logits_run(masked)
     with Engine(store, mode="dram") as dense:
         full = logits_run(dense)
@@ -147,18 +163,16 @@ def test_cached_compute_is_dense_restricted_to_the_cache(thresholded_llama):
         ffn, ref = sparse.ffn, dense.ffn
         checked, beyond_active = [], 0
 
-        def checking_call(layer, x, inner=ffn.__call__):
+        def check(layer, x, out):
             nonlocal beyond_active
-            out = inner(layer, x)
             mask = torch.zeros(store.config.intermediate_size, dtype=torch.bool)
             mask[ffn.caches[layer].live_neurons()] = True
             h = ref.hidden(layer, x)
             expected = ref(layer, x, mask.expand(x.shape[0], -1))
             checked.append((out - expected).abs().max().item())
             beyond_active += int((mask & ~ffn.sparsity.true_active(layer, h).any(0)).sum())
-            return out
 
-        sparse.ffn = _Callable(ffn, checking_call)
+        sparse.set_ffn(RecordingFFN(ffn, check))
         logits_run(sparse)
     assert len(checked) == 7 * store.config.num_layers and max(checked) < 1e-5
     assert beyond_active > 0  # the window really adds neurons beyond this token's active set
@@ -169,8 +183,9 @@ def test_int8_cache_computes_its_requantized_neurons(thresholded_llama, monkeypa
     """cache_format="int8": each step's FFN output is the dense FFN over the cached neurons, with the weights the
     cache holds (int8 bundles, a scale per 64 weights); the planner counts their bytes per neuron. With float
     activations to float32 rounding; with the kernel's int8 activations (per 32, the default) within 2%."""
-    from inaflash import kernels, quant
-    from inaflash.ffn import FFNMath, compute_layout
+    from inaflash.ffn import kernels
+    from inaflash.store import quant
+    from inaflash.ffn.dense import FFNMath, compute_layout
 
     if quantized_activations and not kernels.available():
         pytest.skip("the native kernel is not built")
@@ -183,56 +198,29 @@ def test_int8_cache_computes_its_requantized_neurons(thresholded_llama, monkeypa
             weights = [compute_layout(store, requantized(store, BundleReader(store, r).read(i, torch.arange(n))))
                        for i in range(store.config.num_layers)]
 
-        def checking_call(layer, x, inner=ffn.__call__):
-            out = inner(layer, x)
+        def check(layer, x, out):
             w = weights[layer]
             mask = torch.zeros(n, dtype=torch.bool)
             mask[ffn.caches[layer].live_neurons()] = True
             expected = math.output(math.hidden(x, w) * mask, w)
             errors.append(((out - expected).norm() / expected.norm()).item())
-            return out
 
-        sparse.ffn = _Callable(ffn, checking_call)
+        sparse.set_ffn(RecordingFFN(ffn, check))
         logits_run(sparse)
         int8_bytes = quant.bundle_bytes("int8", store.bundle_width, store.fields)
         assert ffn.caches[0].nbytes == ffn.caches[0].capacity * int8_bytes < ffn.caches[0].capacity * store.bundle_bytes / 3
     assert len(errors) == 7 * store.config.num_layers and max(errors) < bound
 
 
-class _Callable:
-    """`ffn` with its __call__ replaced (the model calls ffn(layer, x) and ffn.begin_forward())."""
-
-    def __init__(self, ffn, call):
-        self.ffn, self.call = ffn, call
-
-    def begin_forward(self):
-        self.ffn.begin_forward()
-
-    def __call__(self, layer, x):
-        return self.call(layer, x)
-
-
 @given(st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=1, max_size=9), st.integers(0, 5))
 def test_window_union_is_the_or_of_the_last_k_rows(rows, window):
-    from inaflash.sparse import window_union
+    from inaflash.ffn.sparse import window_union
 
     mask = torch.tensor(rows)
     got = window_union(mask, window)
     for t in range(len(rows)):
         expected = mask[max(0, t - max(window, 1) + 1): t + 1].any(0)
         assert torch.equal(got[t], expected)
-
-
-class _Tap:
-    def __init__(self, inner, sink):
-        self.inner, self.sink = inner, sink
-
-    def begin_forward(self):
-        pass
-
-    def __call__(self, layer, x):
-        self.sink.append(x.clone())
-        return self.inner(layer, x)
 
 
 def test_reads_are_exactly_the_planned_spans_of_missing_neurons(opt):

@@ -5,7 +5,7 @@ from .engine import Engine
 from .errors import InaflashError
 from .generate import GenerationResult, generate
 from .loader import load
-from .store import FlashStore
+from .store.format import FlashStore
 
 __all__ = ["Engine", "FlashStore", "GenerationResult", "InaflashError", "Model", "generate", "load"]
 __version__ = "0.1.0"

@@ -33,6 +33,11 @@ class Model:
         """A generation from token ids: iterate it for text pieces (see generate.Generation)."""
         return Generation(self.engine, prompt_ids, max_tokens, temperature, top_p, seed, stop)
 
+    def start_prompt(self, prompt: str, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: int | None = None, stop: list[str] | None = None, raw: bool = False) -> Generation:
+        """`prompt` as one user turn through the chat template (raw=True: as is)."""
+        return self.start(encode_prompt(self.engine, prompt, raw), max_tokens, temperature, top_p, seed, stop)
+
     def start_chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                    seed: int | None = None, stop: list[str] | None = None) -> Generation:
         return self.start(encode_chat(self.engine, messages), max_tokens, temperature, top_p, seed, stop)
@@ -40,12 +45,11 @@ class Model:
     def generate(self, prompt: str, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop: list[str] | None = None, raw: bool = False) -> GenerationResult:
         """`prompt` as one user turn through the chat template (raw=True: as is). Greedy by default."""
-        return self._finish(self.start(encode_prompt(self.engine, prompt, raw), max_tokens, temperature, top_p,
-                                       seed, stop))
+        return self._finish(self.start_prompt(prompt, max_tokens, temperature, top_p, seed, stop, raw))
 
     def stream(self, prompt: str, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | None = None, raw: bool = False) -> Iterator[str]:
-        gen = self.start(encode_prompt(self.engine, prompt, raw), max_tokens, temperature, top_p, seed, stop)
+        gen = self.start_prompt(prompt, max_tokens, temperature, top_p, seed, stop, raw)
         yield from gen
         self.last_stats = gen.stats
 

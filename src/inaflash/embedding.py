@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .reader import FlashReader, aligned_buffer
-from .store import ALIGN, EMBED_BATCH, FlashStore, round_up
+from .store.format import ALIGN, EMBED_BATCH, FlashStore, round_up
 
 
 class FlashEmbedding:

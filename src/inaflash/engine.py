@@ -3,38 +3,40 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from .errors import InaflashError
 from .memory import pin_mmap_threshold, release_free_heap, rss_bytes
-from .ffn import HybridFFN, NaiveFlashFFN, ResidentFFN
-from .kernels import warn_if_missing
+from .ffn.dense import HybridFFN, NaiveFlashFFN, ResidentFFN
+from .ffn.kernels import warn_if_missing
 from .models import build_model
 from .paths import load_max_gap
+from .options import Options
 from .planner import active_neurons_per_token, choose_mode, parse_memory, plan_hybrid, plan_memory
 from .reader import FlashReader, ReadStats
-from .sparse import SparseFlashFFN, load_sparsity
-from .store import FlashStore
+from .ffn.sparse import SparseCounters, SparseFlashFFN, load_sparsity
+from .store.format import FlashStore
 
-MODES = {
-    "auto": "the fastest of the modes below that fits --memory (dram when the model fits)",
-    "dram": "whole model in memory: the upper bound",
-    "naive": "every layer's whole FFN read from flash for every token: the paper's baseline",
-    "hybrid": "as many layers' FFN in DRAM as --memory allows, the others read whole every token",
-    "sparse": "only predicted-active neurons, cached over a window of recent tokens, read from flash",
-}
 DEFAULT_CONTEXT = 1024
 
 
+@dataclass
+class Counters:
+    io: ReadStats  # flash reads (FFN and embedding)
+    sparse: SparseCounters | None = None  # sparse mode: neurons needed and read, predictor and cache time
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(self.io - other.io, None if self.sparse is None else self.sparse - other.sparse)
+
+
 class Engine:
-    def __init__(self, store: FlashStore, mode: str = "naive", memory: str | int | None = None, window: int = 4,
-                 use_predictor: bool = True, context: int | None = None, max_gap: int | None = None,
-                 io_threads: int = 8, compute: str = "cached", cache_format: str = "store", checksums: bool = True):
-        if mode not in MODES:
-            raise InaflashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if window < 0:
-            raise InaflashError("window must be >= 0")
+    """`Engine(store, options)` or `Engine(store, mode="sparse", memory="50%", ...)`: any field of Options."""
+
+    def __init__(self, store: FlashStore, options: Options | None = None, **changes):
+        self.options = o = Options.of(options, **changes)
+        mode, memory, window, context, cache_format = o.mode, o.memory, o.window, o.context, o.cache_format
         pin_mmap_threshold()
         warn_if_missing()
         # what the process holds before any model data (Python, torch, libraries): a whole-process memory limit
@@ -52,22 +54,22 @@ class Engine:
         self.mode = mode
         # checksums: every page read from flash and every resident tensor checked against the store's checksums
         # (README: the cost, measured); off only when asked, and then said
-        if not checksums:
+        if not o.checksums:
             warnings.warn("checksums off: data read from the store is not verified", RuntimeWarning, stacklevel=2)
-        self.reader = FlashReader(store.ffn_path, threads=io_threads, pages=store.pages(store.ffn_path, checksums))
+        self.reader = FlashReader(store.ffn_path, threads=o.io_threads, pages=store.pages(store.ffn_path, o.checksums))
         self.plan = None
         if mode == "sparse":
-            if max_gap is None:  # the gap `inaflash probe` measured on this machine, else the default
-                max_gap = load_max_gap()
+            # the gap `inaflash probe` measured on this machine, else the default
+            max_gap = load_max_gap() if o.max_gap is None else o.max_gap
             if sparsity is None:
                 raise InaflashError(f"store {store.path} is not calibrated for sparsity: run  "
                                     f"inaflash calibrate {store.path}")
             budget = None if memory is None else parse_memory(memory, store)
-            self.plan = plan_memory(store, budget, self.context, sparsity.predictor_bytes if use_predictor else 0,
+            self.plan = plan_memory(store, budget, self.context, sparsity.predictor_bytes if o.use_predictor else 0,
                                     window, active_neurons_per_token(store, sparsity), cache_format)
             self.ffn = SparseFlashFFN(store, self.reader, sparsity, self.plan.cache_capacity, self.plan.window,
-                                      use_predictor=use_predictor, max_gap=max_gap,
-                                      staging_bytes=self.plan.staging_bytes // 2, compute=compute,
+                                      use_predictor=o.use_predictor, max_gap=max_gap,
+                                      staging_bytes=self.plan.staging_bytes // 2, compute=o.compute,
                                       cache_format=cache_format)
         elif mode == "dram":
             self.ffn = ResidentFFN(store, self.reader)
@@ -76,19 +78,20 @@ class Engine:
             self.ffn = HybridFFN(store, self.reader, plan_hybrid(store, budget, self.context))
         else:
             self.ffn = NaiveFlashFFN(store, self.reader)
+        self.sparse = self.ffn if mode == "sparse" else None  # the engine's own, whatever set_ffn swaps in
         self.reader.stats = ReadStats()  # loading (dram mode, the oracle) is not generation I/O
-        self.weights = store.resident_weights(check=checksums)
+        self.weights = store.resident_weights(check=o.checksums)
         self.embedding = None
         if store.embed is not None:
             from .embedding import FlashEmbedding
 
-            self.embedding = FlashEmbedding(store, checksums=checksums)
+            self.embedding = FlashEmbedding(store, checksums=o.checksums)
             self.embedding.reader.stats = self.reader.stats  # its reads count with the FFN's
             self.weights[store.embed["name"]] = self.embedding
         self.tokenizer = store.tokenizer()
-        release_free_heap()
-        self.model = None
+        self.model = build_model(self.config, self.weights, self.ffn)  # its KV cache comes with reset()
         self.max_seq = 0
+        release_free_heap()
         # a plan within a budget holds a KV cache of self.context tokens, no more
         self.bounded = self.plan is not None or (memory is not None and mode in ("hybrid", "naive"))
 
@@ -100,10 +103,18 @@ class Engine:
         if self.bounded and max_seq > self.context:
             raise InaflashError(f"{max_seq} tokens exceed the planned context of {self.context} "
                                 "(prompt + max tokens; raise --context, or --memory)")
-        if self.model is None or max_seq > self.max_seq:
-            self.model = None  # free the old cache first
-            self.model = build_model(self.config, self.weights, self.ffn, max_seq)
+        if max_seq > self.max_seq:
+            self.model.setup_caches(max_seq)
             self.max_seq = max_seq
+
+    def set_ffn(self, ffn) -> None:
+        """Serve the FFN with `ffn` from the next forward pass on, until set again (reset() keeps it): calibration
+        and measurement swap in masked or recording providers. `counters()` still counts the engine's own."""
+        self.ffn = self.model.ffn = ffn
+
+    def counters(self) -> Counters:
+        """A snapshot of what the engine has done so far; generation reports the difference of two."""
+        return Counters(self.reader.stats.copy(), None if self.sparse is None else self.sparse.counters.copy())
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:

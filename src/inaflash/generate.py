@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .engine import Engine
+from .engine import Counters, Engine
 from .errors import InaflashError
 from .memory import peak_rss_bytes
 
@@ -143,8 +143,7 @@ def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperatu
         logits = engine.forward(torch.tensor(prompt_ids[start:start + PREFILL_CHUNK]), start, last_only=True)[-1]
     stats.prefill_ms = (time.perf_counter() - t0) * 1e3
 
-    io0, t_decode = engine.reader.stats.copy(), 0.0
-    sparse0 = engine.ffn.counters.copy() if hasattr(engine.ffn, "counters") else None
+    before, t_decode = engine.counters(), 0.0
     pos = len(prompt_ids)
     try:
         while True:
@@ -159,30 +158,29 @@ def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperatu
             pos += 1
             stats.decode_steps += 1
     finally:
-        _finish_stats(engine, stats, io0, sparse0, t_decode)
+        _finish_stats(engine, stats, engine.counters() - before, t_decode)
 
 
-def _finish_stats(engine: Engine, stats: GenerationStats, io0, sparse0, t_decode: float) -> None:
-    io = engine.reader.stats - io0
+def _finish_stats(engine: Engine, stats: GenerationStats, done: Counters, t_decode: float) -> None:
+    io = done.io
     steps = max(stats.decode_steps, 1)
     stats.ms_per_token = t_decode * 1e3 / steps
     stats.io_ms_per_token = io.wait_s * 1e3 / steps
     stats.compute_ms_per_token = stats.ms_per_token - stats.io_ms_per_token
     stats.bytes_read_per_token = io.bytes / steps
     stats.reads_per_token = io.requests / steps
-    if sparse0 is not None:
-        c = engine.ffn.counters
-        read, needed = c.neurons_read - sparse0.neurons_read, c.neurons_needed - sparse0.neurons_needed
-        stats.neurons_read_per_token = read / steps
-        stats.cache_hit_rate = 1 - read / needed if needed else 0.0
-        stats.predictor_ms_per_token = (c.predictor_s - sparse0.predictor_s) * 1e3 / steps
-        stats.memory_ms_per_token = max(0.0, (c.update_s - sparse0.update_s) * 1e3 / steps - stats.io_ms_per_token)
+    if done.sparse is not None:
+        c = done.sparse
+        stats.neurons_read_per_token = c.neurons_read / steps
+        stats.cache_hit_rate = 1 - c.neurons_read / c.neurons_needed if c.neurons_needed else 0.0
+        stats.predictor_ms_per_token = c.predictor_s * 1e3 / steps
+        stats.memory_ms_per_token = max(0.0, c.update_s * 1e3 / steps - stats.io_ms_per_token)
         stats.compute_ms_per_token -= stats.predictor_ms_per_token + stats.memory_ms_per_token
-        stats.peak_cache_bytes = engine.ffn.cache_bytes
+        stats.peak_cache_bytes = engine.sparse.cache_bytes
     if engine.plan is not None:
         stats.budget_bytes, stats.planned_bytes = engine.plan.budget_bytes, engine.plan.planned_bytes
     stats.peak_rss_bytes = peak_rss_bytes()
-    stats.runtime_rss_bytes = getattr(engine, "runtime_bytes", 0)
+    stats.runtime_rss_bytes = engine.runtime_bytes
 
 
 def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,

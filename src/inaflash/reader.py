@@ -18,18 +18,18 @@ import errno
 import mmap
 import os
 import queue
-import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import checksum
+from .store import checksum
 from .errors import CorruptStoreError, StoreError
 from .ops import gather_rows_torch
-from .store import ALIGN
+from .store.format import ALIGN
 
 
 def aligned_buffer(nbytes: int) -> torch.Tensor:
@@ -101,8 +101,8 @@ class FlashReader:
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                print(f"inaflash: O_DIRECT refused on {self.path}; using buffered reads + fadvise(DONTNEED)",
-                      file=sys.stderr)
+                warnings.warn(f"O_DIRECT refused on {self.path}; using buffered reads + fadvise(DONTNEED)",
+                              RuntimeWarning, stacklevel=2)
         if not self.direct:
             self.fd = os.open(self.path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size

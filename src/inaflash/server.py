@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import secrets
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -377,4 +377,4 @@ def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str 
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:  # the caller closes the model next: nothing may still be generating on it
         if not app.state.server.shutdown():
-            print("inaflash: a generation did not stop within 30 s of shutdown", file=sys.stderr)
+            logging.getLogger("inaflash").warning("a generation did not stop within 30 s of shutdown")

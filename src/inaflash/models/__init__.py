@@ -1,4 +1,5 @@
-"""One module per architecture family; each takes resident weights and an FFN provider."""
+"""One module per architecture family; each takes resident weights and an FFN provider, and gets its KV cache from
+setup_caches(max_seq)."""
 
 from .llama import Llama
 from .opt import OPT
@@ -6,5 +7,5 @@ from .opt import OPT
 FORWARDS = {"llama": Llama, "opt": OPT}
 
 
-def build_model(cfg, weights, ffn, max_seq: int):
-    return FORWARDS[cfg.family](cfg, weights, ffn, max_seq)
+def build_model(cfg, weights, ffn):
+    return FORWARDS[cfg.family](cfg, weights, ffn)

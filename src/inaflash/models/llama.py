@@ -11,7 +11,7 @@ from .common import KVCache, attend
 
 
 class Llama:
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], ffn, max_seq: int):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], ffn):
         self.cfg, self.ffn = cfg, ffn
         self.embed = w["model.embed_tokens.weight"]
         self.head = w.get("lm_head.weight", self.embed)  # tied embeddings share the matrix
@@ -28,7 +28,12 @@ class Llama:
                 "qb": w.get(a + "q_proj.bias"), "kb": w.get(a + "k_proj.bias"), "vb": w.get(a + "v_proj.bias"),
                 "ob": w.get(a + "o_proj.bias"),
             })
-        hd = cfg.head_dim
+        self.cache = self.cos = self.sin = None
+
+    def setup_caches(self, max_seq: int) -> None:
+        """A fresh KV cache and RoPE tables for `max_seq` positions."""
+        cfg, hd = self.cfg, self.cfg.head_dim
+        self.cache = None  # the old cache is freed before the new one is allocated
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
         freqs = torch.outer(torch.arange(max_seq).float(), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)

@@ -13,7 +13,7 @@ POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq
 
 
 class OPT:
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], ffn, max_seq: int):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], ffn):
         self.cfg, self.ffn = cfg, ffn
         p = "model.decoder."
         self.embed = w[p + "embed_tokens.weight"]
@@ -32,7 +32,12 @@ class OPT:
                 "o": w[a + "out_proj.weight"], "ob": w[a + "out_proj.bias"],
                 "fc2b": w[lp + "fc2.bias"],  # the rest of the FFN lives in the flash store
             })
-        self.cache = KVCache(cfg.num_layers, max_seq, cfg.num_heads, cfg.head_dim)
+        self.cache = None
+
+    def setup_caches(self, max_seq: int) -> None:
+        """A fresh KV cache for `max_seq` positions (positions are learned: no tables to make)."""
+        self.cache = None  # the old cache is freed before the new one is allocated
+        self.cache = KVCache(self.cfg.num_layers, max_seq, self.cfg.num_heads, self.cfg.head_dim)
 
     def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
         cfg, T = self.cfg, ids.shape[0]

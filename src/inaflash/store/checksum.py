@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import kernels
+from ..native import LIB
 
 PAGE = 4096
 ALGORITHM = "crc32c"
 
 
 def _native(name: str):
-    fn = getattr(kernels.LIB, name, None) if kernels.LIB is not None else None
+    fn = getattr(LIB, name, None) if LIB is not None else None
     if fn is not None and fn.argtypes is None:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] + ([ctypes.c_int64] if name.endswith("pages") else []) + \
             [ctypes.c_void_p]

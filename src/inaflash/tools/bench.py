@@ -13,12 +13,14 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import InaflashError
+from ..errors import InaflashError
+from ..options import Options
 
 DEFAULT_WINDOW = 4
 RESULTS = Path("bench/results")
@@ -27,31 +29,36 @@ RESULTS = Path("bench/results")
 @dataclass
 class Config:
     name: str
-    mode: str
     what: str  # what this row adds (the paper's ablation steps are cumulative)
-    window: int = DEFAULT_WINDOW
+    options: Options  # the row's run options; each run adds its context, the budget, the gap and the cache format
     bundled: bool = True
     coalesce: bool = True
     budget: bool = False  # run under --memory (else unlimited)
-    checksums: bool = True  # every page read checked against the store's CRC-32C (the default everywhere)
+
+    @property
+    def mode(self) -> str:
+        return self.options.mode
 
 
+SPARSE_ROW = Options(mode="sparse", window=DEFAULT_WINDOW)
 CONFIGS = [
-    Config("dram", "dram", "whole model in DRAM: the bound"),
-    Config("naive", "naive", "every layer's whole FFN read every token"),
-    Config("hybrid", "hybrid", "as many layers' FFN in DRAM as the budget allows, the rest read whole", budget=True),
-    Config("+predictor", "sparse", "read only predicted neurons (unbundled, one read each, no reuse)", window=0,
-           bundled=False, coalesce=False),
-    Config("+windowing", "sparse", "keep the last 4 tokens' neurons: read only new ones", bundled=False,
+    Config("dram", "whole model in DRAM: the bound", Options(mode="dram")),
+    Config("naive", "every layer's whole FFN read every token", Options(mode="naive")),
+    Config("hybrid", "as many layers' FFN in DRAM as the budget allows, the rest read whole", Options(mode="hybrid"),
+           budget=True),
+    Config("+predictor", "read only predicted neurons (unbundled, one read each, no reuse)",
+           Options(mode="sparse", window=0), bundled=False, coalesce=False),
+    Config("+windowing", "keep the last 4 tokens' neurons: read only new ones", SPARSE_ROW, bundled=False,
            coalesce=False),
-    Config("+bundling", "sparse", "one read per neuron (gate, up, down together)", coalesce=False),
-    Config("+coalescing", "sparse", "merge reads closer than the probed gap"),
-    Config("full", "sparse", "sparse mode with every technique, within --memory", budget=True),
-    Config("auto", "auto", "the default (--mode auto): the fastest mode that fits --memory", budget=True),
-    Config("naive-unchecked", "naive", "naive without checking reads against their checksums (the check's cost)",
-           checksums=False),
-    Config("auto-unchecked", "auto", "auto without checking reads against their checksums", budget=True,
-           checksums=False),
+    Config("+bundling", "one read per neuron (gate, up, down together)", SPARSE_ROW, coalesce=False),
+    Config("+coalescing", "merge reads closer than the probed gap", SPARSE_ROW),
+    Config("full", "sparse mode with every technique, within --memory", SPARSE_ROW, budget=True),
+    Config("auto", "the default (--mode auto): the fastest mode that fits --memory", Options(mode="auto"),
+           budget=True),
+    Config("naive-unchecked", "naive without checking reads against their checksums (the check's cost)",
+           Options(mode="naive", checksums=False)),
+    Config("auto-unchecked", "auto without checking reads against their checksums", Options(mode="auto",
+           checksums=False), budget=True),
 ]
 FIELDS = ["ms_per_token", "io_ms_per_token", "predictor_ms_per_token", "memory_ms_per_token", "compute_ms_per_token",
           "bytes_read_per_token", "reads_per_token", "cache_hit_rate", "prefill_ms", "peak_rss_bytes"]
@@ -79,8 +86,8 @@ def reset_peak_rss() -> None:
 def prepare_stores(model, progress: bool):
     """The bundled store (calibrated here if it is not yet) and its unbundled twin with the same calibration."""
     from .calibrate import calibrate, copy_sparsity
-    from .loader import resolve_store
-    from .store import FlashStore
+    from ..loader import resolve_store
+    from ..store.format import FlashStore
 
     store = resolve_store(model, progress=progress)
     if store.layout != "bundled":
@@ -104,23 +111,26 @@ def prepare_stores(model, progress: bool):
 
 def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tokens: int, max_gap: int,
                max_seconds: float, cache_format: str = "store") -> dict:
-    from .engine import Engine
-    from .generate import GenerationStats, stream_ids
-    from .reader import DEFAULT_MAX_GAP
+    from ..engine import Engine
+    from ..generate import GenerationStats, stream_ids
+    from ..reader import DEFAULT_MAX_GAP
 
     target = store if cfg.bundled else unbundled
     if target is None:
         return {"status": "unavailable", "reason": "no unbundled store"}
-    options = dict(mode=cfg.mode, context=len(prompt) + gen_tokens + 1, checksums=cfg.checksums)
+    options = replace(cfg.options, context=len(prompt) + gen_tokens + 1)
     if cfg.mode in ("sparse", "hybrid", "auto"):
-        options["memory"] = memory if cfg.budget else None
+        options = replace(options, memory=memory if cfg.budget else None)
     if cfg.mode in ("sparse", "auto"):
-        options.update(window=cfg.window, max_gap=(max_gap if max_gap is not None else DEFAULT_MAX_GAP)
-                       if cfg.coalesce else -1, cache_format=cache_format)
+        options = replace(options, max_gap=(max_gap if max_gap is not None else DEFAULT_MAX_GAP) if cfg.coalesce
+                          else -1, cache_format=cache_format)
     gc.collect()
     reset_peak_rss()
     try:
-        with Engine(target, **options) as engine:
+        with warnings.catch_warnings():  # an unchecked row is asked for by name: its warning says nothing new
+            warnings.filterwarnings("ignore", "checksums off", RuntimeWarning)
+            engine = Engine(target, options)
+        with engine:
             stats = GenerationStats()
             tokens = stream_ids(engine, prompt, gen_tokens, temperature=0.0, stop=set(), stats=stats)
             deadline = time.perf_counter() + max_seconds
@@ -172,9 +182,9 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
           progress: bool = True, cache_format: str = "store") -> dict:
     """prompt_ids: use these instead of `prompt_tokens` of real text (a model without a tokenizer).
     cache_format: the sparse rows' neuron cache ("store": bundles as stored, or "int8")."""
-    from .engine import Engine
-    from .planner import parse_memory
-    from .paths import load_max_gap, profile_path
+    from ..engine import Engine
+    from ..planner import parse_memory
+    from ..paths import load_max_gap, profile_path
     from .probe import throughput
 
     chosen = [c for c in CONFIGS if configs is None or c.name in configs]
@@ -239,7 +249,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
 
 def ffn_compute(store) -> str:
     """How this store's FFN is multiplied: by the native kernel on the bundles as stored, or decoded by torch."""
-    from .ffn import BundleMath
+    from ..ffn.dense import BundleMath
 
     if BundleMath(store).native:
         return "the native kernel, on bundles as stored"

@@ -24,7 +24,7 @@ class Predictor:
         return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.bias))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        from .ops import linear
+        from ..ops import linear
 
         return linear(linear(x, self.down), self.up, self.bias)
 

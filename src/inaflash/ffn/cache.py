@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InaflashError
-from .ffn import BundleMath, row_bytes
+from ..errors import InaflashError
+from .dense import BundleMath, row_bytes
 from .kernels import gather_rows, move_rows
-from .store import FlashStore
-from . import quant
+from ..store.format import FlashStore
+from ..store import quant
 
 CACHE_FORMATS = {"store": "neurons as stored on flash (no transcoding)",
                  "int8": "int8 bundles, a scale per 64 weights (a float store's neurons in ~half the DRAM)"}
@@ -26,8 +26,6 @@ CACHE_FORMATS = {"store": "neurons as stored on flash (no transcoding)",
 
 def cache_format(store: FlashStore, fmt: str) -> str:
     """The bundle format a cache of `fmt` holds: the store's own, or int8 for a float store."""
-    if fmt not in CACHE_FORMATS:
-        raise InaflashError(f"unknown cache format {fmt!r}; choose one of {', '.join(CACHE_FORMATS)}")
     if fmt == "int8" and store.ffn_format != "float":
         raise InaflashError(f"--cache-format int8 re-encodes a float store's neurons; this store's FFN is already "
                             f"{store.ffn_format} and is cached as stored")

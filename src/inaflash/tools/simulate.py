@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import ModelConfig
-from .store import ALIGN, FlashStore, bundle_fields, new_manifest, round_up, seal
+from ..config import ModelConfig
+from ..store.format import ALIGN, FlashStore, bundle_fields, new_manifest, round_up, seal
 
 OPT_6_7B = {"layers": 32, "hidden": 4096, "neurons": 16384}
 PAPER_TABLE2 = [  # OPT-6.7B, M1 Max, float32 bundles (Alizadeh et al., Table 2): data read, I/O latency per token
@@ -37,26 +37,19 @@ PAPER_TABLE2 = [  # OPT-6.7B, M1 Max, float32 bundles (Alizadeh et al., Table 2)
 
 def record_activations(store: FlashStore, prompt_ids: list[int], tokens: int, progress: bool = True) -> torch.Tensor:
     """[steps, layers, neurons] float16: |hidden activation| of every FFN neuron at each greedy decode step."""
-    from .engine import Engine
-    from .generate import stream_ids
+    from ..engine import Engine
+    from ..ffn.dense import RecordingFFN
+    from ..generate import stream_ids
 
     steps: list[list[torch.Tensor]] = []
     with Engine(store, mode="dram", context=len(prompt_ids) + tokens + 1) as engine:
-        ffn = engine.ffn
-        inner = ffn.__call__
+        def record(layer, x, out):
+            if x.shape[0] == 1:  # decode steps only
+                if layer == 0:
+                    steps.append([])
+                steps[-1].append(engine.ffn.hidden(layer, x)[0].abs().half())
 
-        class Tap:
-            def begin_forward(self):
-                ffn.begin_forward()
-
-            def __call__(self, layer, x):
-                if x.shape[0] == 1:  # decode steps only
-                    if layer == 0:
-                        steps.append([])
-                    steps[-1].append(ffn.hidden(layer, x)[0].abs().half())
-                return inner(layer, x)
-
-        engine.ffn = Tap()
+        engine.set_ffn(RecordingFFN(engine.ffn, record))
         for _ in tqdm(stream_ids(engine, prompt_ids, tokens, stop=set()), total=tokens, desc="record",
                       disable=not progress):
             pass
@@ -124,8 +117,8 @@ def selections(activations: torch.Tensor, sparsity: float, large_layers: int, ma
 
 def replay(store: FlashStore, activations: torch.Tensor, sparsity: float, window: int, max_gap: int,
            staging_bytes: int = 64 << 20, progress: bool = True) -> dict:
-    from .cache import NeuronCache
-    from .reader import BundleReader, FlashReader
+    from ..ffn.cache import NeuronCache
+    from ..reader import BundleReader, FlashReader
 
     cfg = store.config
     mapping = neuron_map(activations.shape[2], cfg.intermediate_size)
@@ -157,7 +150,7 @@ def replay(store: FlashStore, activations: torch.Tensor, sparsity: float, window
 
 
 def replay_naive(store: FlashStore, tokens: int = 2) -> dict:
-    from .reader import FlashReader, aligned_buffer
+    from ..reader import FlashReader, aligned_buffer
 
     span = max(e.span for e in store.layers)
     bufs = [aligned_buffer(span), aligned_buffer(span)]
@@ -181,10 +174,10 @@ def simulate(model=None, out: str | Path | None = None, sparsities=(0.97, 0.9), 
              max_gap: int | None = None, results: str | Path = "bench/results", progress: bool = True) -> dict:
     """Record on `model` (default: the embedded SmolLM2), replay on an OPT-6.7B-shaped synthetic store."""
     from .bench import bench_prompt, machine
-    from .engine import Engine
-    from .loader import resolve_store
-    from .paths import home
-    from .paths import load_max_gap
+    from ..engine import Engine
+    from ..loader import resolve_store
+    from ..paths import home
+    from ..paths import load_max_gap
 
     small = resolve_store(model, progress=progress)
     with Engine(small, mode="naive", context=8) as e:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from .kernels import BundleFFN
-from .ops import ACTIVATIONS, gather_rows_torch, linear
-from .reader import FlashReader, aligned_buffer
-from .store import FlashStore
+from ..ops import ACTIVATIONS, gather_rows_torch, linear
+from ..reader import FlashReader, aligned_buffer
+from ..store.format import FlashStore
 
 DOWN = {"llama": "down", "opt": "fc2"}
 TRANSPOSE_TILE = 256  # tiled transposes run ~3x faster than one strided copy_ for large layers
@@ -102,7 +102,7 @@ class BundleMath:
 
     def decode(self, raw: torch.Tensor, layer: int) -> torch.Tensor:
         """Bundles in this format ([m, row_bytes] uint8) -> float rows [m, width] (store dtype)."""
-        from . import quant
+        from ..store import quant
 
         s = self.store
         if self.fmt == "float":
@@ -136,7 +136,7 @@ class BundleMath:
 
 def row_bytes(store: FlashStore, fmt: str) -> int:
     """Bytes of one bundle of `store` in format `fmt` (its own: store.bundle_bytes)."""
-    from . import quant
+    from ..store import quant
 
     return quant.bundle_bytes(fmt, store.bundle_width, store.fields, store.dtype.itemsize)
 
@@ -238,3 +238,23 @@ class HybridFFN:
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.dram(layer, x) if layer in self.dram.rows else self.flash(layer, x)
+
+
+class RecordingFFN:
+    """Another provider, watched: `record(layer, x, out)` sees each input and output (calibration keeps the inputs,
+    simulation the activations, tests check the outputs); anything else is asked of the provider it wraps. Put in
+    place with Engine.set_ffn."""
+
+    def __init__(self, inner, record):
+        self.inner, self.record = inner, record
+
+    def begin_forward(self) -> None:
+        self.inner.begin_forward()
+
+    def __call__(self, layer: int, x: torch.Tensor, *args) -> torch.Tensor:
+        out = self.inner(layer, x, *args)
+        self.record(layer, x, out)
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)

@@ -54,7 +54,7 @@ import json, sys, time
 from inaflash.engine import Engine
 from inaflash.generate import GenerationStats, stream_ids
 from inaflash.memory import release_free_heap, rss_bytes
-from inaflash.store import FlashStore
+from inaflash.store.format import FlashStore
 path, ids, n, limit, margin, options = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
                                         int(sys.argv[5]), json.loads(sys.argv[6]))
 store = FlashStore(path)

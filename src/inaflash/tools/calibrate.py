@@ -14,7 +14,6 @@ Held-out evaluation text (The Devil's Dictionary) is never used here.
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import os
 from pathlib import Path
@@ -23,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .engine import Engine
-from .errors import InaflashError
-from .ffn import ResidentFFN
-from .predictor import Predictor, train_predictor
-from .sparse import SPARSITY_FILE, Sparsity, WindowHistory
-from .store import FlashStore, file_entry, read_manifest, write_manifest
+from ..engine import Engine
+from ..errors import InaflashError
+from ..ffn.dense import RecordingFFN, ResidentFFN
+from ..ffn.predictor import Predictor, train_predictor
+from ..ffn.sparse import SPARSITY_FILE, Sparsity, WindowHistory
+from ..store.format import FlashStore, file_entry, read_manifest, write_manifest
 
 DEVIL_DICT = Path("/usr/share/dictd/devil.dict.dz")
 CHUNK = 256  # tokens per forward pass when recording or scoring text
@@ -64,18 +63,11 @@ def token_ids(engine: Engine, text: str, limit: int) -> torch.Tensor:
     return torch.tensor(ids)
 
 
-class _Recorder:
-    """A dense FFN that keeps every FFN input it sees."""
-
-    def __init__(self, inner: ResidentFFN, layers: int):
-        self.inner, self.inputs = inner, [[] for _ in range(layers)]
-
-    def begin_forward(self) -> None:
-        pass
-
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        self.inputs[layer].append(x.clone())
-        return self.inner(layer, x)
+def recorded_inputs(engine: Engine, ffn, ids: torch.Tensor, progress: str | None = None) -> list[torch.Tensor]:
+    """Every FFN input of each layer, [tokens, hidden], while `ffn` runs `ids` in chunks."""
+    inputs = [[] for _ in range(engine.config.num_layers)]
+    run_chunks(engine, ids, RecordingFFN(ffn, lambda layer, x, out: inputs[layer].append(x.clone())), progress)
+    return [torch.cat(chunks) for chunks in inputs]
 
 
 class MaskedDenseFFN:
@@ -112,8 +104,7 @@ def run_chunks(engine: Engine, ids: torch.Tensor, ffn=None, progress: str | None
     """Feed `ids` through the model in CHUNK-token passes (fresh KV cache each); return the perplexity.
     With `predictions`, the argmax token at every position is appended to it."""
     if ffn is not None:
-        engine.ffn = ffn
-        engine.model = None  # rebuilt by reset() around the new FFN
+        engine.set_ffn(ffn)
     nll, count = 0.0, 0
     starts = range(0, len(ids) - 1, CHUNK)
     for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
@@ -137,7 +128,7 @@ def evaluate(store_path: str | Path, texts: list[Path] | None = None, tokens: in
     dense; oracle (true active set); predictor (this token's predicted set: the paper's); and predictor+window
     (sparse mode's default: every neuron of the last `window` tokens' predictions, compute="cached").
     `modes`: only these (dense always runs: the others are compared with it)."""
-    from .sparse import load_sparsity
+    from ..ffn.sparse import load_sparsity
 
     store = FlashStore(store_path)
     engine = Engine(store, mode="dram", context=CHUNK + 1)
@@ -190,7 +181,7 @@ def quality_gate(engine: Engine, resident: ResidentFFN, spec: Sparsity, val: tor
     slice of the calibration text: perplexity, top-1 agreement, and greedy agreement over GATE_PROMPTS prompts cut
     from it. `ok` when every bound of QUALITY_BOUNDS holds; `failed` names those that do not. `scored`: (dense
     perplexity, dense top tokens, deployed perplexity, deployed top tokens) on `val` already measured."""
-    from .generate import generate_ids
+    from ..generate import generate_ids
 
     deployed = MaskedDenseFFN(resident, spec, True, window)
     if scored is None:
@@ -205,12 +196,12 @@ def quality_gate(engine: Engine, resident: ResidentFFN, spec: Sparsity, val: tor
         prompt = val[i * step: i * step + GATE_PROMPT_TOKENS].tolist()
         outs = []
         for ffn in (resident, deployed):
-            engine.ffn, engine.model = ffn, None
+            engine.set_ffn(ffn)
             if hasattr(ffn, "reset_state"):
                 ffn.reset_state()
             outs.append(generate_ids(engine, prompt, GATE_TOKENS, temperature=0.0, stop=set())[0])
         greedy.append(agreement(*outs))
-    engine.ffn, engine.model = resident, None
+    engine.set_ffn(resident)
     measured = {"ppl_increase": ppl / dense_ppl - 1,
                 "top1_agreement": sum(a == b for a, b in zip(top, dense_top)) / len(top),
                 "greedy_prefix": sum(greedy) / len(greedy)}
@@ -223,7 +214,7 @@ def quality_gate(engine: Engine, resident: ResidentFFN, spec: Sparsity, val: tor
 
 def gate_only(store_path: str | Path, progress: bool = True) -> dict:
     """Measure the quality gate of a store's existing calibration (no retraining) and save it into the manifest."""
-    from .sparse import load_sparsity
+    from ..ffn.sparse import load_sparsity
 
     store = FlashStore(store_path)
     spec = load_sparsity(store)
@@ -260,10 +251,7 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
     all_ids = token_ids(engine, read_texts(texts), tokens + val_tokens)
     fit, val = all_ids[:tokens], all_ids[tokens:]
 
-    recorder = _Recorder(resident, cfg.num_layers)
-    run_chunks(engine, fit, recorder, progress="record FFN inputs" if progress else None)
-    xs = [torch.cat(r) for r in recorder.inputs]
-    recorder.inputs = None
+    xs = recorded_inputs(engine, resident, fit, progress="record FFN inputs" if progress else None)
     rank = rank or default_rank(cfg.hidden_size)
 
     def thresholds_at(targets: list[float]) -> dict[float, list[float]]:
@@ -365,7 +353,7 @@ def save_sparsity(store: FlashStore, kind: str, thresholds: list[float], predict
 
 def copy_sparsity(src: FlashStore, dst: FlashStore) -> None:
     """Give `dst` (the same weights in another layout) `src`'s calibration."""
-    from .sparse import load_sparsity
+    from ..ffn.sparse import load_sparsity
 
     spec = load_sparsity(src)
     if spec is None or src.manifest.get("sparsity") is None:

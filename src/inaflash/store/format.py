@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from . import checksum, quant
-from .config import ModelConfig
-from .errors import StoreError
+from ..config import ModelConfig
+from ..errors import StoreError
 from .quant import PALETTE_FILE, Int8Matrix
 
 FORMAT = "inaflash-store"

@@ -1,8 +1,8 @@
 """The native FFN kernel (kernels.c): the FFN computed from neuron bundles as stored, compressed or not.
 
-Built by `pip install -e .` (setup.py; -O3 -march=native -fopenmp) into inaflash/_kernels*.so and called through
-ctypes (which releases the GIL, so the I/O threads keep reading meanwhile). Where it was not built (no compiler, a
-CPU without AVX2/FMA/F16C) or INAFLASH_KERNEL=torch is set, `available()` is False and the FFN providers decode
+Built by `pip install -e .` (setup.py; -O3 -march=native -fopenmp) into inaflash/_kernels*.so (loaded by native.py)
+and called through ctypes (which releases the GIL, so the I/O threads keep reading meanwhile). Where it was not built
+(no compiler, a CPU without AVX2/FMA/F16C) or INAFLASH_KERNEL=torch is set, `available()` is False and the FFN providers decode
 bundles and multiply with torch instead (several times slower; see README).
 """
 
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
-from .quant import kernel_layout
-from .ops import gather_rows_torch
+from .. import native
+from ..store.quant import kernel_layout
+from ..ops import gather_rows_torch
 
 FIELD_SLOTS = {"gate": 0, "fc1": 0, "up": 1, "down": 2, "fc2": 2, "fc1_bias": 3}
 ACTS = {"silu": 0, "relu": 1}
@@ -36,21 +35,9 @@ class _Layout(ctypes.Structure):
 QUANTIZED_ACTIVATIONS = os.environ.get("INAFLASH_KERNEL", "").lower() != "exact"
 
 
-def _load():
-    if os.environ.get("INAFLASH_KERNEL", "").lower() == "torch":
-        return None
-    found = sorted(Path(__file__).parent.glob("_kernels*.so"))
-    if not found:
-        return None
-    # load a private copy: rebuilding the package (pip install -e .) then never rewrites a library that a running
-    # process has mapped (which kills it with SIGBUS)
-    with tempfile.NamedTemporaryFile(prefix="inaflash-kernels-", suffix=".so", delete=False) as copy:
-        copy.write(found[0].read_bytes())
-    try:
-        lib = ctypes.CDLL(copy.name)
-    finally:
-        os.unlink(copy.name)
-    if lib.inaflash_kernel_version() < 1:
+def _typed(lib):
+    """The library with the FFN entry points' signatures declared (None stays None)."""
+    if lib is None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.inaflash_bundle_ffn.argtypes = [ctypes.POINTER(_Layout), p, p, i64, p, i64, p, p, p, ctypes.c_int]
@@ -62,7 +49,7 @@ def _load():
     return lib
 
 
-LIB = _load()
+LIB = _typed(native.LIB)
 
 
 def available() -> bool:

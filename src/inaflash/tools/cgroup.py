@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InaflashError
+from ..errors import InaflashError
 
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 

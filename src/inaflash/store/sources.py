@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .errors import InaflashError, UnsupportedModelError
+from ..config import ModelConfig
+from ..errors import InaflashError, UnsupportedModelError
 
 # GGUF tensor names -> Hugging Face names (llama.cpp's llama / qwen2 / mistral tensor names).
 _GGUF_LAYER = {

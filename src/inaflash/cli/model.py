@@ -1,0 +1,149 @@
+"""The commands that use a model (run, serve, chat) or make and describe a store (convert, info)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import InaflashError
+from ..options import Options
+from ..store.format import RESIDENT_FORMATS
+from ..store.quant import FFN_FORMATS
+from .app import app, open_model, run_options
+
+TEMPERATURE = typer.Option(0.7, "--temperature", "-t", min=0.0, help="0 = greedy.")
+TOP_P = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
+
+
+@app.command()
+@run_options
+def run(
+    model: Optional[str], options: Options,
+    prompt: str = typer.Argument(..., help="The prompt (sent through the model's chat template unless --raw)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling (reproducible output)."),
+    raw: bool = typer.Option(False, "--raw", help="Tokenize the prompt as is (tokenizer(prompt)), no chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats."),
+):
+    """Generate text from PROMPT, streaming it to stdout."""
+    with open_model(model, options) as m:
+        gen = m.start_prompt(prompt, max_tokens, temperature, top_p, seed, raw=raw)
+        for piece in gen:
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        result = gen.result()
+    if as_json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}))
+    else:
+        s = result.stats
+        print(f"\n[{s.generated_tokens} tokens, {s.ms_per_token:.1f} ms/token "
+              f"(I/O {s.io_ms_per_token:.1f}), {s.bytes_read_per_token / 1e6:.1f} MB read/token, mode {m.engine.mode}; "
+              f"peak RSS {s.peak_rss_bytes / 1e6:.0f} MB = runtime {s.runtime_rss_bytes / 1e6:.0f} + model data"
+              f"{'' if s.planned_bytes is None else f' (planned {s.planned_bytes / 1e6:.0f})'}]",
+              file=sys.stderr)
+
+
+@app.command()
+@run_options
+def serve(
+    model: Optional[str], options: Options,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only; 0.0.0.0: all)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, envvar="INAFLASH_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on /v1/* and /metrics."),
+    max_queue: int = typer.Option(8, min=0, help="Requests that may wait while one generates; more get HTTP 429."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions (both with
+    stream: true), /v1/models, /health, /metrics."""
+    from ..server import serve as run_server
+
+    with open_model(model, options) as m:
+        print(f"inaflash: serving {m.name!r} ({m.engine.mode}) on http://{host}:{port}/v1", file=sys.stderr)
+        run_server(m, host=host, port=port, api_key=api_key, max_queue=max_queue)
+
+
+@app.command()
+@run_options
+def chat(
+    model: Optional[str], options: Options,
+    system: Optional[str] = typer.Option(None, help="A system message to start the conversation with."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Tokens per answer at most."),
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+):
+    """Talk with the model: multi-turn, through its chat template, answers streamed. Commands: /reset (forget the
+    conversation), /stats (last answer's speed and I/O), /exit. Ctrl-C stops an answer; Ctrl-D leaves."""
+    from ..chat import repl
+
+    with open_model(model, options) as m:
+        repl(m, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="A .gguf file or a Hugging Face folder (config.json + *.safetensors)."),
+    out: Path = typer.Argument(..., help="The store directory to create."),
+    dtype: str = typer.Option("float16", help="float32 | float16 | bfloat16: dtype of the stored weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    unbundled: bool = typer.Option(False, "--unbundled", help="Write gate rows, up rows and down columns as "
+                                                             "separate blocks (for the --no-bundling ablation)."),
+    ffn_format: str = typer.Option("float", help="How FFN bundles are stored and read: " + "; ".join(
+        f"{k}: {v}" for k, v in FFN_FORMATS.items()) + "."),
+    resident_format: str = typer.Option("float", help="; ".join(f"{k}: {v}" for k, v in RESIDENT_FORMATS.items())
+                                        + "."),
+    embeddings: str = typer.Option("flash", help="flash: an untied input embedding is read from flash one row per "
+                                                 "token; dram: held in memory. (A tied one is the head: in DRAM.)"),
+):
+    """Convert a model into a flash store (resident part + bundled FFN file)."""
+    from ..store.convert import write_store
+    from ..store.format import FlashStore
+    from ..store.sources import open_source
+
+    if embeddings not in ("flash", "dram"):
+        raise InaflashError(f"--embeddings must be flash or dram, not {embeddings!r}")
+    write_store(open_source(src), out, dtype=dtype, overwrite=overwrite,
+                layout="unbundled" if unbundled else "bundled", ffn_format=ffn_format,
+                resident_format=resident_format, embeddings_on_flash=embeddings == "flash")
+    store = FlashStore(out)
+    on_flash = f", embedding on flash {store.embed['rows'] * store.embed['row_bytes'] / 1e6:.1f} MB" \
+        if store.embed else ""
+    print(f"wrote {out}: resident {store.resident_bytes / 1e6:.1f} MB ({store.resident_format}){on_flash}, "
+          f"FFN {store.ffn_bytes / 1e6:.1f} MB ({store.config.num_layers} layers x {store.config.intermediate_size} "
+          f"neurons of {store.bundle_bytes} bytes, {store.layout}, {store.ffn_format})")
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="A store directory."),
+         verify: bool = typer.Option(False, "--verify", help="Also read the whole store and check it: every file's "
+                                                             "sha256, every page's and resident tensor's CRC-32C.")):
+    """Describe a store: model shape, dtype, resident and FFN sizes."""
+    from ..store.format import FlashStore
+
+    s = FlashStore(store)
+    if verify:
+        s.verify()
+    c = s.config
+    print(json.dumps({
+        "path": str(s.path), "model_type": c.model_type, "layers": c.num_layers, "hidden_size": c.hidden_size,
+        "ffn_neurons": c.intermediate_size, "dtype": s.dtype_name, "resident_bytes": s.resident_bytes,
+        "ffn_bytes": s.ffn_bytes, "bundle_bytes": s.bundle_bytes, "layout": s.layout,
+        "ffn_format": s.ffn_format, "verified": verify, "sparsity": _sparsity_summary(s),
+    }, indent=1))
+
+
+def _sparsity_summary(store) -> dict | None:
+    """The calibration in one line's worth: target, predictor rank, and the quality gate's verdict."""
+    entry = store.manifest.get("sparsity")
+    if entry is None:
+        return None
+    gate = entry.get("quality")
+    return {"target_sparsity": entry.get("target_sparsity"), "rank": entry.get("rank"),
+            "quality_gate": None if gate is None else ("passed" if gate.get("ok") else f"failed: {gate.get('failed')}")}

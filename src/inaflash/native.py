@@ -1,0 +1,33 @@
+"""The native library (kernels.c, built by `pip install -e .` into inaflash/_kernels*.so): the FFN kernel that computes
+from bundles as stored (ffn/kernels.py) and the CRC-32C of store pages (store/checksum.py), loaded once for both.
+
+Absent (no compiler, a CPU without AVX2/FMA/F16C) or INAFLASH_KERNEL=torch: LIB is None and both fall back to
+libraries (torch, google-crc32c), slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from pathlib import Path
+
+
+def _load():
+    if os.environ.get("INAFLASH_KERNEL", "").lower() == "torch":
+        return None
+    found = sorted(Path(__file__).parent.glob("_kernels*.so"))
+    if not found:
+        return None
+    # load a private copy: rebuilding the package (pip install -e .) then never rewrites a library that a running
+    # process has mapped (which kills it with SIGBUS)
+    with tempfile.NamedTemporaryFile(prefix="inaflash-kernels-", suffix=".so", delete=False) as copy:
+        copy.write(found[0].read_bytes())
+    try:
+        lib = ctypes.CDLL(copy.name)
+    finally:
+        os.unlink(copy.name)
+    return lib if lib.inaflash_kernel_version() >= 1 else None
+
+
+LIB = _load()

@@ -1,0 +1,70 @@
+"""How to run a model: one object from the command line (run, serve, chat, bench) through `load` to `Engine`, checked
+once, here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from .errors import InaflashError
+from .ffn.cache import CACHE_FORMATS
+from .ffn.sparse import COMPUTE
+from .store.format import DTYPES
+
+MODES = {
+    "auto": "the fastest of the modes below that fits --memory (dram when the model fits)",
+    "dram": "whole model in memory: the upper bound",
+    "naive": "every layer's whole FFN read from flash for every token: the paper's baseline",
+    "hybrid": "as many layers' FFN in DRAM as --memory allows, the others read whole every token",
+    "sparse": "only predicted-active neurons, cached over a window of recent tokens, read from flash",
+}
+SPARSE_ONLY = {"window": "--window", "use_predictor": "--no-predictor", "compute": "--compute",
+               "cache_format": "--cache-format"}
+
+
+@dataclass(frozen=True)
+class Options:
+    mode: str = "auto"
+    memory: str | int | None = None  # DRAM for the model's data: "50%" (of the weights), "300MiB", bytes
+    context: int | None = None  # tokens the KV cache is planned for (default engine.DEFAULT_CONTEXT)
+    checksums: bool = True  # check every read against the store's checksums (README: the cost)
+    # sparse mode
+    window: int = 4  # keep the neurons of the last `window` tokens cached (0: no reuse)
+    use_predictor: bool = True  # False: the true active set (an oracle that holds the FFN: measuring only)
+    compute: str = "cached"
+    cache_format: str = "store"
+    max_gap: int | None = None  # read coalescing gap in bytes (None: the probed one; -1: no coalescing)
+    io_threads: int = 8
+    # a source that is not a store (GGUF, HF folder) is converted once with these
+    dtype: str = "float16"
+    bundling: bool | None = None  # False: the unbundled layout (the bundling ablation); None: the store's own
+
+    def __post_init__(self):
+        for name, value, choices in (("mode", self.mode, MODES), ("compute", self.compute, COMPUTE),
+                                     ("cache format", self.cache_format, CACHE_FORMATS),
+                                     ("dtype", self.dtype, DTYPES)):
+            if value not in choices:
+                raise InaflashError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        for name, value, low in (("window", self.window, 0), ("context", self.context, 2),
+                                 ("io_threads", self.io_threads, 1), ("max_gap", self.max_gap, -1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise InaflashError(f"{name} must be an integer >= {low}, not {value!r}")
+
+    @classmethod
+    def of(cls, options: Options | None = None, **changes) -> Options:
+        """`options` (default: the defaults) with `changes`; an unknown name is an error that lists the known ones."""
+        unknown = set(changes) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InaflashError(f"unknown option {', '.join(sorted(unknown))}; the options are "
+                                f"{', '.join(f.name for f in fields(cls))}")
+        return replace(options or cls(), **changes)
+
+    def unused(self, running: str) -> list[str]:
+        """The flags set away from their defaults that the running mode does not use (said, never silently
+        dropped): sparse switches outside sparse mode; --memory in a dram or naive mode asked for by name (auto
+        always uses it)."""
+        default = Options()
+        out = [flag for name, flag in SPARSE_ONLY.items()
+               if getattr(self, name) != getattr(default, name) and running != "sparse"]
+        if self.memory is not None and self.mode in ("dram", "naive"):
+            out.insert(0, "--memory")
+        return out
