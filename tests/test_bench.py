@@ -193,7 +193,8 @@ def test_fetch_bench_model_assembles_parts_in_order_and_checks_the_hash(monkeypa
 
 
 def test_a_second_run_keeps_the_first_runs_files(tmp_path):
-    from inaflash.tools.bench import machine, write_results
+    from inaflash.tools.bench import machine
+    from inaflash.tools.report import write_results
 
     result = {"model": "m.gguf", "memory": "50%", "rows": [], "summary": {}, "date": "d", "dtype": "float16",
               "ffn_bytes": 1, "resident_bytes": 1, "budget_bytes": 1, "prompt_tokens": 1, "gen_tokens": 1,

@@ -12,7 +12,7 @@ import pytest
 from inaflash.cli import main
 from inaflash.store.sources import open_source
 from inaflash.store.convert import write_store
-from inaflash.store.format import write_manifest
+from inaflash.store.manifest import write_manifest
 from tiny import make_tiny
 
 

@@ -13,7 +13,8 @@ from inaflash.engine import Engine
 from inaflash.errors import InaflashError
 from inaflash.generate import generate_ids
 from inaflash.store.sources import open_source
-from inaflash.store.format import FlashStore, write_manifest
+from inaflash.store.format import FlashStore
+from inaflash.store.manifest import write_manifest
 from test_errors import cli
 from tiny import make_tiny
 

@@ -65,7 +65,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 def encode_prompt(engine: Engine, prompt: str, raw: bool = False) -> list[int]:
     """The prompt as one user message through the chat template (if the model has one), or as is with raw."""
     tok = _tokenizer(engine)
-    _check_text(prompt, "prompt")
+    check_text(prompt, "prompt")
     if not raw and tok.chat_template:
         return encode_chat(engine, [{"role": "user", "content": prompt}])
     return tok(prompt)["input_ids"]
@@ -78,19 +78,20 @@ def encode_chat(engine: Engine, messages: list[dict]) -> list[int]:
     if not tok.chat_template:
         raise InaflashError(f"the model in {engine.store.path} has no chat template")
     for m in messages:
-        _check_text(m.get("content"), f"{m.get('role', 'message')} message")
+        check_text(m.get("content"), f"{m.get('role', 'message')} message")
     return chat_template_ids(tok, messages)
 
 
-def _check_text(text, what: str) -> None:
+def check_text(text, what: str) -> str:
     """Text a tokenizer can take: a str that is valid Unicode (a shell passes invalid UTF-8 in an argument through
-    as lone surrogates, which the tokenizer rejects with a traceback)."""
+    as lone surrogates, and JSON can carry them as \\ud800 escapes; the tokenizer rejects them with a traceback)."""
     if not isinstance(text, str):
         raise InaflashError(f"{what} must be text, not {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InaflashError(f"{what} is not valid UTF-8 (byte {e.start} of it)") from None
+    return text
 
 
 def chat_template_ids(tokenizer, messages: list[dict]) -> list[int]:

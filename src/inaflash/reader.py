@@ -252,12 +252,9 @@ class BundleReader:
              ) -> list[tuple[tuple[int, int], ReadPlan]]:
         """(bundle columns, plan) per region read: one for bundled stores (offsets in bytes), one per field for
         unbundled ones (offsets in elements)."""
-        s, offset, item = self.store, self.store.layers[layer].offset, self.store.dtype.itemsize
-        gap = self.max_gap if max_gap is None else max_gap
-        if s.layout == "bundled":
-            return [((0, s.bundle_width), plan_bundle_reads(offset, s.bundle_bytes, 1, neurons, gap))]
-        return [((a, b), plan_bundle_reads(offset + s.blocks[name], (b - a) * item, item, neurons, gap))
-                for name, (a, b) in s.fields.items()]
+        offset, gap = self.store.layers[layer].offset, self.max_gap if max_gap is None else max_gap
+        return [(columns, plan_bundle_reads(offset + start, nbytes, unit, neurons, gap))
+                for columns, start, nbytes, unit in self.store.regions()]
 
     def fitting_plan(self, layer: int, neurons: torch.Tensor):
         """The plan with the configured gap, or with smaller gaps until it fits the staging buffer (wide gaps over
@@ -296,8 +293,8 @@ class BundleReader:
         if plans is None:
             return None
         requests, pos, bases = [], 0, []
-        for _, plan in plans:
-            bases.append(pos if self.store.layout == "bundled" else pos // self.store.dtype.itemsize)
+        for (_, plan), (_, _, _, unit) in zip(plans, self.store.regions()):
+            bases.append(pos // unit)
             for offset, length in plan.spans:
                 requests.append((offset, self.staging[pos:pos + length]))
                 pos += length

@@ -25,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 
 from .api import Model
 from .errors import InaflashError, StoreError
-from .generate import Generation, chat_template_ids
+from .generate import Generation, chat_template_ids, check_text
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none (capped by what the context leaves)
 # Larger bodies get a 413 before they are read: a 10 MB body used to be parsed and tokenized on the event loop
@@ -45,12 +45,11 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 
 
 def _utf8(text: str) -> str:
-    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: a 400, not a 500."""
+    """generate.check_text as a request validator: a lone surrogate in the JSON is a 400, not a 500."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text is not valid Unicode (a lone surrogate)") from None
-    return text
+        return check_text(text, "text")
+    except InaflashError as e:
+        raise ValueError(str(e)) from None
 
 
 Text = Annotated[StrictStr, AfterValidator(_utf8)]

@@ -149,7 +149,7 @@ def bench(
     """Reproduce the paper's ablation (naive -> +predictor -> +windowing -> +bundling) and per-token latency
     split (I/O, predictor, memory management, compute) on this machine, next to dram, hybrid and the baselines."""
     from ..tools.bench import bench as run_bench
-    from ..tools.bench import markdown
+    from ..tools.report import markdown
 
     result = run_bench(model, memory=memory, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
                        configs=config, baselines=baselines, limit=limit, out_dir=out_dir,

@@ -58,18 +58,8 @@ def bundle_rows(store: FlashStore, bundles: torch.Tensor) -> dict[str, torch.Ten
 
 def bundle_views(store: FlashStore, buf: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
     """bundle_rows of a whole layer read into `buf` (uint8), from either layout, dequantized if compressed."""
-    n = store.config.intermediate_size
-    if store.quantized:
-        return bundle_rows(store, store.decode(buf[: n * store.bundle_bytes].view(n, store.bundle_bytes), layer))
-    if store.layout == "bundled":
-        return bundle_rows(store, buf[: n * store.bundle_bytes].view(store.dtype).view(n, store.bundle_width))
-    views = {}
-    for name, (a, b) in store.fields.items():
-        start = store.blocks[name]
-        views[name] = buf[start: start + n * (b - a) * store.dtype.itemsize].view(store.dtype).view(n, b - a)
-    if "fc1_bias" in views:
-        views["fc1_bias"] = views["fc1_bias"].squeeze(1).float()
-    return views
+    rows = store.layer_rows(buf)
+    return bundle_rows(store, store.decode(rows, layer) if store.quantized else rows.view(store.dtype))
 
 
 def transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -141,18 +131,6 @@ def row_bytes(store: FlashStore, fmt: str) -> int:
     return quant.bundle_bytes(fmt, store.bundle_width, store.fields, store.dtype.itemsize)
 
 
-def layer_rows(store: FlashStore, buf: torch.Tensor) -> torch.Tensor:
-    """A whole layer read into `buf` as bundle rows [n, bundle_bytes] (unbundled stores: reassembled)."""
-    n = store.config.intermediate_size
-    if store.layout == "bundled":
-        return buf[: n * store.bundle_bytes].view(n, store.bundle_bytes)
-    out = torch.empty(n, store.bundle_width, dtype=store.dtype)
-    for name, (a, b) in store.fields.items():
-        start = store.blocks[name]
-        out[:, a:b] = buf[start: start + n * (b - a) * store.dtype.itemsize].view(store.dtype).view(n, b - a)
-    return out.view(torch.uint8)
-
-
 class ResidentFFN:
     """`dram` mode: every layer's bundles held in memory as stored (compressed stays compressed), the upper bound on
     speed. With `layers`, only those (hybrid mode's resident part)."""
@@ -164,7 +142,7 @@ class ResidentFFN:
         for i in range(len(store.layers)) if layers is None else layers:
             e = store.layers[i]
             reader.read([(e.offset, buf[:e.span])])
-            self.rows[i] = layer_rows(store, buf).clone()
+            self.rows[i] = store.layer_rows(buf).clone()
 
     def begin_forward(self) -> None:
         pass
@@ -215,7 +193,7 @@ class NaiveFlashFFN:
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         k = self.order[layer]
         self.pending.pop(k).wait()
-        rows = layer_rows(self.store, self.buffers[k % 2])
+        rows = self.store.layer_rows(self.buffers[k % 2])
         out = self.math(x, rows, rows.shape[0], layer)
         self._start_read(k + 2)  # this buffer is free again; the next streamed layer is already on its way
         return out

@@ -17,7 +17,8 @@ from ..config import ModelConfig
 from ..errors import InaflashError, UnsupportedModelError
 from .quant import FFN_FORMATS, PALETTE_FILE, Int8Matrix
 from .format import (ALIGN, DTYPES, EMBED_FILE, LAYOUTS, RESIDENT_FORMATS, bundle_fields, build_bundles,
-                    field_blocks, ffn_tensor_names, is_resident_matrix, new_manifest, peek_manifest, round_up, seal)
+                     field_blocks, ffn_tensor_names, is_resident_matrix, round_up)
+from .manifest import new_manifest, peek_manifest, seal
 
 
 def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:

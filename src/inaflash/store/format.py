@@ -18,15 +18,14 @@ The manifest lists every file's size and sha256 and each resident tensor's CRC-3
 (`manifest_sha256`, over its canonical JSON). So every byte inaflash uses is checked as it is read: pages of flash
 reads by the reader (checksum.py), resident tensors as they load, small files (tokenizer, palettes, predictors, the
 checksums themselves) whole as they are opened. The manifest is written last, by write_manifest() alone, and the
-directory is renamed into place, so anything without a manifest is not a store. convert.py writes stores.
+directory is renamed into place, so anything without a manifest is not a store. convert.py writes stores;
+manifest.py reads, checks and writes manifest.json.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +36,9 @@ import torch
 from . import checksum, quant
 from ..config import ModelConfig
 from ..errors import StoreError
+from .manifest import CHECKSUM_FILE, _count, _inside, read_manifest
 from .quant import PALETTE_FILE, Int8Matrix
 
-FORMAT = "inaflash-store"
-FORMAT_VERSION = 2  # 2: checksums (pages, resident tensors, the manifest itself)
-CHECKSUM_FILE = "checksums.safetensors"
 ALIGN = 4096
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -226,6 +223,26 @@ class FlashStore:
             raise StoreError(f"store {self.path}: {name} does not match its sha256 (damaged; re-convert the store)")
         return data
 
+    def regions(self) -> list[tuple[tuple[int, int], int, int, int]]:
+        """Where a neuron's bytes lie in a layer, per region read: (its bundle columns, the region's offset in the
+        layer, bytes per neuron, the unit read plans count offsets in). One region for the bundled layout (whole
+        bundles, in bytes); one per field block for the unbundled one (in elements)."""
+        if self.layout == "bundled":
+            return [((0, self.bundle_width), 0, self.bundle_bytes, 1)]
+        item = self.dtype.itemsize
+        return [((a, b), self.blocks[name], (b - a) * item, item) for name, (a, b) in self.fields.items()]
+
+    def layer_rows(self, buf: torch.Tensor) -> torch.Tensor:
+        """A whole layer read into `buf` (uint8) as bundle rows [neurons, bundle_bytes], as stored: the bytes
+        themselves in the bundled layout, reassembled from the field blocks in the unbundled one."""
+        n = self.config.intermediate_size
+        if self.layout == "bundled":
+            return buf[: n * self.bundle_bytes].view(n, self.bundle_bytes)
+        out = torch.empty(n, self.bundle_width, dtype=self.dtype)
+        for (a, b), start, nbytes, _ in self.regions():
+            out[:, a:b] = buf[start: start + n * nbytes].view(self.dtype).view(n, b - a)
+        return out.view(torch.uint8)
+
     def decode(self, raw: torch.Tensor, layer: int) -> torch.Tensor:
         """Bundles of `layer` as stored ([m, bundle_bytes] uint8) -> [m, bundle_width] in the compute dtype."""
         books = self.palettes[layer] if self.palettes else None
@@ -306,99 +323,3 @@ def _load_tokenizer(path: str):
     if (Path(path) / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
-
-
-def read_manifest(path: Path) -> dict:
-    if not path.exists():
-        raise StoreError(f"store not found: {path}")
-    mpath = path / "manifest.json"
-    if not mpath.exists():
-        if (path / "ffn.bin").exists() or ".partial-" in path.name:
-            raise StoreError(f"{path} is an incomplete store (no manifest.json): a conversion was interrupted; convert again")
-        raise StoreError(f"not an inaflash store: {path} (no manifest.json)")
-    try:
-        m = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"corrupt manifest {mpath}: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise StoreError(f"not an inaflash store: {mpath} has no \"format\": \"{FORMAT}\"")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"store {path} has format version {m.get('format_version')}, this inaflash reads version "
-            f"{FORMAT_VERSION}: convert the model again"
-        )
-    if m.get("manifest_sha256") != manifest_digest(m):
-        raise StoreError(f"store {path}: manifest.json does not match its own checksum (edited by hand or damaged); "
-                         "re-convert the store")
-    return m
-
-
-def peek_manifest(path: Path) -> dict | None:
-    """A directory's manifest if it is an inaflash one (any version, checksum unchecked), else None: enough to know
-    that a directory is a store (convert --overwrite) or of which version (a cached conversion)."""
-    try:
-        m = json.loads((Path(path) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
-
-
-def manifest_digest(m: dict) -> str:
-    """sha256 of a manifest's canonical JSON, its own checksum left out."""
-    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def new_manifest(**fields) -> dict:
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, **fields}
-
-
-def write_manifest(directory: Path, manifest: dict) -> dict:
-    """The one writer of manifest.json (convert, calibrate, the synthetic store): sealed with its checksum and
-    replaced atomically. Returns it as a reader will load it."""
-    m = json.loads(json.dumps(manifest))  # canonical: what a reader will load
-    m.pop("manifest_sha256", None)
-    m["manifest_sha256"] = manifest_digest(m)
-    tmp = Path(directory) / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(m, indent=1))
-    os.replace(tmp, Path(directory) / "manifest.json")
-    return m
-
-
-def file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": checksum.sha256_file(path)}
-
-
-def seal(directory: Path, manifest: dict, resident: dict[str, torch.Tensor]) -> None:
-    """Finish a store whose files are all written: page checksums of the files read from flash, CRC-32C of each
-    resident tensor, size and sha256 of every file, then the manifest."""
-    from safetensors.numpy import save_file
-
-    paged = [manifest["ffn"]["file"]] + ([manifest["resident"]["embed"]["file"]]
-                                         if manifest["resident"].get("embed") else [])
-    save_file({name: checksum.file_page_crcs(directory / name) for name in paged}, str(directory / CHECKSUM_FILE))
-    manifest["checksums"] = {"file": CHECKSUM_FILE, "algorithm": checksum.ALGORITHM, "page": checksum.PAGE}
-    manifest["resident"]["crc32c"] = {n: checksum.crc32c(t) for n, t in sorted(resident.items())}
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest["files"] = {p.relative_to(directory).as_posix(): file_entry(p) for p in files}
-    write_manifest(directory, manifest)
-
-
-def _count(v: object, what: str, low: int = 0) -> int:
-    """An integer from a manifest, in range (a bool, float or 10**30 is not a size)."""
-    if type(v) is not int or not low <= v < 1 << 48:
-        raise ValueError(f"{what} {v!r} is not an integer in [{low}, 2**48)")
-    return v
-
-
-def _inside(root: Path, name: object, what: str) -> Path:
-    """`root / name` for a file named by a manifest, refused unless it is a plain relative path that stays inside
-    the store (no absolute path, no `..`, no symlink out): a manifest never makes inaflash read elsewhere."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise StoreError(f"store {root}: manifest names {what} {name!r}, not a file inside the store")
-    path = root / name
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise StoreError(f"store {root}: manifest's {what} {name!r} leads outside the store (a symlink)")
-    return path
-
-

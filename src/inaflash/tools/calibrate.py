@@ -27,7 +27,8 @@ from ..errors import InaflashError
 from ..ffn.dense import RecordingFFN, ResidentFFN
 from ..ffn.predictor import Predictor, train_predictor
 from ..ffn.sparse import SPARSITY_FILE, Sparsity, WindowHistory
-from ..store.format import FlashStore, file_entry, read_manifest, write_manifest
+from ..store.format import FlashStore
+from ..store.manifest import file_entry, read_manifest, write_manifest
 
 DEVIL_DICT = Path("/usr/share/dictd/devil.dict.dz")
 CHUNK = 256  # tokens per forward pass when recording or scoring text

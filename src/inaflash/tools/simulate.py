@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig
-from ..store.format import ALIGN, FlashStore, bundle_fields, new_manifest, round_up, seal
+from ..store.format import ALIGN, FlashStore, bundle_fields, round_up
+from ..store.manifest import new_manifest, seal
 
 OPT_6_7B = {"layers": 32, "hidden": 4096, "neurons": 16384}
 PAPER_TABLE2 = [  # OPT-6.7B, M1 Max, float32 bundles (Alizadeh et al., Table 2): data read, I/O latency per token
