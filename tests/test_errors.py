@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from inaflash.cli import main
+from inaflash.errors import InaflashError
 from inaflash.store.sources import open_source
 from inaflash.store.convert import write_store
 from inaflash.store.manifest import write_manifest
@@ -357,3 +358,42 @@ def test_options_the_mode_does_not_use_are_said(tiny_store, capsys, monkeypatch,
     err = capsys.readouterr().err
     assert (note in err) if note else "note:" not in err, err
     assert Options(mode="auto", window=2, memory="50%").unused("sparse") == []
+
+
+def test_run_flags_reach_load_as_one_options(monkeypatch, capsys):
+    """The shared flags of run/serve/chat/loadtest are declared once and arrive as one Options, set field by field."""
+    import inaflash.loader
+    from inaflash.options import Options
+
+    seen = []
+
+    def fake_load(model, options):
+        seen.append((model, options))
+        raise InaflashError("stop here")
+
+    monkeypatch.setattr(inaflash.loader, "load", fake_load)
+    flags = ["--mode", "hybrid", "--memory", "40%", "--window", "2", "--no-checksums", "--context", "64",
+             "--no-bundling", "--dtype", "bfloat16", "--compute", "active", "--cache-format", "int8", "--no-predictor"]
+    for command in (["run", *flags, "hi"], ["chat", *flags], ["serve", *flags], ["loadtest", *flags]):
+        code, err = cli([*command, "--model", "M"], capsys, monkeypatch)
+        assert code == 1 and "stop here" in err
+    want = Options(mode="hybrid", memory="40%", window=2, checksums=False, context=64, bundling=False,
+                   dtype="bfloat16", compute="active", cache_format="int8", use_predictor=False)
+    assert seen == [("M", want)] * 4
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"mode": "turbo"}, "unknown mode 'turbo'; choose one of auto, dram, naive, hybrid, sparse"),
+    ({"compute": "some"}, "unknown compute 'some'; choose one of cached, active"),
+    ({"cache_format": "int4"}, "unknown cache format 'int4'; choose one of store, int8"),
+    ({"dtype": "float8"}, "unknown dtype 'float8'; choose one of float32, float16, bfloat16"),
+    ({"window": -1}, "window must be an integer >= 0, not -1"),
+    ({"context": 1}, "context must be an integer >= 2, not 1"),
+    ({"window": True}, "window must be an integer >= 0, not True"),
+    ({"windw": 3}, "unknown option windw; the options are mode, memory"),
+])
+def test_options_are_checked_where_they_are_made(changes, message):
+    from inaflash.options import Options
+
+    with pytest.raises(InaflashError, match=re.escape(message)):
+        Options.of(**changes)

@@ -5,7 +5,8 @@ from .engine import Engine
 from .errors import InaflashError
 from .generate import GenerationResult, generate
 from .loader import load
+from .options import Options
 from .store.format import FlashStore
 
-__all__ = ["Engine", "FlashStore", "GenerationResult", "InaflashError", "Model", "generate", "load"]
+__all__ = ["Engine", "FlashStore", "GenerationResult", "InaflashError", "Model", "Options", "generate", "load"]
 __version__ = "0.1.0"

