@@ -325,7 +325,5 @@ class BundleReader:
 
     def read(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
         """Bundles of `neurons` (sorted ids), decoded to float rows [m, width] (for checks and the oracle)."""
-        raw = self.read_raw(layer, neurons)
-        s = self.store
-        return s.decode(raw, layer) if s.quantized else raw.view(s.dtype).view(raw.shape[0], s.bundle_width)
+        return self.store.decode(self.read_raw(layer, neurons), layer)
 

@@ -58,8 +58,7 @@ def bundle_rows(store: FlashStore, bundles: torch.Tensor) -> dict[str, torch.Ten
 
 def bundle_views(store: FlashStore, buf: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
     """bundle_rows of a whole layer read into `buf` (uint8), from either layout, dequantized if compressed."""
-    rows = store.layer_rows(buf)
-    return bundle_rows(store, store.decode(rows, layer) if store.quantized else rows.view(store.dtype))
+    return bundle_rows(store, store.decode(store.layer_rows(buf), layer))
 
 
 def transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -95,8 +94,6 @@ class BundleMath:
         from ..store import quant
 
         s = self.store
-        if self.fmt == "float":
-            return raw.view(s.dtype).view(raw.shape[0], s.bundle_width)
         if self.fmt == s.ffn_format:
             return s.decode(raw, layer)
         return quant.decode(self.fmt, raw, s.fields, s.bundle_width, s.dtype)

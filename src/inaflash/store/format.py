@@ -244,7 +244,8 @@ class FlashStore:
         return out.view(torch.uint8)
 
     def decode(self, raw: torch.Tensor, layer: int) -> torch.Tensor:
-        """Bundles of `layer` as stored ([m, bundle_bytes] uint8) -> [m, bundle_width] in the compute dtype."""
+        """Bundles of `layer` as stored ([m, bundle_bytes] uint8) -> [m, bundle_width] in the compute dtype (a view
+        for float stores)."""
         books = self.palettes[layer] if self.palettes else None
         return quant.decode(self.ffn_format, raw, self.fields, self.bundle_width, self.dtype, books)
 

@@ -215,8 +215,11 @@ def encode(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]]
 
 def decode(fmt: str, raw: torch.Tensor, fields: dict[str, tuple[int, int]], width: int, dtype: torch.dtype,
            books: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """[m, bundle_bytes] uint8 -> [m, width] `dtype`: codes times their group's scale, or codebook entries."""
+    """[m, bundle_bytes] uint8 -> [m, width] `dtype`: codes times their group's scale, or codebook entries (float
+    bundles: the bytes viewed as `dtype`, no copy)."""
     m = raw.shape[0]
+    if fmt == "float":
+        return raw.view(dtype).view(m, width)
     out = torch.empty(m, width, dtype=dtype)
     if fmt in GROUP:
         params_at, total = _layout(fmt, fields)
