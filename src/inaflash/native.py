@@ -1,5 +1,6 @@
-"""The native library (kernels.c, built by `pip install -e .` into inaflash/_kernels*.so): the FFN kernel that computes
-from bundles as stored (ffn/kernels.py) and the CRC-32C of store pages (store/checksum.py), loaded once for both.
+"""The native library (kernels.c + crc32c.c, built by `pip install -e .` into inaflash/_kernels*.so): the FFN kernel
+that computes from bundles as stored (ffn/kernels.py) and the CRC-32C of store pages (store/checksum.py), loaded once
+for both.
 
 Absent (no compiler, a CPU without AVX2/FMA/F16C) or INAFLASH_KERNEL=torch: LIB is None and both fall back to
 libraries (torch, google-crc32c), slower.
