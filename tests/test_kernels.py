@@ -118,7 +118,8 @@ def int4_llama(tmp_path_factory):
                                   ffn_format="int4"))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          derandomize=True)
 @given(window=st.integers(0, 3), capacity=st.integers(20, 160),
        steps=st.lists(st.sets(st.integers(0, 159), min_size=1, max_size=20), min_size=1, max_size=10))
 def test_cache_live_block_computes_its_neurons(int4_llama, window, capacity, steps):
@@ -143,9 +144,10 @@ def test_cache_live_block_computes_its_neurons(int4_llama, window, capacity, ste
             live = cache.live_neurons()
             expected, _ = reference("swiglu", every[live].float(), x, d)
             got = exact(x, cache.rows, cache.n)
-            # 3e-4, not 1e-4: with one live neuron nothing averages out, and a gate or up product near zero
-            # (cancellation over 64 terms) carries float32's summation-order difference whole (neuron 47: 1.2e-4)
-            assert rel(got, expected) < 3e-4
+            # 1e-3, not 1e-4: with one live neuron nothing averages out, and a gate or up product near zero
+            # (cancellation over 64 terms) carries float32's summation-order difference whole (random draws have
+            # reached 1.2e-4 and 3.1e-4); a wrong, missing or stale neuron is an error of order 1
+            assert rel(got, expected) < 1e-3
 
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Water boils at", "Once upon a time, a small robot",
@@ -196,3 +198,37 @@ def test_cache_moves_bytes_the_same_without_the_native_library(int4_llama, monke
                     cache.append(chunk, src, offsets, step)
         states.append((cache.rows[: cache.n].clone(), cache.live_neurons().clone()))
     assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 700), blocks=st.integers(1, 12), tokens=st.integers(1, 6), seed=st.integers(0, 2 ** 16))
+def test_resident_int8_matrix_against_its_float_weights(rows, blocks, tokens, seed):
+    """A resident int8 matrix (head, attention) times activations: the native kernel for a few tokens (activations
+    quantized to int8 per 32, as llama.cpp's Q8) within 1.5% of the float product over the same int8 weights, and
+    torch's int8pack kernel from NATIVE_MAX_TOKENS on; both paths agree where they meet."""
+    g = torch.Generator().manual_seed(seed)
+    cols = 32 * blocks
+    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)
+    m = quant.Int8Matrix(*quant.Int8Matrix.quantize(w))
+    x = torch.randn(tokens, cols, generator=g)
+    ref = x @ (m.codes.float() * m.scales.float()[:, None]).T
+    got = m.linear(x)
+    assert got.shape == (tokens, rows) and got.dtype == torch.float32
+    assert ((got - ref).norm() / ref.norm()).item() < 0.015
+    if tokens <= quant.NATIVE_MAX_TOKENS:
+        torch_path = torch._weight_int8pack_mm(x.to(torch.bfloat16), m.codes, m.scales).float()
+        assert ((got - torch_path).norm() / ref.norm()).item() < 0.02
+
+
+def test_native_matvec_is_taken_for_decode_and_declines_odd_widths(monkeypatch):
+    """One token goes through the native kernel (not int8pack); a width that is not a multiple of 32 goes to torch."""
+    calls = []
+    real = quant.MATVEC
+    monkeypatch.setattr(quant, "MATVEC", lambda *a: calls.append(a[2:4]) or real(*a))
+    for cols in (64, 40):
+        w = torch.randn(16, cols)
+        m = quant.Int8Matrix(*quant.Int8Matrix.quantize(w))
+        x = torch.randn(1, cols)
+        ref = x @ (m.codes.float() * m.scales.float()[:, None]).T
+        assert ((m.linear(x) - ref).norm() / ref.norm()).item() < 0.015
+    assert calls == [(16, 64)]

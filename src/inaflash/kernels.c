@@ -424,6 +424,44 @@ int inaflash_decode_rows(const bundle_layout *L, const uint8_t *base, const int6
     return 0;
 }
 
+/* out [T, rows] = x [T, cols] . W^T for a resident int8 matrix W = codes [rows, cols] * scale[r] (bfloat16 per row):
+ * the head and the attention projections. x is quantized to int8 per 32 (as for int8 bundles), so each row is 32
+ * integer multiply-adds per instruction and one FMA per 32 codes. Rows split between threads. cols % 32 == 0. */
+int inaflash_int8_matvec(const int8_t *codes, const uint16_t *scales, int64_t rows, int64_t cols, const float *x,
+                         int64_t T, float *out, int nthreads) {
+    if (cols % 32 || T <= 0 || rows <= 0) return cols % 32 ? -1 : 0;
+    const int64_t nb = cols / 32;
+    int8_t *xq = malloc((size_t)(T * cols));
+    float *qs = malloc((size_t)(2 * T * nb) * sizeof(float));
+    if (!xq || !qs) { free(xq); free(qs); return -2; }
+    quantize_acts(x, T, cols, 32, 0, xq, qs, qs + T * nb);
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (rows < 64 * nt) nt = 1;  /* a few rows: the hand-off costs more than it saves */
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *w = (const uint8_t *)(codes + r * cols);
+        uint32_t bits = (uint32_t)scales[r] << 16;
+        float s;
+        memcpy(&s, &bits, 4);
+        for (int64_t t = 0; t < T; t++) {
+            const int8_t *q = xq + t * cols;
+            const float *qst = qs + t * nb;
+            __m256 c0 = _mm256_setzero_ps(), c1 = c0;  /* two chains */
+            int64_t k = 0;
+            for (; k + 2 <= nb; k += 2) {
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_q8(w, k * 32, q)), _mm256_broadcast_ss(qst + k), c0);
+                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_q8(w, k * 32 + 32, q)), _mm256_broadcast_ss(qst + k + 1),
+                                     c1);
+            }
+            if (k < nb) c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_q8(w, k * 32, q)), _mm256_broadcast_ss(qst + k), c0);
+            out[t * rows + r] = hsum(_mm256_add_ps(c0, c1)) * s;
+        }
+    }
+    free(xq);
+    free(qs);
+    return 0;
+}
+
 #else  /* no AVX2/FMA/F16C here: Python uses the torch path */
 int inaflash_kernel_version(void) { return 0; }
 int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64_t *offsets, int64_t m,
@@ -435,6 +473,11 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
 int inaflash_decode_rows(const bundle_layout *L, const uint8_t *base, const int64_t *offsets, int64_t m,
                          float *out, int64_t width, int nthreads) {
     (void)L; (void)base; (void)offsets; (void)m; (void)out; (void)width; (void)nthreads;
+    return -1;
+}
+int inaflash_int8_matvec(const int8_t *codes, const uint16_t *scales, int64_t rows, int64_t cols, const float *x,
+                         int64_t T, float *out, int nthreads) {
+    (void)codes; (void)scales; (void)rows; (void)cols; (void)x; (void)T; (void)out; (void)nthreads;
     return -1;
 }
 #endif

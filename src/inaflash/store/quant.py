@@ -20,7 +20,11 @@ A field a group does not divide (OPT's 1-wide fc1 bias) is its own group (int8/i
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
+
+from ..native import LIB
 
 
 FFN_FORMATS = {
@@ -272,15 +276,32 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
+def _typed_matvec(lib):
+    fn = getattr(lib, "inaflash_int8_matvec", None) if lib is not None else None
+    if fn is not None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, p, i64, i64, p, i64, p, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+MATVEC = _typed_matvec(LIB)
+# Up to this many tokens the native kernel (activations quantized to int8 per 32) multiplies a resident int8 matrix;
+# from here on torch's int8pack GEMM, which reads each weight once for all tokens
+NATIVE_MAX_TOKENS = 4
+
+
 class Int8Matrix:
     """A resident weight matrix [rows, cols] as int8 codes with a per-row scale: w ~ codes * scale[:, None].
 
-    Multiplied without dequantizing by torch's weight-only int8 kernel with bfloat16 activations, which runs as fast
-    as or faster than float16 on this CPU (8960 x 1536, one token: 1.2-1.7 ms vs 2.0 ms; 151936 x 1536: 27 vs 34 ms);
-    with float32 activations the same kernel is 6x slower. Row lookups (embeddings) dequantize only those rows."""
+    Multiplied without dequantizing. Up to NATIVE_MAX_TOKENS tokens (decode) by the native kernel, activations
+    quantized to int8 per 32: Qwen2.5's 151936 x 1536 head in 9.3 ms vs 16.2 ms with torch's int8pack, which reads
+    it at ~14 GB/s (`python bench/resident_int8.py`, bench/results/2026-11-24-resident-int8.md).
+    More tokens: torch's weight-only int8 kernel with bfloat16 activations (with float32 ones it is 6x slower).
+    Row lookups (embeddings) dequantize only those rows."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
-        self.codes, self.scales = codes, scales
+        self.codes, self.scales = codes.contiguous(), scales.contiguous()
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,6 +314,13 @@ class Int8Matrix:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, cols] float -> [T, rows] float32."""
+        rows, cols = self.codes.shape
+        if MATVEC is not None and x.shape[0] <= NATIVE_MAX_TOKENS and cols % 32 == 0:
+            x = x.float().contiguous()
+            out = torch.empty(x.shape[0], rows)
+            if MATVEC(self.codes.data_ptr(), self.scales.data_ptr(), rows, cols, x.data_ptr(), x.shape[0],
+                      out.data_ptr(), torch.get_num_threads()) == 0:
+                return out
         return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.codes, self.scales).float()
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
