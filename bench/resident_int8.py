@@ -38,8 +38,9 @@ def main() -> None:
             reps = 30 if n > 100_000 else 500
             native = ms(lambda: m.linear(x), reps)
             torch_ms = ms(lambda: torch._weight_int8pack_mm(x.to(torch.bfloat16), m.codes, m.scales).float(), reps)
+            path = "native" if tokens <= quant.NATIVE_MAX_TOKENS else "int8pack"
             rows.append({"matrix": name, "rows": n, "cols": k, "tokens": tokens, "linear_ms": native,
-                         "int8pack_ms": torch_ms, "path": "native" if tokens <= quant.NATIVE_MAX_TOKENS else "int8pack"})
+                         "int8pack_ms": torch_ms, "path": path})
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{time.strftime('%Y-%m-%d')}-resident-int8"

@@ -162,7 +162,7 @@ MIN_AUTO_CONTEXT = 256  # auto shrinks a default context (not one asked for) dow
 def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, window: int,
                 cache_format: str = "store", context_given: bool = True) -> Choice:
     """`--mode auto`: the fastest mode whose plan fits `budget` (None: 80% of the DRAM available now).
-    dram if the whole model fits; else sparse if the store's calibration passed its quality gate (calibrate.py:
+    dram if the whole model fits; else sparse if the store's calibration passed its quality gate (tools/calibrate.py:
     within the bounds on the validation text) and the caches fit; else hybrid, as many layers resident as fit (naive
     if none). Sparse is never chosen on a calibration without a passed gate: its text would leave dense's.
     Where even streaming does not fit and the context was not asked for, the KV cache is planned for fewer tokens

@@ -6,7 +6,7 @@ mmap-backed buffers (page aligned) and callers ask for aligned spans. Reads are 
 Where O_DIRECT is refused (tmpfs), reads go through the page cache and are dropped from it right after
 (posix_fadvise DONTNEED), so repeated runs still read from the device where there is one.
 
-Every read is checked as it lands: given the file's page checksums (store.py), a worker hashes the pages it just
+Every read is checked as it lands: given the file's page checksums (store/format.py), a worker hashes the pages it just
 read (checksum.py; ~15 GB/s natively, beside reads of ~2 GB/s) and re-reads once on a mismatch (a transient fault
 passes the second time); a page still wrong raises CorruptStoreError naming the file and the byte range, so damage
 never becomes an answer. I/O errors (EIO, EINTR, short reads) are retried a bounded number of times, then named.

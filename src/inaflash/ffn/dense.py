@@ -1,6 +1,6 @@
 """The feed-forward block, and where its weights come from (DRAM or a read from flash per token).
 
-Every provider holds and computes neuron *bundles as stored* (store.py: row i = [gate_i | up_i | down[:, i]],
+Every provider holds and computes neuron *bundles as stored* (store/format.py: row i = [gate_i | up_i | down[:, i]],
 float or compressed): `BundleMath` multiplies them in place with the native kernel (kernels.c), so no weight is
 decoded into float, transposed or copied on the per-token path, and a cached neuron costs its flash size in DRAM.
 Without the kernel (not built, palette formats, an activation it lacks) BundleMath decodes the rows and uses torch:

@@ -2,8 +2,8 @@
 
 Built by `pip install -e .` (setup.py; -O3 -march=native -fopenmp) into inaflash/_kernels*.so (loaded by native.py)
 and called through ctypes (which releases the GIL, so the I/O threads keep reading meanwhile). Where it was not built
-(no compiler, a CPU without AVX2/FMA/F16C) or INAFLASH_KERNEL=torch is set, `available()` is False and the FFN providers decode
-bundles and multiply with torch instead (several times slower; see README).
+(no compiler, a CPU without AVX2/FMA/F16C) or INAFLASH_KERNEL=torch is set, `available()` is False and the FFN
+providers decode bundles and multiply with torch instead (several times slower; see README).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Convert a model source (GGUF, Hugging Face folder) into a flash store: shapes checked against the config,
-written into a partial directory and renamed into place only when complete (store.py owns the format itself: its
+written into a partial directory and renamed into place only when complete (format.py owns the format itself: its
 layout, manifest and checksums)."""
 
 from __future__ import annotations
