@@ -397,3 +397,20 @@ def test_options_are_checked_where_they_are_made(changes, message):
 
     with pytest.raises(InaflashError, match=re.escape(message)):
         Options.of(**changes)
+
+
+def test_an_engine_that_cannot_open_leaves_no_reader_threads(tiny_store):
+    """A refused engine (here: sparse on an uncalibrated store) closes what it opened: the reader's threads and file
+    do not outlive the error (a long-lived process retrying loads would pile them up)."""
+    import threading
+
+    from inaflash.engine import Engine
+    from inaflash.store.format import FlashStore
+
+    def io_threads():
+        return sum(t.name.startswith("inaflash-io") for t in threading.enumerate())
+
+    store, before = FlashStore(tiny_store), io_threads()
+    with pytest.raises(InaflashError, match="not calibrated for sparsity"):
+        Engine(store, mode="sparse")
+    assert io_threads() == before

@@ -56,44 +56,49 @@ class Engine:
         # (README: the cost, measured); off only when asked, and then said
         if not o.checksums:
             warnings.warn("checksums off: data read from the store is not verified", RuntimeWarning, stacklevel=2)
-        self.reader = FlashReader(store.ffn_path, threads=o.io_threads, pages=store.pages(store.ffn_path, o.checksums))
-        self.plan = None
-        if mode == "sparse":
-            # the gap `inaflash probe` measured on this machine, else the default
-            max_gap = load_max_gap() if o.max_gap is None else o.max_gap
-            if sparsity is None:
-                raise InaflashError(f"store {store.path} is not calibrated for sparsity: run  "
-                                    f"inaflash calibrate {store.path}")
-            budget = None if memory is None else parse_memory(memory, store)
-            self.plan = plan_memory(store, budget, self.context, sparsity.predictor_bytes if o.use_predictor else 0,
-                                    window, active_neurons_per_token(store, sparsity), cache_format)
-            self.ffn = SparseFlashFFN(store, self.reader, sparsity, self.plan.cache_capacity, self.plan.window,
-                                      use_predictor=o.use_predictor, max_gap=max_gap,
-                                      staging_bytes=self.plan.staging_bytes // 2, compute=o.compute,
-                                      cache_format=cache_format)
-        elif mode == "dram":
-            self.ffn = ResidentFFN(store, self.reader)
-        elif mode == "hybrid":
-            budget = None if memory is None else parse_memory(memory, store)
-            self.ffn = HybridFFN(store, self.reader, plan_hybrid(store, budget, self.context))
-        else:
-            self.ffn = NaiveFlashFFN(store, self.reader)
-        self.sparse = self.ffn if mode == "sparse" else None  # the engine's own, whatever set_ffn swaps in
-        self.reader.stats = ReadStats()  # loading (dram mode, the oracle) is not generation I/O
-        self.weights = store.resident_weights(check=o.checksums)
         self.embedding = None
-        if store.embed is not None:
-            from .embedding import FlashEmbedding
+        self.reader = FlashReader(store.ffn_path, threads=o.io_threads, pages=store.pages(store.ffn_path, o.checksums))
+        try:  # a failure from here on (a budget too small, no calibration) must not leave the reader's threads
+            self.plan = None
+            if mode == "sparse":
+                # the gap `inaflash probe` measured on this machine, else the default
+                max_gap = load_max_gap() if o.max_gap is None else o.max_gap
+                if sparsity is None:
+                    raise InaflashError(f"store {store.path} is not calibrated for sparsity: run  "
+                                        f"inaflash calibrate {store.path}")
+                budget = None if memory is None else parse_memory(memory, store)
+                predictor_bytes = sparsity.predictor_bytes if o.use_predictor else 0
+                self.plan = plan_memory(store, budget, self.context, predictor_bytes, window,
+                                        active_neurons_per_token(store, sparsity), cache_format)
+                self.ffn = SparseFlashFFN(store, self.reader, sparsity, self.plan.cache_capacity, self.plan.window,
+                                          use_predictor=o.use_predictor, max_gap=max_gap,
+                                          staging_bytes=self.plan.staging_bytes // 2, compute=o.compute,
+                                          cache_format=cache_format)
+            elif mode == "dram":
+                self.ffn = ResidentFFN(store, self.reader)
+            elif mode == "hybrid":
+                budget = None if memory is None else parse_memory(memory, store)
+                self.ffn = HybridFFN(store, self.reader, plan_hybrid(store, budget, self.context))
+            else:
+                self.ffn = NaiveFlashFFN(store, self.reader)
+            self.sparse = self.ffn if mode == "sparse" else None  # the engine's own, whatever set_ffn swaps in
+            self.reader.stats = ReadStats()  # loading (dram mode, the oracle) is not generation I/O
+            self.weights = store.resident_weights(check=o.checksums)
+            if store.embed is not None:
+                from .embedding import FlashEmbedding
 
-            self.embedding = FlashEmbedding(store, checksums=o.checksums)
-            self.embedding.reader.stats = self.reader.stats  # its reads count with the FFN's
-            self.weights[store.embed["name"]] = self.embedding
-        self.tokenizer = store.tokenizer()
-        self.model = build_model(self.config, self.weights, self.ffn)  # its KV cache comes with reset()
-        self.max_seq = 0
-        release_free_heap()
-        # a plan within a budget holds a KV cache of self.context tokens, no more
-        self.bounded = self.plan is not None or (memory is not None and mode in ("hybrid", "naive"))
+                self.embedding = FlashEmbedding(store, checksums=o.checksums)
+                self.embedding.reader.stats = self.reader.stats  # its reads count with the FFN's
+                self.weights[store.embed["name"]] = self.embedding
+            self.tokenizer = store.tokenizer()
+            self.model = build_model(self.config, self.weights, self.ffn)  # its KV cache comes with reset()
+            self.max_seq = 0
+            release_free_heap()
+            # a plan within a budget holds a KV cache of self.context tokens, no more
+            self.bounded = self.plan is not None or (memory is not None and mode in ("hybrid", "naive"))
+        except BaseException:
+            self.close()
+            raise
 
     def reset(self, max_seq: int) -> None:
         """A fresh KV cache for `max_seq` positions (keeps the model when it is already large enough)."""
