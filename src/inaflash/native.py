@@ -32,3 +32,12 @@ def _load():
 
 
 LIB = _load()
+
+
+def function(name: str, *argtypes, restype=ctypes.c_int):
+    """The library's function `name` with its signature declared, or None where the library (or this function in
+    it) is absent: the caller then takes its library path."""
+    fn = getattr(LIB, name, None) if LIB is not None else None
+    if fn is not None:
+        fn.argtypes, fn.restype = list(argtypes), restype
+    return fn

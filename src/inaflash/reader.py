@@ -256,7 +256,7 @@ class BundleReader:
         unbundled ones (offsets in elements)."""
         offset, gap = self.store.layers[layer].offset, self.max_gap if max_gap is None else max_gap
         return [(columns, plan_bundle_reads(offset + start, nbytes, unit, neurons, gap))
-                for columns, start, nbytes, unit in self.store.regions()]
+                for columns, start, nbytes, unit in self.store.regions]
 
     def fitting_plan(self, layer: int, neurons: torch.Tensor):
         """The plan with the configured gap, or with smaller gaps until it fits the staging buffer (wide gaps over
@@ -295,7 +295,7 @@ class BundleReader:
         if plans is None:
             return None
         requests, pos, bases = [], 0, []
-        for (_, plan), (_, _, _, unit) in zip(plans, self.store.regions()):
+        for (_, plan), (_, _, _, unit) in zip(plans, self.store.regions):
             bases.append(pos // unit)
             for offset, length in plan.spans:
                 requests.append((offset, self.staging[pos:pos + length]))

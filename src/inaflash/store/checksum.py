@@ -15,22 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..native import LIB
+from .. import native
 
 PAGE = 4096
 ALGORITHM = "crc32c"
 
 
-def _native(name: str):
-    fn = getattr(LIB, name, None) if LIB is not None else None
-    if fn is not None and fn.argtypes is None:
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] + ([ctypes.c_int64] if name.endswith("pages") else []) + \
-            [ctypes.c_void_p]
-        fn.restype = ctypes.c_int
-    return fn
-
-
-_CRC, _PAGES = _native("inaflash_crc32c"), _native("inaflash_crc32c_pages")
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_CRC = native.function("inaflash_crc32c", _P, _I64, _P)
+_PAGES = native.function("inaflash_crc32c_pages", _P, _I64, _I64, _P)
 
 
 def _u8(data) -> np.ndarray:

@@ -223,6 +223,7 @@ class FlashStore:
             raise StoreError(f"store {self.path}: {name} does not match its sha256 (damaged; re-convert the store)")
         return data
 
+    @functools.cached_property
     def regions(self) -> list[tuple[tuple[int, int], int, int, int]]:
         """Where a neuron's bytes lie in a layer, per region read: (its bundle columns, the region's offset in the
         layer, bytes per neuron, the unit read plans count offsets in). One region for the bundled layout (whole
@@ -239,7 +240,7 @@ class FlashStore:
         if self.layout == "bundled":
             return buf[: n * self.bundle_bytes].view(n, self.bundle_bytes)
         out = torch.empty(n, self.bundle_width, dtype=self.dtype)
-        for (a, b), start, nbytes, _ in self.regions():
+        for (a, b), start, nbytes, _ in self.regions:
             out[:, a:b] = buf[start: start + n * nbytes].view(self.dtype).view(n, b - a)
         return out.view(torch.uint8)
 

@@ -24,7 +24,7 @@ import ctypes
 
 import torch
 
-from ..native import LIB
+from .. import native
 
 
 FFN_FORMATS = {
@@ -276,16 +276,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
-def _typed_matvec(lib):
-    fn = getattr(lib, "inaflash_int8_matvec", None) if lib is not None else None
-    if fn is not None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, i64, i64, p, i64, p, ctypes.c_int]
-        fn.restype = ctypes.c_int
-    return fn
-
-
-MATVEC = _typed_matvec(LIB)
+MATVEC = native.function("inaflash_int8_matvec", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int)
 # Up to this many tokens the native kernel (activations quantized to int8 per 32) multiplies a resident int8 matrix;
 # from here on torch's int8pack GEMM, which reads each weight once for all tokens
 NATIVE_MAX_TOKENS = 4
