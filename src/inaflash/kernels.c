@@ -569,25 +569,27 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
             for (int64_t j = 0; j < d; j++) xsum[t * ngroups + j / gq] += x[t * d + j];
     int nt = nthreads < 1 ? 1 : nthreads;
     if (m < 64 * nt) nt = 1;  /* a few rows: the hand-off costs more than it saves */
-    /* per part: its output rows [T, d] and int4's per-group minimum terms [T, gout] */
+    /* The rows in parts, 4 per thread where there are many, taken by whichever thread is free: a core that the
+       reader's threads (or anything else) take for a while no longer holds up the other's half. Each part has its own
+       output rows [T, d] and int4's per-group minimum terms [T, gout], summed in part order (the result does not
+       depend on which thread ran what). */
+    const int np = nt == 1 ? 1 : (m >= 512 * nt ? 4 * nt : nt);
     const int64_t part_size = T * d + T * gout;
-    float *local = calloc((size_t)(nt * part_size), sizeof(float));
+    float *local = calloc((size_t)(np * part_size), sizeof(float));
     if (!local) { free(xsum); free(xq); return -2; }
+    int next_part = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-#ifdef _OPENMP
-        int id = omp_get_thread_num(), got = omp_get_num_threads();
-#else
-        int id = 0, got = 1;
-#endif
-        for (int part = id; part < nt; part += got) {  /* whatever threads the runtime gives, every part runs */
-            int64_t lo = m * part / nt, hi = m * (part + 1) / nt;
-            float *mine = local + part * part_size;
-            rows_all_tokens(L, q, base, offsets, lo, hi, &A, T, mask, m, mine, mine + T * d, hidden);
-        }
+    for (;;) {
+        int part;
+#pragma omp atomic capture
+        part = next_part++;
+        if (part >= np) break;
+        int64_t lo = m * part / np, hi = m * (part + 1) / np;
+        float *mine = local + part * part_size;
+        rows_all_tokens(L, q, base, offsets, lo, hi, &A, T, mask, m, mine, mine + T * d, hidden);
     }
     const int64_t go = L->group[OUT];
-    for (int p = 0; p < nt; p++) {
+    for (int p = 0; p < np; p++) {
         const float *mine = local + p * part_size, *gm = mine + T * d;
         for (int64_t t = 0; t < T; t++)
             for (int64_t k = 0; k < gout; k++) {

@@ -88,7 +88,7 @@ class FlashReader:
     # short reads, EINTR, EIO on the Nth read), below everything the engine does.
     pread = staticmethod(os.preadv)
 
-    def __init__(self, path, threads: int = 8, chunk_bytes: int = 1 << 20, direct: bool = True,
+    def __init__(self, path, threads: int = 8, chunk_bytes: int = 4 << 20, direct: bool = True,
                  pages: np.ndarray | None = None):
         self.path = str(path)
         self.pages = pages
