@@ -254,3 +254,20 @@ def test_native_matvec_is_taken_for_decode_and_declines_odd_widths(monkeypatch):
         ref = x @ (m.codes.float() * m.scales.float()[:, None]).T
         assert ((m.linear(x) - ref).norm() / ref.norm()).item() < 0.015
     assert calls == [(16, 64)]
+
+
+@pytest.mark.parametrize("T,heads,hd", [(1, 12, 128), (5, 2, 64), (3, 9, 64)])
+def test_native_rms_norm_and_rope_equal_torch(T, heads, hd):
+    """ops.c's RMSNorm and rotary embedding (used by every decode step) against torch's formulas."""
+    from inaflash import ops
+
+    assert ops._RMS_NORM is not None and ops._ROPE is not None
+    g = torch.Generator().manual_seed(T)
+    x, w = torch.randn(T, heads * hd, generator=g), torch.randn(heads * hd, generator=g)
+    assert torch.allclose(ops.rms_norm(x, w, 1e-6), F.rms_norm(x, (heads * hd,), w, 1e-6), rtol=1e-5, atol=1e-5)
+    q = torch.randn(T, heads, hd, generator=g)
+    angles = torch.rand(T, hd // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    half = hd // 2
+    expected = q * cos[:, None] + torch.cat([-q[..., half:], q[..., :half]], -1) * sin[:, None]
+    assert torch.allclose(ops.rope(q.clone(), cos, sin), expected, atol=1e-6)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 # Decode (a few tokens) is memory-bound: float16/bfloat16 weights multiply as they are, ~2.3x faster than float32 for
 # large matrices on the reference machine (2 cores, torch 2.13; converting to float32 per token is ~20x slower).
@@ -29,6 +33,32 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     y = F.linear(x.to(w.dtype), w)
     y = y.float() if y.dtype != torch.float32 else y
     return y if b is None else y + b
+
+
+_p, _i64 = ctypes.c_void_p, ctypes.c_int64
+_RMS_NORM = native.function("inaflash_rms_norm", _p, _p, _i64, _i64, ctypes.c_float, _p, restype=None)
+_ROPE = native.function("inaflash_rope", _p, _i64, _i64, _i64, _p, _p, restype=None)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of float32 rows x [T, d] with weight w [d] (ops.c where built and w is float32: ~40x less per-call
+    overhead than F.rms_norm's ~40 us on a decode step's vector)."""
+    if _RMS_NORM is None or w.dtype != torch.float32 or not x.is_contiguous() or x.dtype != torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    out = torch.empty_like(x)
+    _RMS_NORM(x.data_ptr(), w.contiguous().data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (half-split form) of x [T, heads, hd] float32 with tables cos, sin [T, hd]: in place where
+    ops.c is built (x is a fresh projection), a new tensor otherwise."""
+    if _ROPE is not None and x.is_contiguous() and x.dtype == torch.float32 and cos.is_contiguous() \
+            and sin.is_contiguous():
+        _ROPE(x.data_ptr(), x.shape[0], x.shape[1], x.shape[2], cos.data_ptr(), sin.data_ptr())
+        return x
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None]
 
 
 def gather_rows_torch(elements: torch.Tensor, offsets: torch.Tensor, width: int) -> torch.Tensor:

@@ -178,12 +178,13 @@ class SparseFlashFFN:
         return cache.ffn(x, layer, start, end, mask)
 
     def _stream(self, layer: int, x: torch.Tensor, active: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
-        """More neurons than the cache holds (a long prompt, a tight budget): read them in groups of the cache's
-        capacity, the next group's reads in flight while this one is computed in the staging buffer as read, and
-        sum the partial FFNs."""
-        capacity = self.caches[layer].capacity
+        """More neurons than the cache holds (a long prompt, a tight budget): read them in two halves (each cut
+        further where it does not fit a staging buffer), the second's reads in flight while the first is computed
+        in the staging buffer as read, and sum the partial FFNs. (Groups of the cache's capacity, as before, cost
+        SmolLM2 at 50% ~7 plans, reads and kernel calls per layer and token for 87 neurons each: ~10% of its time
+        in bookkeeping.)"""
         t0 = time.perf_counter()
-        groups = [c for g in needed.split(capacity) for c in self.bundles.chunks(layer, g)]
+        groups = [c for g in needed.split(-(-needed.numel() // 2)) for c in self.bundles.chunks(layer, g)]
         readers = (self.bundles, self.next_bundles)
         out = torch.zeros(x.shape[0], self.store.config.hidden_size)
         pending = readers[0].start(layer, *groups[0])

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..ops import linear
+from ..ops import linear, rms_norm, rope
 from .common import KVCache, attend
 
 
@@ -41,27 +40,22 @@ class Llama:
         self.cache = KVCache(cfg.num_layers, max_seq, cfg.num_kv_heads, hd)
 
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        cos = self.cos[pos:pos + x.shape[0], None, :]
-        sin = self.sin[pos:pos + x.shape[0], None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return rope(x, self.cos[pos:pos + x.shape[0]], self.sin[pos:pos + x.shape[0]])
 
     def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
         """Logits [T, vocab] (float32) for token ids [T] at positions pos..pos+T-1, filling the KV cache."""
         cfg, T = self.cfg, ids.shape[0]
         H, KVH, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
-        d = cfg.hidden_size
         x = self.embed[ids].float()
         self.ffn.begin_forward()
         for i, L in enumerate(self.layers):
-            h = F.rms_norm(x, (d,), L["ln1"], eps)
+            h = rms_norm(x, L["ln1"], eps)
             q = self._rope(linear(h, L["q"], L["qb"]).view(T, H, hd), pos)
             k = self._rope(linear(h, L["k"], L["kb"]).view(T, KVH, hd), pos)
             v = linear(h, L["v"], L["vb"]).view(T, KVH, hd)
             k_all, v_all = self.cache.update(i, pos, k, v)
             x = x + linear(attend(q, k_all, v_all, pos), L["o"], L["ob"])
-            x = x + self.ffn(i, F.rms_norm(x, (d,), L["ln2"], eps))
+            x = x + self.ffn(i, rms_norm(x, L["ln2"], eps))
         if last_only:
             x = x[-1:]
-        return linear(F.rms_norm(x, (d,), self.norm, eps), self.head)
+        return linear(rms_norm(x, self.norm, eps), self.head)
