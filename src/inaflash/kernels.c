@@ -242,12 +242,14 @@ static inline __attribute__((always_inline)) void field_dot_q(const bundle_layou
     }
 }
 
+#define RA 8  /* rows per rows_axpy: 8 FMAs per load and store of an output vector (with 4: float16 bundles ~10% slower
+                 at 8 and 128 tokens, int4 and int8 within 1-6%; /tmp A/B of the two builds in one process) */
 /* out_t += sum over R rows of h[r][t] * field_OUT(r), for tb tokens: each output vector is loaded and stored once
    per R rows. int4's minimums add h * min over a whole group: collected in gm [tb tokens][groups], added at the end */
 static inline __attribute__((always_inline)) void rows_axpy(const bundle_layout *L, int fmt, const uint8_t **rows,
                                                             float h[][TB], int R, int tb, float *out, float *gm) {
     const int64_t d = L->d, g = L->group[OUT], ngroups = d / g;
-    float c[4][TB], sc[4][MAXG];
+    float c[RA][TB], sc[RA][MAXG];
     if (fmt >= INT8)
         for (int r = 0; r < R; r++) {
             halfs_to_floats(rows[r] + L->scale_off + 2 * L->group_base[OUT], ngroups, sc[r]);
@@ -265,7 +267,7 @@ static inline __attribute__((always_inline)) void rows_axpy(const bundle_layout 
         for (int r = 0; r < R; r++)
             for (int t = 0; t < tb; t++) c[r][t] = fmt >= INT8 ? h[r][t] * sc[r][k] : h[r][t];
         for (int64_t j = k * g; j < (k + 1) * g; j += 8) {
-            __m256 w[4];
+            __m256 w[RA];
             for (int r = 0; r < R; r++) w[r] = load8(fmt, rows[r] + L->code_off[OUT], j);
             for (int t = 0; t < tb; t++) {
                 float *o = out + t * d + j;
@@ -480,7 +482,7 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
                                                             const acts *A, int64_t t0, int tb, const float *mask,
                                                             int64_t m, float *out, float *gm, float *hidden) {
     const int64_t d = L->d;
-    float a[TB], b[TB] = {0}, h[4][TB], hq[DB];
+    float a[TB], b[TB] = {0}, h[RA][TB], hq[DB];
     const uint8_t *rows[DB];
     int R = 0;
     /* one token of int4 with quantized activations: the down projection in integers too, DB rows at a time */
@@ -521,12 +523,12 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
             float ht = L->gated ? v * b[t] : v;
             if (mask) ht *= mask[(t0 + t) * m + r];
             if (hidden) hidden[(t0 + t) * m + r] = ht;
-            h[R & 3][t] = ht;
+            h[R % RA][t] = ht;
             any |= ht != 0.f;
         }
         if (!any) continue;
         if (qdown) {
-            hq[R] = h[R & 3][0];
+            hq[R] = h[R % RA][0];
             rows[R] = row;
             for (int pad = ++R; pad < ((R + 3) & ~3); pad++) rows[pad] = row;  /* padding reads a real row */
             if (R == DB) {
@@ -540,7 +542,7 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
             continue;
         }
         rows[R++] = row;
-        if (R == 4) { rows_axpy(L, fmt, rows, h, 4, tb, out + t0 * d, gm); R = 0; }
+        if (R == RA) { rows_axpy(L, fmt, rows, h, RA, tb, out + t0 * d, gm); R = 0; }
     }
     if (R && qdown) rows_down_q4(L, rows, hq, R, out + t0 * d, gm, NULL, 0);
     else if (R) rows_axpy(L, fmt, rows, h, R, tb, out + t0 * d, gm);
