@@ -272,3 +272,30 @@ def test_native_rms_norm_and_rope_equal_torch(T, heads, hd):
     half = hd // 2
     expected = q * cos[:, None] + torch.cat([-q[..., half:], q[..., :half]], -1) * sin[:, None]
     assert torch.allclose(ops.rope(q.clone(), cos, sin), expected, atol=1e-6)
+
+
+def test_many_tokens_take_the_gemm_and_agree_with_the_kernel(int4_llama, monkeypatch):
+    """From GEMM_FROM_TOKENS tokens on, BundleMath decodes the rows once and multiplies with torch's GEMM (exact to
+    the decoded weights); below, the kernel (int8 activations, within 2%): the same FFN either way."""
+    from inaflash.ffn import dense
+
+    store = int4_llama
+    math, rows = dense.BundleMath(store), store.layer_rows(layer_bytes(store, 0))
+    x = torch.randn(12, store.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    kernel_out = math(x, rows, rows.shape[0], 0)
+    monkeypatch.setattr(dense, "GEMM_FROM_TOKENS", 12)
+    calls = []
+    monkeypatch.setattr(type(math.kernel), "__call__", lambda *a, **k: calls.append(1))
+    gemm_out = math(x, rows, rows.shape[0], 0)
+    w = store.decode(rows, 0).float()
+    d = store.config.hidden_size
+    expected, _ = reference("swiglu", w, x, d)
+    assert not calls and rel(gemm_out, expected) < 1e-4 and rel(kernel_out, expected) < 2e-2
+
+
+def layer_bytes(store, layer):
+    """Layer `layer`'s bytes as stored, read with plain file I/O (a test needs no reader threads)."""
+    e = store.layers[layer]
+    with open(store.ffn_path, "rb") as f:
+        f.seek(e.offset)
+        return torch.frombuffer(bytearray(f.read(e.span)), dtype=torch.uint8)

@@ -19,12 +19,15 @@ from ..store.format import FlashStore
 
 DOWN = {"llama": "down", "opt": "fc2"}
 TRANSPOSE_TILE = 256  # tiled transposes run ~3x faster than one strided copy_ for large layers
-# From this many tokens (calibration, eval, long prompts) the rows are decoded once to float32 and multiplied by
-# torch's GEMM; below it the kernel computes on the bundles as stored. Measured on a Qwen2.5-1.5B layer (2 threads):
-# decoding costs ~125 ms, then the GEMM ~0.5-0.75 ms per token, where the kernel takes ~1.1 (int4, int8) to 1.4 ms
-# (float16) per token: the kernel is faster up to ~190 (float16) to ~300 (int4) tokens, and needs no float32 copy
-# of the layer (165 MB for this one). At 64 (before) a 128-token prompt took 212 vs 137 ms per int4 layer.
-GEMM_FROM_TOKENS = 256
+# From this many tokens the rows are decoded once to float32 and multiplied by torch's GEMM; below it the kernel
+# computes on the bundles as stored. Measured on a Qwen2.5-1.5B layer (2 threads): decoding costs ~125 ms, then the
+# GEMM ~0.5-0.75 ms per token, where the kernel takes ~0.7 (int4), ~0.8 (int8) and ~1.15 ms (float16) per token at
+# 128 tokens: the kernel is as fast or faster up to ~300 tokens for float16 and at any length for int4, and needs no
+# float32 copy of the layer (165 MB for this one). So prompts (generate.PREFILL_CHUNK = 256 tokens a pass) always
+# take the kernel. (At 64, before: 128 tokens took 212 vs 137 ms per int4 layer, 89 ms since the multi-token path.)
+GEMM_FROM_TOKENS = 512
+
+
 class FFNMath:
     """FFN(x) from compute-layout weights: {"gate", "up": [n, d] (or "gate_up": [2n, d], rows interleaved),
     "down": [d, n]} (SwiGLU) or {"fc1": [n, d], "fc1_bias": [n], "fc2": [d, n]} (OPT; fc2's bias is resident and
