@@ -2,6 +2,7 @@
 offsets and masks; a neuron cache's live block after arbitrary evict/append sequences; greedy text of the real
 model through the kernel against torch's decoded path."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -280,7 +281,9 @@ def test_many_tokens_take_the_gemm_and_agree_with_the_kernel(int4_llama, monkeyp
     from inaflash.ffn import dense
 
     store = int4_llama
-    math, rows = dense.BundleMath(store), store.layer_rows(layer_bytes(store, 0))
+    e = store.layers[0]
+    raw = np.fromfile(store.ffn_path, dtype=np.uint8, count=e.span, offset=e.offset)
+    math, rows = dense.BundleMath(store), store.layer_rows(torch.from_numpy(raw))
     x = torch.randn(12, store.config.hidden_size, generator=torch.Generator().manual_seed(5))
     kernel_out = math(x, rows, rows.shape[0], 0)
     monkeypatch.setattr(dense, "GEMM_FROM_TOKENS", 12)
@@ -291,11 +294,3 @@ def test_many_tokens_take_the_gemm_and_agree_with_the_kernel(int4_llama, monkeyp
     d = store.config.hidden_size
     expected, _ = reference("swiglu", w, x, d)
     assert not calls and rel(gemm_out, expected) < 1e-4 and rel(kernel_out, expected) < 2e-2
-
-
-def layer_bytes(store, layer):
-    """Layer `layer`'s bytes as stored, read with plain file I/O (a test needs no reader threads)."""
-    e = store.layers[layer]
-    with open(store.ffn_path, "rb") as f:
-        f.seek(e.offset)
-        return torch.frombuffer(bytearray(f.read(e.span)), dtype=torch.uint8)

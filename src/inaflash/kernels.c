@@ -66,18 +66,18 @@ static inline __attribute__((always_inline)) __m256 load8(int fmt, const uint8_t
     }
 }
 
-#define MAXG 1024
+#define MAXG 1024  /* groups (and blocks of 32) per field the kernel handles: d <= 32768 */
 #ifndef PREFETCH
-#define PREFETCH 1
+#define PREFETCH 1  /* bundles ahead that rows_pass prefetches (1 measured faster than 2, 4, 8 on int4) */
 #endif
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T0
-#endif  /* groups (and blocks of 32) per field the kernel handles: d <= 32768 */
+
+/* 8 float16 values at p as floats */
+static inline __m256 half8(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
 /* n float16 values at p -> floats (8 at a time) */
 static inline void halfs_to_floats(const uint8_t *p, int64_t n, float *out) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * i))));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, half8(p + 2 * i));
     for (; i < n; i++) out[i] = half_at(p + 2 * i);
 }
 
@@ -176,16 +176,24 @@ static inline __attribute__((always_inline)) __m256i block_q8(const uint8_t *fie
                              _mm256_set1_epi16(1));
 }
 
-/* int4, 64 codes (two groups of 32, 32 bytes) against int8 activations stored per 64 as [evens of the first 32,
-   evens of the second 32, odds of the first, odds of the second] (the order low and high nibbles come out in):
-   8 int32 partial sums, lanes 0-3 of the first group, 4-7 of the second */
-static inline __attribute__((always_inline)) __m256i chunk64_q4(const uint8_t *field, int64_t j, const int8_t *xq) {
+/* int4, 64 codes (two groups of 32, 32 bytes; lo/hi: their low and high nibbles) against int8 activations x0, x1
+   stored per 64 as [evens of the first 32, evens of the second 32, odds of the first, odds of the second] (the order
+   low and high nibbles come out in): 8 int32 partial sums, lanes 0-3 of the first group, 4-7 of the second */
+static inline __attribute__((always_inline)) __m256i q4_dot64_split(__m256i lo, __m256i hi, __m256i x0, __m256i x1) {
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)),
+                             _mm256_set1_epi16(1));
+}
+
+/* the same from the 32 code bytes v: low and high nibbles split here */
+static inline __attribute__((always_inline)) __m256i q4_dot64(__m256i v, __m256i x0, __m256i x1) {
     const __m256i low4 = _mm256_set1_epi8(15);
-    __m256i v = _mm256_loadu_si256((const __m256i *)(field + j / 2));
-    __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + j))),
-                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + j + 32))));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+    return q4_dot64_split(_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), x0, x1);
+}
+
+/* q4_dot64 of the 64 codes at field + j / 2 against the activations at xq + j */
+static inline __attribute__((always_inline)) __m256i chunk64_q4(const uint8_t *field, int64_t j, const int8_t *xq) {
+    return q4_dot64(_mm256_loadu_si256((const __m256i *)(field + j / 2)), _mm256_loadu_si256((const __m256i *)(xq + j)),
+                    _mm256_loadu_si256((const __m256i *)(xq + j + 32)));
 }
 
 /* res[t] = field_f . x_t for int8/int4 codes against the activations quantized per weight group (one scale
@@ -292,19 +300,14 @@ static inline __attribute__((always_inline)) void gate_up_q4(const bundle_layout
     const uint8_t *mg = row + L->min_off + 2 * L->group_base[IN1], *mu = row + L->min_off + 2 * L->group_base[IN2];
     const __m256i lanes[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
                               _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
-    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     __m256 cg = _mm256_setzero_ps(), cu = cg, ming = cg, minu = cg;
     int64_t k = 0;
-#define HALF8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
-#define CHUNK(field, j, x0, x1) ({ __m256i v_ = _mm256_loadu_si256((const __m256i *)((field) + (j) / 2)); \
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16( \
-            _mm256_maddubs_epi16(_mm256_and_si256(v_, low4), x0), \
-            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v_, 4), low4), x1)), ones)); })
+#define CHUNK(field, j, x0, x1) _mm256_cvtepi32_ps(q4_dot64(_mm256_loadu_si256((const __m256i *)((field) + (j) / 2)), x0, x1))
     for (; k + 8 <= ngroups; k += 8) {
         const __m256 q8 = _mm256_loadu_ps(qs + k), x8 = _mm256_loadu_ps(xs + k);
-        const __m256 dg = _mm256_mul_ps(HALF8(sg + 2 * k), q8), du = _mm256_mul_ps(HALF8(su + 2 * k), q8);
-        ming = _mm256_fmadd_ps(HALF8(mg + 2 * k), x8, ming);
-        minu = _mm256_fmadd_ps(HALF8(mu + 2 * k), x8, minu);
+        const __m256 dg = _mm256_mul_ps(half8(sg + 2 * k), q8), du = _mm256_mul_ps(half8(su + 2 * k), q8);
+        ming = _mm256_fmadd_ps(half8(mg + 2 * k), x8, ming);
+        minu = _mm256_fmadd_ps(half8(mu + 2 * k), x8, minu);
         for (int c = 0; c < 4; c++) {
             const int64_t j = k * 32 + 64 * c;
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + j)), x1 = _mm256_loadu_si256((const __m256i *)(xq + j + 32));
@@ -324,7 +327,6 @@ static inline __attribute__((always_inline)) void gate_up_q4(const bundle_layout
         ru += half_at(mu + 2 * k) * xs[k] + half_at(mu + 2 * k + 2) * xs[k + 1];
     }
 #undef CHUNK
-#undef HALF8
     *ga = hsum(cg) + rg;
     *ub = hsum(cu) + ru;
 }
@@ -332,8 +334,8 @@ static inline __attribute__((always_inline)) void gate_up_q4(const bundle_layout
 /* Several tokens (a prompt), int4 in groups of 32 with quantized activations: gate . x_t and up . x_t for tb
  * tokens, each block of 8 groups (256 codes) unpacked once and multiplied against every token's activations; the
  * integer sums of a block's 8 groups are gathered into one vector (hadd) so that each token costs one conversion and
- * one FMA per block and field, not one per 2 groups as gate_up_q4 spends. Groups past the last whole 8 are left to
- * field_dot_q by the caller (ngroups % 8 == 0 here). */
+ * one FMA per block and field, not one per 2 groups as gate_up_q4 spends. Only for widths of whole blocks
+ * (ngroups % 8 == 0: rows_pass checks; other widths take field_dot_q). */
 static inline __attribute__((always_inline)) void gate_up_q4_tokens(const bundle_layout *L, const uint8_t *row,
                                                                    const acts *A, int64_t t0, int tb, float *a,
                                                                    float *b) {
@@ -341,11 +343,10 @@ static inline __attribute__((always_inline)) void gate_up_q4_tokens(const bundle
     const uint8_t *fg = row + L->code_off[IN1], *fu = row + L->code_off[IN2];
     const uint8_t *sg = row + L->scale_off + 2 * L->group_base[IN1], *su = row + L->scale_off + 2 * L->group_base[IN2];
     const uint8_t *mg = row + L->min_off + 2 * L->group_base[IN1], *mu = row + L->min_off + 2 * L->group_base[IN2];
-    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(15);
     const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  /* the groups as two hadds leave them */
     __m256 accg[TB], accu[TB], ming[TB], minu[TB];
     for (int t = 0; t < tb; t++) accg[t] = accu[t] = ming[t] = minu[t] = _mm256_setzero_ps();
-#define HALF8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
     for (int64_t k = 0; k < ngroups; k += 8) {
         __m256i G[8], U[8];  /* low and high nibbles of 4 chunks of 64 codes */
         for (int c = 0; c < 4; c++) {
@@ -354,19 +355,17 @@ static inline __attribute__((always_inline)) void gate_up_q4_tokens(const bundle
             G[2 * c] = _mm256_and_si256(vg, low4), G[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(vg, 4), low4);
             U[2 * c] = _mm256_and_si256(vu, low4), U[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(vu, 4), low4);
         }
-        const __m256 wg = _mm256_permutevar8x32_ps(HALF8(sg + 2 * k), order);
-        const __m256 wu = _mm256_permutevar8x32_ps(HALF8(su + 2 * k), order);
-        const __m256 mg8 = HALF8(mg + 2 * k), mu8 = HALF8(mu + 2 * k);
+        const __m256 wg = _mm256_permutevar8x32_ps(half8(sg + 2 * k), order);
+        const __m256 wu = _mm256_permutevar8x32_ps(half8(su + 2 * k), order);
+        const __m256 mg8 = half8(mg + 2 * k), mu8 = half8(mu + 2 * k);
         for (int t = 0; t < tb; t++) {
             const int8_t *xq = A->q + (t0 + t) * d + k * 32;
             __m256i pg[4], pu[4];
             for (int c = 0; c < 4; c++) {
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
-                pg[c] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(G[2 * c], x0),
-                                                           _mm256_maddubs_epi16(G[2 * c + 1], x1)), ones);
-                pu[c] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(U[2 * c], x0),
-                                                           _mm256_maddubs_epi16(U[2 * c + 1], x1)), ones);
+                pg[c] = q4_dot64_split(G[2 * c], G[2 * c + 1], x0, x1);
+                pu[c] = q4_dot64_split(U[2 * c], U[2 * c + 1], x0, x1);
             }
             /* lanes 0-3 of pg[c] are group 2c's partial sums, 4-7 group 2c + 1's: two hadds sum each group's 4,
                leaving groups in the order 0, 2, 4, 6 | 1, 3, 5, 7 */
@@ -380,7 +379,6 @@ static inline __attribute__((always_inline)) void gate_up_q4_tokens(const bundle
             minu[t] = _mm256_fmadd_ps(mu8, xs8, minu[t]);
         }
     }
-#undef HALF8
     for (int t = 0; t < tb; t++) {
         a[t] = hsum(_mm256_add_ps(accg[t], ming[t]));
         b[t] = hsum(_mm256_add_ps(accu[t], minu[t]));
@@ -433,7 +431,7 @@ static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layo
         /* the bundles the gate/up pass takes next, a share per group: a block's down projection takes ~3 us of
            the core, long enough for the memory to go idle and the next bundles to arrive late */
         for (int64_t i = nnext * lines * k / ngroups; i < nnext * lines * (k + 1) / ngroups; i++)
-            _mm_prefetch((const char *)next[i / lines] + 64 * (i % lines), PF_HINT);
+            _mm_prefetch((const char *)next[i / lines] + 64 * (i % lines), _MM_HINT_T0);
         /* acc[i]: int32 sums for 4 outputs in each lane (lane 0 from rows 0-1 of each 4, lane 1 from rows 2-3) */
         __m256i acc[8];
         for (int i = 0; i < 8; i++) acc[i] = zero;
@@ -497,16 +495,11 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
             (const char *)base + (offsets ? offsets[r + PREFETCH] : (r + PREFETCH) * L->row_bytes) : NULL;
         const int64_t third = (L->row_bytes / 3 + 63) & ~(int64_t)63;
 #define AHEAD(part) do { if (ahead) for (int64_t o = (part) * third; o < ((part) + 1) * third && o < L->row_bytes; o += 64) \
-                             _mm_prefetch(ahead + o, PF_HINT); } while (0)
-        if (qdown && L->gated) {
+                             _mm_prefetch(ahead + o, _MM_HINT_T0); } while (0)
+        if ((qdown && L->gated) || q4tokens) {  /* int4 gate and up in one pass */
             AHEAD(0);
             AHEAD(1);
-            gate_up_q4(L, row, A, t0, a, b);
-            AHEAD(2);
-        } else if (q4tokens) {
-            AHEAD(0);
-            AHEAD(1);
-            gate_up_q4_tokens(L, row, A, t0, tb, a, b);
+            if (tb == 1) gate_up_q4(L, row, A, t0, a, b); else gate_up_q4_tokens(L, row, A, t0, tb, a, b);
             AHEAD(2);
         } else {
             AHEAD(0);
