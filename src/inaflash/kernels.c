@@ -730,6 +730,56 @@ int inaflash_int8_matvec(const int8_t *codes, const uint16_t *scales, int64_t ro
     return 0;
 }
 
+/* out [T, rows] = x [T, cols] . W^T for a resident int4 matrix stored as rows of one int4 field each (quant.py's
+ * FFN int4 layout with a single field: cols / 2 code bytes, then a float16 scale per 32, then a float16 minimum per
+ * 32): the head and attention of `--resident-format int4`. x quantized to int8 per 32 in int4's nibble order, 64
+ * codes per q4_dot64, the group scales and minimums taken 8 groups at a time. Rows split between threads; all tokens
+ * of a row while its codes are in L1. cols % 64 == 0. */
+int inaflash_int4_matvec(const uint8_t *w, int64_t rows, int64_t cols, int64_t row_bytes, const float *x, int64_t T,
+                         float *out, int nthreads) {
+    if (cols % 64 || T <= 0 || rows <= 0) return cols % 64 ? -1 : 0;
+    const int64_t ng = cols / 32, scale_off = cols / 2, min_off = cols / 2 + 2 * ng;
+    if (row_bytes < min_off + 2 * ng) return -1;
+    int8_t *xq = malloc((size_t)(T * cols));
+    float *qs = malloc((size_t)(2 * T * ng) * sizeof(float));
+    if (!xq || !qs) { free(xq); free(qs); return -2; }
+    quantize_acts(x, T, cols, 32, 1, xq, qs, qs + T * ng);
+    const float *xsum = qs + T * ng;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (rows * T < 64 * nt) nt = 1;  /* a few rows: the hand-off costs more than it saves */
+    const __m256i lanes[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                              _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *codes = w + r * row_bytes, *sc = codes + scale_off, *mn = codes + min_off;
+        for (int64_t t = 0; t < T; t++) {
+            const int8_t *q = xq + t * cols;
+            const float *qst = qs + t * ng, *xs = xsum + t * ng;
+            __m256 c0 = _mm256_setzero_ps(), c1 = c0, mins = c0;
+            int64_t k = 0;
+            for (; k + 8 <= ng; k += 8) {
+                const __m256 d8 = _mm256_mul_ps(half8(sc + 2 * k), _mm256_loadu_ps(qst + k));
+                mins = _mm256_fmadd_ps(half8(mn + 2 * k), _mm256_loadu_ps(xs + k), mins);
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(codes, k * 32, q)), _mm256_permutevar8x32_ps(d8, lanes[0]), c0);
+                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(codes, k * 32 + 64, q)), _mm256_permutevar8x32_ps(d8, lanes[1]), c1);
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(codes, k * 32 + 128, q)), _mm256_permutevar8x32_ps(d8, lanes[2]), c0);
+                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(codes, k * 32 + 192, q)), _mm256_permutevar8x32_ps(d8, lanes[3]), c1);
+            }
+            float rest = hsum(mins);
+            for (; k < ng; k += 2) {  /* the last groups, two at a time (ng is even) */
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(codes, k * 32, q)),
+                                     _mm256_set_m128(_mm_set1_ps(half_at(sc + 2 * k + 2) * qst[k + 1]),
+                                                     _mm_set1_ps(half_at(sc + 2 * k) * qst[k])), c0);
+                rest += half_at(mn + 2 * k) * xs[k] + half_at(mn + 2 * k + 2) * xs[k + 1];
+            }
+            out[t * rows + r] = hsum(_mm256_add_ps(c0, c1)) + rest;
+        }
+    }
+    free(xq);
+    free(qs);
+    return 0;
+}
+
 #else  /* no AVX2/FMA/F16C here: Python uses the torch path */
 int inaflash_kernel_version(void) { return 0; }
 int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64_t *offsets, int64_t m,
@@ -746,6 +796,11 @@ int inaflash_decode_rows(const bundle_layout *L, const uint8_t *base, const int6
 int inaflash_int8_matvec(const int8_t *codes, const uint16_t *scales, int64_t rows, int64_t cols, const float *x,
                          int64_t T, float *out, int nthreads) {
     (void)codes; (void)scales; (void)rows; (void)cols; (void)x; (void)T; (void)out; (void)nthreads;
+    return -1;
+}
+int inaflash_int4_matvec(const uint8_t *w, int64_t rows, int64_t cols, int64_t row_bytes, const float *x, int64_t T,
+                         float *out, int nthreads) {
+    (void)w; (void)rows; (void)cols; (void)row_bytes; (void)x; (void)T; (void)out; (void)nthreads;
     return -1;
 }
 #endif

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from . import quant
 from ..config import ModelConfig
 from ..errors import InaflashError, UnsupportedModelError
-from .quant import FFN_FORMATS, PALETTE_FILE, Int8Matrix
+from .quant import FFN_FORMATS, PALETTE_FILE, Int4Matrix, Int8Matrix
 from .format import (ALIGN, DTYPES, EMBED_FILE, LAYOUTS, RESIDENT_FORMATS, bundle_fields, build_bundles,
                      field_blocks, ffn_tensor_names, is_resident_matrix, round_up)
 from .manifest import new_manifest, peek_manifest, seal
@@ -171,7 +171,9 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
                 embed = {"name": n, "file": EMBED_FILE, "rows": t.shape[0], "row_bytes": t.shape[1] * tdtype.itemsize}
             elif t.dim() == 1:  # norms, biases: tiny and precision-sensitive, kept float32
                 resident[n] = t.contiguous()
-            elif resident_format == "int8" and is_resident_matrix(n):
+            elif resident_format == "int4" and is_resident_matrix(n) and t.shape[1] % 64 == 0:
+                resident[n] = Int4Matrix.quantize(t)
+            elif resident_format in ("int8", "int4") and is_resident_matrix(n):
                 resident[n], resident[n + ".scale"] = Int8Matrix.quantize(t)
             else:
                 resident[n] = t.to(tdtype).contiguous()

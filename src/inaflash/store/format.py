@@ -37,7 +37,7 @@ from . import checksum, quant
 from ..config import ModelConfig
 from ..errors import StoreError
 from .manifest import CHECKSUM_FILE, _count, _inside, read_manifest
-from .quant import PALETTE_FILE, Int8Matrix
+from .quant import PALETTE_FILE, Int4Matrix, Int8Matrix
 
 ALIGN = 4096
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -86,13 +86,15 @@ LAYOUTS = ("bundled", "unbundled")
 RESIDENT_FORMATS = {
     "float": "attention, embeddings and head in --dtype",
     "int8": "attention, embeddings and head as int8 with a per-row scale (norms and biases stay float32)",
+    "int4": "attention, embeddings and head as int4 with a float16 scale and minimum per 32 (~5 bits; int8 where a "
+            "width is not a multiple of 64)",
 }
 EMBED_FILE = "embed.bin"
 EMBED_BATCH = 64  # embedding rows looked up per read batch (embedding.py), so its buffer stays small
 
 
 def is_resident_matrix(name: str) -> bool:
-    """The resident tensors --resident-format int8 quantizes: the attention projections, embeddings and head."""
+    """The resident tensors --resident-format int8/int4 quantizes: the attention projections, embeddings and head."""
     return name.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight"))
 
 
@@ -270,7 +272,8 @@ class FlashStore:
             + files[CHECKSUM_FILE]["bytes"]  # the page checksums stay in DRAM
 
     def resident_weights(self, check: bool = True) -> dict[str, torch.Tensor]:
-        """Name -> tensor, or quant.Int8Matrix for int8 matrices (stored as `name` codes + `name.scale`). `check`:
+        """Name -> tensor, or quant.Int8Matrix for int8 matrices (stored as `name` codes + `name.scale`), or
+        quant.Int4Matrix for int4 ones (a uint8 tensor: the format's rows as stored). `check`:
         each tensor's CRC-32C against the manifest's (~50 ms for Qwen2.5-1.5B's 390 MB)."""
         from safetensors.torch import load_file
 
@@ -291,6 +294,12 @@ class FlashStore:
         for n in [n for n in w if n.endswith(".scale")]:
             base = n[: -len(".scale")]
             w[base] = Int8Matrix(w[base], w.pop(n))
+        for n in [n for n, t in w.items() if isinstance(t, torch.Tensor) and t.dtype == torch.uint8]:
+            try:
+                w[n] = Int4Matrix(w[n])
+            except ValueError as e:
+                raise StoreError(f"store {self.path}: tensor {n} of {name}: {e} (damaged; re-convert the store)") \
+                    from None
         return w
 
     def tokenizer(self):
