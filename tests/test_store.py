@@ -113,3 +113,42 @@ def test_reader_splits_large_reads_and_counts_them(tmp_path):
         assert r.stats.requests == 3  # 6 pages in chunks of 3, then 2 pages
         assert r.stats.bytes == 8 * 4096
     assert bytes(buf.numpy()) == data[4096:7 * 4096] + data[8 * 4096:10 * 4096]
+
+
+def test_reader_reads_registered_buffers_through_io_uring(tmp_path, monkeypatch, caplog):
+    """Registered buffers are read through io_uring with fixed buffers (where the kernel allows: then the stats
+    count them), others through preadv, every byte the file's; a registration the kernel refuses (a locked-memory
+    limit: ENOMEM) and a registered buffer that has gone both leave the reads on preadv, still correct."""
+    import gc
+    import logging
+    import os
+
+    from inaflash import reader as reader_module
+
+    data = os.urandom(40 * 4096)
+    (tmp_path / "f").write_bytes(data)
+    probe = reader_module._Ring()
+    usable = reader_module._URING_OPEN is not None and probe.holds([aligned_buffer(4096)], 1)
+    probe.close()
+    a, b = aligned_buffer(16 * 4096), aligned_buffer(8 * 4096)
+    with FlashReader(tmp_path / "f", threads=2, chunk_bytes=4 * 4096) as r:
+        r.register(a)
+        r.read([(0, a[:8 * 4096]), (20 * 4096, a[8 * 4096:]), (32 * 4096, b)])
+        assert bytes(a.numpy()) == data[:8 * 4096] + data[20 * 4096:28 * 4096]
+        assert bytes(b.numpy()) == data[32 * 4096:]
+        assert r.stats.requests == 6 and r.stats.fixed == (4 if usable else 0)  # a's 4 pieces; b is not registered
+        c = aligned_buffer(4096)
+        r.register(c)
+        del c
+        gc.collect()
+        a.zero_()
+        r.read([(4096, a)])  # a registered buffer has gone: preadv until the next register()
+        assert bytes(a.numpy()) == data[4096:17 * 4096] and r.stats.fixed == (4 if usable else 0)
+    monkeypatch.setattr(reader_module, "_URING_REGISTER", lambda *args: -12)
+    a.zero_()
+    with caplog.at_level(logging.INFO, logger="inaflash"), FlashReader(tmp_path / "f", threads=1) as r:
+        r.register(a)
+        r.read([(8192, a)])
+        assert bytes(a.numpy()) == data[8192:8192 + 16 * 4096] and r.stats.fixed == 0
+    if reader_module._URING_OPEN is not None:
+        assert "refused the buffers (Cannot allocate memory)" in caplog.text

@@ -57,7 +57,8 @@ class Engine:
         if not o.checksums:
             warnings.warn("checksums off: data read from the store is not verified", RuntimeWarning, stacklevel=2)
         self.embedding = None
-        self.reader = FlashReader(store.ffn_path, threads=o.io_threads, pages=store.pages(store.ffn_path, o.checksums))
+        self.reader = FlashReader(store.ffn_path, threads=o.io_threads, pages=store.pages(store.ffn_path, o.checksums),
+                                  fixed_buffers=o.fixed_buffers)
         try:  # a failure from here on (a budget too small, no calibration) must not leave the reader's threads
             self.plan = None
             if mode == "sparse":

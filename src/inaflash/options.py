@@ -34,6 +34,7 @@ class Options:
     cache_format: str = "store"
     max_gap: int | None = None  # read coalescing gap in bytes (None: the probed one; -1: no coalescing)
     io_threads: int = 8
+    fixed_buffers: bool = True  # read into io_uring-registered buffers where the kernel allows (reader.py)
     # a source that is not a store (GGUF, HF folder) is converted once with these
     dtype: str = "float16"
     bundling: bool | None = None  # False: the unbundled layout (the bundling ablation); None: the store's own

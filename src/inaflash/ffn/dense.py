@@ -175,6 +175,7 @@ class NaiveFlashFFN:
         self.order = {layer: k for k, layer in enumerate(self.streamed)}
         span = max(e.span for e in store.layers)
         self.buffers = [aligned_buffer(span), aligned_buffer(span)]
+        reader.register(*self.buffers)
         self.pending: dict[int, object] = {}
 
     @staticmethod

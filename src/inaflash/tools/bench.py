@@ -56,6 +56,8 @@ CONFIGS = [
     Config("full", "sparse mode with every technique, within --memory", SPARSE_ROW, budget=True),
     Config("auto", "the default (--mode auto): the fastest mode that fits --memory", Options(mode="auto"),
            budget=True),
+    Config("naive-preadv", "naive reading with preadv, not into io_uring-registered buffers (their gain)",
+           Options(mode="naive", fixed_buffers=False)),
     Config("naive-unchecked", "naive without checking reads against their checksums (the check's cost)",
            Options(mode="naive", checksums=False)),
     Config("auto-unchecked", "auto without checking reads against their checksums", Options(mode="auto",
