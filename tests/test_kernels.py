@@ -270,7 +270,7 @@ def test_resident_int4_matrix_against_its_decoded_weights(rows, blocks, tokens, 
                                                                                                    generator=g)
     m = quant.Int4Matrix(quant.Int4Matrix.quantize(w))
     dense = m.decode(m.raw)
-    assert m.shape == (rows, cols) and (dense - w).abs().max() <= (w.max() - w.min()) / 15  # half a step and more
+    assert (m.raw.shape[0], m.cols) == (rows, cols) and (dense - w).abs().max() <= (w.max() - w.min()) / 15  # half a step and more
     x = torch.randn(tokens, cols, generator=g)
     ref = x @ dense.T
     got = m.linear(x)

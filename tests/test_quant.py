@@ -308,8 +308,8 @@ def test_int4_resident_store(tmp_path):
     shutil.copytree(tmp_path / "hf", tmp_path / "hf4")
     w = load_file(str(tmp_path / "hf" / "model.safetensors"))
     resident = [n for n in w if is_resident_matrix(n) and ".mlp." not in n]
-    decoded = {**w, **{n: quant.Int4Matrix(quant.Int4Matrix.quantize(w[n])).decode(quant.Int4Matrix.quantize(w[n]))
-                       for n in resident}}
+    int4 = {n: quant.Int4Matrix(quant.Int4Matrix.quantize(w[n])) for n in resident}
+    decoded = {**w, **{n: m.decode(m.raw) for n, m in int4.items()}}
     assert any(not torch.equal(decoded[n], w[n]) for n in w)
     save_file(decoded, str(tmp_path / "hf4" / "model.safetensors"), metadata={"format": "pt"})
     ref_store = FlashStore(write_store(open_source(tmp_path / "hf4"), tmp_path / "f", dtype="float32",

@@ -152,3 +152,13 @@ def test_reader_reads_registered_buffers_through_io_uring(tmp_path, monkeypatch,
         assert bytes(a.numpy()) == data[8192:8192 + 16 * 4096] and r.stats.fixed == 0
     if reader_module._URING_OPEN is not None:
         assert "refused the buffers (Cannot allocate memory)" in caplog.text
+    if usable:  # a read io_uring fails (EIO from the ring): this thread's reads go through preadv, bytes still right
+        monkeypatch.undo()
+        monkeypatch.setattr(reader_module, "_URING_READ", lambda *args: -5)
+        a.zero_()
+        with caplog.at_level(logging.INFO, logger="inaflash"), FlashReader(tmp_path / "f", threads=1) as r:
+            r.register(a)
+            r.read([(4096, a), (0, b)])
+            r.read([(4096 * 3, a)])
+            assert bytes(a.numpy()) == data[3 * 4096:19 * 4096] and r.stats.fixed == 0 and r.stats.requests == 3
+        assert "failed a read (Input/output error)" in caplog.text

@@ -137,7 +137,8 @@ def fit_int4(xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         scale = _scales(x - m.float()[..., None], 15)
         q = ((x - m.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
         err = ((q * scale.float()[..., None] + m.float()[..., None] - x) ** 2).sum(-1)
-        lo, span = x.amin(-1, keepdim=True), (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)).clamp(min=1e-30)
+        lo = x.amin(-1, keepdim=True)
+        span = (x.amax(-1, keepdim=True) - lo).clamp(min=1e-30)
         g = x.shape[-1]
         sx = x.sum(-1)
         for s in INT4_STRETCH.tolist():
@@ -384,14 +385,6 @@ class Int4Matrix:
         """float w [rows, cols] (cols % 64 == 0) -> the stored uint8 [rows, row_bytes], in blocks of rows."""
         fields = {"w": (0, w.shape[1])}
         return torch.cat([encode("int4", b, fields)[0] for b in w.split(cls.BLOCK)])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.raw.shape[0], self.cols
-
-    @property
-    def nbytes(self) -> int:
-        return self.raw.numel()
 
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
         return decode("int4", rows, self.fields, self.cols, torch.float32)
