@@ -6,7 +6,7 @@ The disk's speed drifts by 20-50% between runs of a minute here (bench/results: 
 more than the check costs, so comparing a checked run with an unchecked one measures the drift. Instead one engine
 alternates: even tokens with the check, odd tokens without (the readers' page tables swapped in and out between
 tokens), so both halves see the same disk. Reports the median and mean ms/token of each half and their ratio, and
-the hashing rate of this machine. Writes bench/results/DATE-checksum-cost-MODEL.{json,md}.
+the hashing rate of this machine. Writes bench/results/DATE-checksum-cost-MODEL.{json,md} (-run2, ... for later runs that day).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from inaflash.store import checksum
 from inaflash.engine import Engine
 from inaflash.generate import encode_prompt
 from inaflash.store.format import FlashStore
+from inaflash.tools.report import free_stem
 
 
 def hash_rate() -> float:
@@ -79,7 +80,7 @@ def main() -> None:
                          f"--tokens {args.tokens}"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{time.strftime('%Y-%m-%d')}-checksum-cost-{name}"
+    stem = out / free_stem(out, f"{time.strftime('%Y-%m-%d')}-checksum-cost-{name}")
     Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# The cost of checking every read: {name}", "", f"`{result['command']}`; CRC-32C "
              f"{'native' if result['native'] else 'google-crc32c'} {rate / 1e9:.1f} GB/s per thread; tokens "

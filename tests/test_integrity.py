@@ -154,6 +154,23 @@ def test_recoverable_faults_give_the_clean_tokens(qwen_store, clean, monkeypatch
     assert faults.fired > 0
 
 
+def test_a_layer_damaged_once_is_caught_by_the_kernels_hashes_read_again_and_recomputed(qwen_store, clean,
+                                                                                        monkeypatch):
+    """naive mode reads layers unchecked and the FFN kernel hashes the pages it computes on: a layer damaged on its
+    first read is found by those hashes (verify), read again and computed again, and the tokens are the clean ones."""
+    store = FlashStore(qwen_store)
+    bad = store.layers[1].offset + PAGE + 9
+    seen = []
+    faults = Faults("flip", lambda call, offset: offset <= bad < offset + 4 * PAGE and not seen and not seen.append(1),
+                    byte=bad)
+    monkeypatch.setattr(FlashReader, "pread", staticmethod(faults))
+    verdicts = []
+    verify = FlashReader.verify
+    monkeypatch.setattr(FlashReader, "verify", lambda self, *a: verdicts.append(verify(self, *a)) or verdicts[-1])
+    assert greedy(qwen_store) == clean
+    assert faults.fired == 1 and verdicts.count(True) == 1 and len(verdicts) > 1
+
+
 def test_persistent_faults_are_named_errors(qwen_store, monkeypatch):
     store = FlashStore(qwen_store)
     bad = store.layers[1].offset + PAGE  # a page of layer 1, damaged on every read

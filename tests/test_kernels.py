@@ -71,6 +71,34 @@ def test_kernel_matches_the_float_reference(fmt, dtype, family, d, n, quantized)
         assert rel(got, expected) < bound and rel(hidden, h) < bound
 
 
+@pytest.mark.parametrize("fmt,dtype", [("int4", torch.float16), ("float", torch.float16), ("int8", torch.float16)])
+@pytest.mark.parametrize("family", ["swiglu", "relu"])
+@pytest.mark.parametrize("n,threads", [(7, 1), (300, 2), (1100, 2), (1100, 1)])
+def test_kernel_hashes_the_pages_under_its_rows(fmt, dtype, family, n, threads, monkeypatch):
+    """With `crcs`, the kernel returns every page's CRC-32C of the whole buffer (the pages past the last row too),
+    exactly checksum.page_crcs', and the same output as without: 1, 2 and 8 parts (1100 rows on 2 threads), pages
+    straddling the parts' rows, 1/3/9 tokens (the pages hashed in the first pass over the rows only)."""
+    from inaflash.store import checksum
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    d = 64
+    fields = fields_of(family, d)
+    width = max(b for _, b in fields.values())
+    raw, _ = encoded(fmt, dtype, torch.randn(n, width, generator=torch.Generator().manual_seed(n)) * 0.05, fields)
+    pages = -(-raw.numel() // checksum.PAGE) + 2  # two pages of other bytes after the rows, as a layer's span may
+    buf = torch.randint(0, 256, (pages * checksum.PAGE,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    buf[: raw.numel()] = raw.view(-1)
+    kernel = BundleFFN(fmt, fields, dtype, raw.shape[1], d, "silu" if family == "swiglu" else "relu")
+    for T in (1, 3, 9):
+        x = torch.randn(T, d, generator=torch.Generator().manual_seed(T))
+        crcs = np.zeros(pages, dtype=np.uint32)
+        got = kernel(x, buf, n, crcs=crcs)
+        np.testing.assert_array_equal(crcs, checksum.page_crcs(buf))
+        assert torch.equal(got, kernel(x, buf, n))
+    with pytest.raises(RuntimeError, match="native FFN kernel failed"):  # rows at offsets: no pages to hash
+        kernel(x, buf, 2, offsets=torch.tensor([0, raw.shape[1]]), crcs=np.zeros(1, dtype=np.uint32))
+
+
 @pytest.mark.parametrize("fmt,dtype", FORMATS)
 @pytest.mark.parametrize("family", ["swiglu", "relu"])
 def test_native_decode_is_the_documented_layout(fmt, dtype, family):

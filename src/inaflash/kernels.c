@@ -12,7 +12,8 @@
  * multiply the group's partial sums, an int4 minimum contributes min * sum(x over the group). So a neuron costs the
  * bytes it has on flash, in DRAM and in the multiply alike: the cache holds bundles as read, no transcoding.
  * Rows are split between threads (OpenMP: torch's own runtime, the same libgomp), each with its own output rows,
- * summed at the end.
+ * summed at the end. Given `crcs`, each thread also hashes the store pages under the rows it just computed (a layer
+ * read whole from flash is checked where its bytes are still in cache, not in a pass of its own over DRAM).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -39,13 +40,31 @@ typedef struct {
    nibble order) with a scale per weight group, and the sums of x over each group (int4's minimums multiply those) */
 typedef struct { const float *x; const int8_t *q; const float *qs; const float *xsum; int64_t ngroups; } acts;
 
+int inaflash_crc32c_pages(const uint8_t *p, int64_t npages, int64_t page, uint32_t *out);  /* crc32c.c */
+#define CRC_PAGE 4096  /* store/checksum.py's PAGE */
+
+/* A part's pages still to hash: [next, stop) of base, into out. rows_pass hashes those that lie wholly under the
+   rows it has passed, three at a time (crc32c.c keeps three chains going), while their bytes are still in L1/L2:
+   hashed after the whole part (3.2 MB on Qwen2.5) they came back from L3/DRAM and cost the kernel ~40 ms a token. */
+typedef struct { const uint8_t *base; uint32_t *out; int64_t next, stop; int failed; } crc_job;
+
+static inline void crc_upto(crc_job *c, int64_t end_byte, int all) {
+    int64_t upto = all ? c->stop : end_byte / CRC_PAGE;
+    if (upto > c->stop) upto = c->stop;
+    int64_t n = upto - c->next;
+    if (!all) n -= n % 3;
+    if (n <= 0) return;
+    if (inaflash_crc32c_pages(c->base + c->next * CRC_PAGE, n, CRC_PAGE, c->out + c->next)) c->failed = 1;
+    c->next += n;
+}
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-int inaflash_kernel_version(void) { return 1; }
+int inaflash_kernel_version(void) { return 2; }  /* 2: bundle_ffn hashes pages (crcs) */
 
 static inline float half_at(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return _cvtsh_ss(h); }
 
@@ -478,7 +497,8 @@ static inline float activate(int act, float v) { return act == SILU ? v / (1.f +
 static inline __attribute__((always_inline)) void rows_pass(const bundle_layout *L, int fmt, int q, const uint8_t *base,
                                                             const int64_t *offsets, int64_t lo, int64_t hi,
                                                             const acts *A, int64_t t0, int tb, const float *mask,
-                                                            int64_t m, float *out, float *gm, float *hidden) {
+                                                            int64_t m, float *out, float *gm, float *hidden,
+                                                            crc_job *crc) {
     const int64_t d = L->d;
     float a[TB], b[TB] = {0}, h[RA][TB], hq[DB];
     const uint8_t *rows[DB];
@@ -488,6 +508,7 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
     /* several tokens of int4 with quantized activations, whole blocks of 8 groups: gate/up unpacked once per block */
     const int q4tokens = fmt == INT4 && q && tb > 1 && L->gated && (L->d / 32) % 8 == 0;
     for (int64_t r = lo; r < hi; r++) {
+        if (crc) crc_upto(crc, r * L->row_bytes, 0);  /* the pages under rows lo..r-1 */
         const uint8_t *row = base + (offsets ? offsets[r] : r * L->row_bytes);
         /* a bundle a few ahead, every cache line (its fields are read out of order), a third before each field's
            work: a whole bundle's lines at once fill the core's miss buffers and stall it */
@@ -543,14 +564,15 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
 
 static void rows_all_tokens(const bundle_layout *L, int q, const uint8_t *base, const int64_t *offsets, int64_t lo,
                             int64_t hi, const acts *A, int64_t T, const float *mask, int64_t m, float *out, float *gm,
-                            float *hidden) {
+                            float *hidden, crc_job *crc) {
     for (int64_t t0 = 0; t0 < T; t0 += TB) {
         int tb = T - t0 < TB ? (int)(T - t0) : TB;
         float *g = gm + t0 * (L->d / L->group[OUT]);
+        crc_job *c = t0 == 0 ? crc : NULL;  /* pages hashed in the first pass over the rows */
         /* one instance per format, with and without quantized activations, and the 1-token case, so the compiler
            specializes each inner loop */
-#define PASS(FMT, Q) do { if (tb == 1) rows_pass(L, FMT, Q, base, offsets, lo, hi, A, t0, 1, mask, m, out, g, hidden); \
-                          else rows_pass(L, FMT, Q, base, offsets, lo, hi, A, t0, tb, mask, m, out, g, hidden); } while (0)
+#define PASS(FMT, Q) do { if (tb == 1) rows_pass(L, FMT, Q, base, offsets, lo, hi, A, t0, 1, mask, m, out, g, hidden, c); \
+                          else rows_pass(L, FMT, Q, base, offsets, lo, hi, A, t0, tb, mask, m, out, g, hidden, c); } while (0)
         switch (L->fmt) {
         case F32: PASS(F32, 0); break;
         case F16: PASS(F16, 0); break;
@@ -603,14 +625,18 @@ static void quantize_acts(const float *x, int64_t T, int64_t d, int64_t gq, int 
 }
 
 /* out [T, d] += the FFN over the m bundles (see the top of this file). x [T, d] float32; mask [T, m] or NULL;
- * hidden [T, m] (the activations h, for checks) or NULL. Returns 0, or -1 if the layout is not one it computes. */
+ * hidden [T, m] (the activations h, for checks) or NULL. crcs [npages] or NULL: CRC-32C of each 4096-byte page of
+ * base[0, npages * 4096) (rows evenly spaced from base only; the pages past the last row's go to the last part).
+ * Returns 0, -1 if the layout is not one it computes, -2 out of memory, -3 no CRC instruction here. */
 int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64_t *offsets, int64_t m,
-                        const float *x, int64_t T, const float *mask, float *out, float *hidden, int nthreads) {
+                        const float *x, int64_t T, const float *mask, float *out, float *hidden, int nthreads,
+                        uint32_t *crcs, int64_t npages) {
     const int64_t d = L->d;
     for (int f = 0; f < 3; f++)
         if ((f == IN2 && !L->gated) ? 0 : (L->group[f] % 8 || d % L->group[f])) return -1;
     if (d / 32 > MAXG || d / L->group[OUT] > MAXG) return -1;
-    if (m <= 0 || T <= 0) return 0;
+    if (crcs && offsets) return -1;
+    if (m <= 0 || T <= 0) return crcs && npages > 0 && inaflash_crc32c_pages(base, npages, CRC_PAGE, crcs) ? -3 : 0;
     /* activations quantized per weight group: gate and up must share the grouping, of whole 32s, at most 256 */
     const int64_t gq = L->group[IN1];
     const int q = L->qx && L->fmt >= INT8 && gq % 32 == 0 && gq <= 256 && (!L->gated || L->group[IN2] == gq) &&
@@ -637,7 +663,7 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
     const int64_t part_size = T * d + T * gout;
     float *local = calloc((size_t)(np * part_size), sizeof(float));
     if (!local) { free(xsum); free(xq); return -2; }
-    int next_part = 0;
+    int next_part = 0, no_crc = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     for (;;) {
         int part;
@@ -646,7 +672,16 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
         if (part >= np) break;
         int64_t lo = m * part / np, hi = m * (part + 1) / np;
         float *mine = local + part * part_size;
-        rows_all_tokens(L, q, base, offsets, lo, hi, &A, T, mask, m, mine, mine + T * d, hidden);
+        /* the pages that start under this part's rows (whole pages: the last may reach into the next part's) */
+        crc_job job = {base, crcs, (lo * L->row_bytes + CRC_PAGE - 1) / CRC_PAGE,
+                       part == np - 1 ? npages : (hi * L->row_bytes + CRC_PAGE - 1) / CRC_PAGE, 0};
+        if (job.stop > npages) job.stop = npages;
+        rows_all_tokens(L, q, base, offsets, lo, hi, &A, T, mask, m, mine, mine + T * d, hidden, crcs ? &job : NULL);
+        if (crcs) crc_upto(&job, 0, 1);
+        if (job.failed) {
+#pragma omp atomic write
+            no_crc = 1;
+        }
     }
     const int64_t go = L->group[OUT];
     for (int p = 0; p < np; p++) {
@@ -662,7 +697,7 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
     free(local);
     free(xsum);
     free(xq);
-    return 0;
+    return no_crc ? -3 : 0;
 }
 
 /* out [m, width] float32 = the bundles decoded (for many tokens: one decode, then a GEMM). Fields in bundle
@@ -783,9 +818,10 @@ int inaflash_int4_matvec(const uint8_t *w, int64_t rows, int64_t cols, int64_t r
 #else  /* no AVX2/FMA/F16C here: Python uses the torch path */
 int inaflash_kernel_version(void) { return 0; }
 int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64_t *offsets, int64_t m,
-                        const float *x, int64_t T, const float *mask, float *out, float *hidden, int nthreads) {
+                        const float *x, int64_t T, const float *mask, float *out, float *hidden, int nthreads,
+                        uint32_t *crcs, int64_t npages) {
     (void)L; (void)base; (void)offsets; (void)m; (void)x; (void)T; (void)mask; (void)out; (void)hidden;
-    (void)nthreads;
+    (void)nthreads; (void)crcs; (void)npages;
     return -1;
 }
 int inaflash_decode_rows(const bundle_layout *L, const uint8_t *base, const int64_t *offsets, int64_t m,

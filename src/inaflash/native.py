@@ -28,7 +28,8 @@ def _load():
         lib = ctypes.CDLL(copy.name)
     finally:
         os.unlink(copy.name)
-    return lib if lib.inaflash_kernel_version() >= 1 else None
+    # 0: built without AVX2/FMA/F16C; below 2: built from an older kernels.c (other signatures): not used
+    return lib if lib.inaflash_kernel_version() >= 2 else None
 
 
 LIB = _load()

@@ -12,6 +12,7 @@ import ctypes
 import os
 import warnings
 
+import numpy as np
 import torch
 
 from .. import native
@@ -40,7 +41,7 @@ def _typed(lib):
     if lib is None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.inaflash_bundle_ffn.argtypes = [ctypes.POINTER(_Layout), p, p, i64, p, i64, p, p, p, ctypes.c_int]
+    lib.inaflash_bundle_ffn.argtypes = [ctypes.POINTER(_Layout), p, p, i64, p, i64, p, p, p, ctypes.c_int, p, i64]
     lib.inaflash_bundle_ffn.restype = ctypes.c_int
     lib.inaflash_decode_rows.argtypes = [ctypes.POINTER(_Layout), p, p, i64, p, i64, ctypes.c_int]
     lib.inaflash_decode_rows.restype = ctypes.c_int
@@ -87,11 +88,14 @@ class BundleFFN:
         # the kernel refuses layouts it cannot compute (groups not whole vectors of 8, not dividing the width, too
         # many): ask it once, with no rows
         probe = torch.zeros(1, hidden_size)
-        if LIB.inaflash_bundle_ffn(self._ref, None, None, 0, _ptr(probe), 1, None, _ptr(probe), None, 1) != 0:
+        if LIB.inaflash_bundle_ffn(self._ref, None, None, 0, _ptr(probe), 1, None, _ptr(probe), None, 1, None, 0):
             self.ok = False
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, m: int, offsets: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                 crcs: np.ndarray | None = None) -> torch.Tensor:
+        """crcs (uint32, evenly spaced rows only): filled with the CRC-32C of each 4096-byte page from rows' start,
+        hashed by the threads right after computing on those bytes."""
         x = x.float().contiguous()
         T = x.shape[0]
         out = torch.zeros(T, self.hidden_size)
@@ -100,7 +104,8 @@ class BundleFFN:
         if offsets is not None:
             offsets = offsets.contiguous()
         rc = LIB.inaflash_bundle_ffn(self._ref, _ptr(rows), _ptr(offsets), m, _ptr(x), T, _ptr(mask), _ptr(out),
-                                     _ptr(hidden), torch.get_num_threads())
+                                     _ptr(hidden), torch.get_num_threads(),
+                                     None if crcs is None else crcs.ctypes.data, 0 if crcs is None else crcs.size)
         if rc != 0:
             raise RuntimeError(f"native FFN kernel failed ({rc})")
         return out

@@ -43,15 +43,19 @@ def key_ratios(result: dict) -> dict:
     return out
 
 
+def free_stem(out_dir: Path, base: str) -> str:
+    """base, or base-run2, -run3, ... where a run earlier that day has written base.json: results are never
+    overwritten."""
+    return next(s for s in (base if n == 1 else f"{base}-run{n}" for n in range(1, 1000))
+                if not (out_dir / f"{s}.json").exists())
+
+
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path, Path | None]:
     out_dir.mkdir(parents=True, exist_ok=True)
     memory = str(result["memory"]).replace("%", "pct").replace("/", "_")
     formats = "".join(f"-{key}-{result[key]}" for key in ("ffn_format", "resident_format", "cache_format")
                       if result.get(key, "float") not in ("float", "store")).replace("_format", "")
-    base = f"{time.strftime('%Y-%m-%d')}-{Path(result['model']).stem}{formats}-mem{memory}"
-    # a second run on the same day gets its own files (-run2, ...): earlier results stay as they were
-    stem = next(s for s in (base if n == 1 else f"{base}-run{n}" for n in range(1, 1000))
-                if not (out_dir / f"{s}.json").exists())
+    stem = free_stem(out_dir, f"{time.strftime('%Y-%m-%d')}-{Path(result['model']).stem}{formats}-mem{memory}")
     json_path, md_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"
     json_path.write_text(json.dumps(result, indent=1))
     md_path.write_text(markdown(result, png_path.name))
