@@ -337,10 +337,6 @@ class Int8Matrix:
         """(codes int8, scales bfloat16, the kernel's dtype) for w [rows, cols]: see quantize_rows."""
         return quantize_rows(w.float())
 
-    @property
-    def nbytes(self) -> int:
-        return self.codes.numel() + self.scales.numel() * self.scales.element_size()
-
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, cols] float -> [T, rows] float32."""
         rows, cols = self.codes.shape
