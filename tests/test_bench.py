@@ -62,6 +62,10 @@ def test_bench_on_a_tiny_model_writes_complete_json_and_markdown(tmp_path):
     for name in ("naive", "+predictor", "+windowing", "+bundling", "+coalescing"):
         assert rows[name]["bytes_read_per_token"] > 0 and rows[name]["reads_per_token"] > 0
     assert rows["dram"]["bytes_read_per_token"] == 0
+    # the row beside another reader: the child really read the FFN file meanwhile, and the engine read nothing
+    assert rows["dram-beside-reads"]["beside_read_bytes"] > 0
+    assert rows["dram-beside-reads"]["bytes_read_per_token"] == 0
+    assert saved["summary"]["naive_compute_over_dram_beside_reads"] > 0
     # the ablation steps do what they say: no reuse -> reuse; separate fields -> bundles; coalescing merges reads
     assert rows["+predictor"]["cache_hit_rate"] == 0 < rows["+windowing"]["cache_hit_rate"]
     assert rows["+bundling"]["reads_per_token"] < rows["+windowing"]["reads_per_token"]

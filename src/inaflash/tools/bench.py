@@ -8,6 +8,7 @@ cgroup-v1 memory limit with the model file evicted from the page cache first; a 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import statistics
@@ -35,6 +36,7 @@ class Config:
     bundled: bool = True
     coalesce: bool = True
     budget: bool = False  # run under --memory (else unlimited)
+    beside_reads: bool = False  # another process reads the FFN file the whole time it generates
 
     @property
     def mode(self) -> str:
@@ -62,7 +64,54 @@ CONFIGS = [
            Options(mode="naive", checksums=False)),
     Config("auto-unchecked", "auto without checking reads against their checksums", Options(mode="auto",
            checksums=False), budget=True),
+    Config("dram-beside-reads", "dram while another process reads the FFN file (O_DIRECT, 4 MiB): compute's bound "
+           "while reads land", Options(mode="dram"), beside_reads=True),
 ]
+
+# The child of a `beside_reads` row: reads the file whole in 4 MiB pieces, over and over, bypassing the page cache
+# where the file system allows; prints the bytes it has read after its first pass and on SIGTERM. (In this VM a reader of ~2.5 GB/s slows every
+# computation of the process beside it ~1.7x, dd alike: naive's compute is to be compared with this row's.)
+READ_LOOP = """
+import mmap, os, signal, sys
+piece, total = 4 << 20, 0
+try:
+    fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+except OSError:
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+def done(*_):
+    print(total, flush=True)
+    os._exit(0)
+signal.signal(signal.SIGTERM, done)
+buf, size = mmap.mmap(-1, piece), os.fstat(fd).st_size
+while True:
+    for offset in range(0, max(size - piece, 0) + 1, piece):
+        total += os.preadv(fd, [buf], offset)
+    os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+    if total <= size:
+        print(total, flush=True)
+"""
+
+
+class BesideReads:
+    """READ_LOOP in a child process for the life of the `with`; `.bytes` and `.seconds` after it."""
+
+    def __init__(self, path):
+        self.path, self.bytes, self.seconds = str(path), 0, 0.0
+
+    def __enter__(self):
+        import subprocess
+
+        self.child = subprocess.Popen([sys.executable, "-c", READ_LOOP, self.path], stdout=subprocess.PIPE, text=True)
+        first = self.child.stdout.readline().strip()  # its first pass is done: reads are landing from here on
+        self.first = int(first) if first.isdigit() else 0
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.child.terminate()
+        out = self.child.communicate(timeout=30)[0].split()
+        self.seconds = time.perf_counter() - self.t0
+        self.bytes = int(out[-1]) - self.first if out and out[-1].isdigit() else 0
 FIELDS = ["ms_per_token", "io_ms_per_token", "predictor_ms_per_token", "memory_ms_per_token", "compute_ms_per_token",
           "bytes_read_per_token", "reads_per_token", "cache_hit_rate", "prefill_ms", "peak_rss_bytes"]
 
@@ -135,15 +184,18 @@ def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tok
             engine = Engine(target, options)
         with engine:
             stats = GenerationStats()
-            tokens = stream_ids(engine, prompt, gen_tokens, temperature=0.0, stop=set(), stats=stats)
-            deadline = time.perf_counter() + max_seconds
-            try:
-                for _ in tokens:  # a very slow configuration is cut short; its row says after how many tokens
-                    if time.perf_counter() > deadline and stats.decode_steps >= 2:
-                        break
-            finally:
-                tokens.close()
+            with BesideReads(target.ffn_path) if cfg.beside_reads else contextlib.nullcontext() as beside:
+                tokens = stream_ids(engine, prompt, gen_tokens, temperature=0.0, stop=set(), stats=stats)
+                deadline = time.perf_counter() + max_seconds
+                try:
+                    for _ in tokens:  # a very slow configuration is cut short; its row says after how many tokens
+                        if time.perf_counter() > deadline and stats.decode_steps >= 2:
+                            break
+                finally:
+                    tokens.close()
             row = {k: getattr(stats, k) for k in FIELDS}
+            if beside is not None:
+                row.update(beside_read_bytes=beside.bytes, beside_read_mb_per_s=beside.bytes / beside.seconds / 1e6)
             row["generated_tokens"] = stats.generated_tokens
             if engine.plan is not None:
                 row.update(budget_bytes=engine.plan.budget_bytes, planned_bytes=engine.plan.planned_bytes,

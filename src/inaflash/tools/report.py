@@ -29,6 +29,10 @@ def key_ratios(result: dict) -> dict:
         out["dram_over_llamacpp"] = by["dram"]["ms_per_token"] / llama["ms_per_token"]
         out["dram_prefill_over_llamacpp"] = by["dram"]["prefill_ms"] / llama["prefill_ms"]
     out["full_over_dram"] = ratio("full", "dram")
+    # naive's compute against dram's, alone and while another process reads the same file (what reads landing
+    # costs every computation in this VM, whoever reads)
+    out["naive_compute_over_dram"] = ratio("naive", "dram", "compute_ms_per_token")
+    out["naive_compute_over_dram_beside_reads"] = ratio("naive", "dram-beside-reads", "compute_ms_per_token")
     out["naive_over_coalescing"] = ratio("naive", "+coalescing")
     for name in ("naive", "auto"):  # what checking every read costs: checked over unchecked ms/token, minus 1
         r = ratio(name, f"{name}-unchecked")
@@ -105,6 +109,10 @@ def markdown(result: dict, png_name: str | None = None) -> str:
             f"{r.get('bytes_per_read', 0) / 1024:.1f} | {r.get('mb_per_s_while_blocked', 0):.0f} | "
             f"{r.get('probe_mb_per_s_at_read_size', 0) or 0:.0f} | {'-' if hit is None else f'{hit:.3f}'} | "
             f"{_ms(r.get('prefill_ms'))} | {_mb(r['peak_rss_bytes'])} |")
+    for r in result["rows"]:
+        if r.get("beside_read_mb_per_s"):
+            lines += ["", f"{r['name']}: the other process read {r['beside_read_mb_per_s']:.0f} MB/s of the FFN file "
+                          "while this row generated."]
     llama = result.get("llama_cpp_unlimited")
     if llama:
         detail = (f"{_ms(llama.get('ms_per_token'))} ms/token ({llama.get('tokens_per_s', 0) or 0:.2f} tokens/s), "
