@@ -77,7 +77,10 @@ def test_auto_without_calibration_streams_and_matches_dense(llama):
 @pytest.mark.parametrize("quality,mode,says", [
     (None, "hybrid", "no quality gate"),
     ({"ok": False, "failed": "top1_agreement 0.812"}, "hybrid", "failed the quality gate (top1_agreement 0.812)"),
-    ({"ok": True, "failed": None}, "sparse", "passed the quality gate"),
+    ({"ok": True, "failed": None, "fraction_computed": 0.3}, "sparse", "passed the quality gate, computes 30%"),
+    # passed, but computing (so reading, at worst) more than hybrid streams: hybrid, exact and no slower
+    ({"ok": True, "failed": None, "fraction_computed": 0.98}, "hybrid", "computes 98% of the FFN per token"),
+    ({"ok": True, "failed": None}, "hybrid", "computes 100% of the FFN per token"),  # an older gate: assumed all
 ])
 def test_auto_runs_sparse_only_where_the_gate_passed(llama, tmp_path, quality, mode, says):
     store = calibrated(llama, tmp_path, quality)

@@ -31,7 +31,8 @@ def test_report_and_store(calibrated):
         assert layer["recall"] >= 0.9
         assert layer["predicted_fraction"] >= layer["true_fraction"] * layer["recall"]
     ppl = report["perplexity"]
-    assert ppl["dense"] < ppl["oracle"] < ppl["dense"] * 1.5
+    assert ppl["dense"] < ppl["predictor+window4"] < ppl["dense"] * 1.5
+    assert set(report["seconds"]) == {"load", "record", "dense", "train", "evaluate", "gate"}
     assert not list(path.glob(".*tmp"))  # no temp files left
     # the quality gate: sparse as deployed against dense on the validation slice, its verdict following its numbers
     gate = entry["quality"]
@@ -40,6 +41,30 @@ def test_report_and_store(calibrated):
     holds = (gate["ppl_increase"] <= 0.03 and gate["top1_agreement"] >= 0.93 and gate["greedy_prefix"] >= 16)
     assert gate["ok"] == holds and (gate["failed"] is None) == holds
     print("\n" + json.dumps({k: v for k, v in report.items() if k != "layers"}))
+
+
+def test_evaluate_compares_each_selection_with_dense(calibrated, tmp_path):
+    """`inaflash eval`: dense, the oracle (true active sets), the predictor, and the predictor over the window, on
+    text of its own; each against dense's perplexity and top tokens, with the fraction of the FFN it computed."""
+    import pydoc_data.topics
+
+    from inaflash.tools.calibrate import evaluate
+
+    path, _ = calibrated
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n".join(list(pydoc_data.topics.topics.values())[-40:]))  # not calibration's first tokens
+    modes = evaluate(path, [text], tokens=512, window=4, progress=False)["modes"]
+    assert list(modes) == ["dense", "oracle", "predictor", "predictor+window4"]
+    dense = modes["dense"]
+    assert dense["ppl_increase"] == 0 and dense["top1_agreement_with_dense"] == 1 and dense["ffn_fraction_computed"] == 1
+    for name in ("oracle", "predictor", "predictor+window4"):
+        m = modes[name]
+        assert m["ppl_increase"] == pytest.approx(m["perplexity"] / dense["perplexity"] - 1)
+        assert 0 < m["top1_agreement_with_dense"] < 1 and 0 < m["ffn_fraction_computed"] < 1
+    assert 0.3 < modes["oracle"]["ffn_fraction_computed"] < 0.7  # thresholds set for half of the neurons
+    # the window computes the union of the last tokens' predictions: never fewer neurons, never further from dense
+    assert modes["predictor+window4"]["ffn_fraction_computed"] > modes["predictor"]["ffn_fraction_computed"]
+    assert modes["predictor+window4"]["perplexity"] < modes["predictor"]["perplexity"]
 
 
 def test_sparse_mode_reads_a_fraction_of_naive(calibrated):

@@ -79,8 +79,8 @@ class ReadBatch:
 
     The workers only read; the thread that waits checks each piece against its page checksums as it lands. A caller
     waits where it has nothing else to do, so the hashing fills time it would spend blocked, where in the workers it
-    ran beside the caller's compute on the same cores (naive mode on Qwen2.5: the kernel ran 1.37x slower with checked
-    reads than with unchecked ones, 168.9 vs 122.9 ms per token; see the README)."""
+    ran beside the caller's compute on the same two cores. (Whole layers are checked by the FFN kernel instead:
+    submit(check=False), then verify(); see NaiveFlashFFN.)"""
 
     def __init__(self, reader: "FlashReader", count: int, check: bool = True):
         self._reader, self._left, self.check = reader, count, check and reader.pages is not None

@@ -23,8 +23,8 @@ def calibrate(
     max_ppl_increase: Optional[str] = typer.Option(
         None, help="Instead of --sparsity: the largest sparsity whose validation perplexity stays within this "
                    "increase, e.g. 3%."),
-    rank: Optional[int] = typer.Option(None, min=1, help="Predictor rank (default hidden/8)."),
-    tokens: int = typer.Option(8192, min=256, help="Calibration tokens to record."),
+    rank: Optional[int] = typer.Option(None, min=1, help="Predictor rank (default hidden/8, at most 64)."),
+    tokens: int = typer.Option(4096, min=256, help="Calibration tokens to record."),
     window: int = typer.Option(4, min=0, help="The window sparse mode will run with: --max-ppl-increase holds "
                                               "perplexity as computed over it."),
     gate_only: bool = typer.Option(False, "--gate-only", help="Only measure the quality gate of the store's "

@@ -167,9 +167,11 @@ class ResidentFFN:
         self.math(x, rows, rows.shape[0], layer, hidden=h)
         return h
 
-    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None,
+                 hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, neurons]: filled with the activations of the same pass (calibration records them)."""
         rows = self.rows[layer]
-        return self.math(x, rows, rows.shape[0], layer, mask=mask)
+        return self.math(x, rows, rows.shape[0], layer, mask=mask, hidden=hidden)
 
 
 class NaiveFlashFFN:
