@@ -181,13 +181,13 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
                       else "its calibration has no quality gate (calibrated before gating: recalibrate)" if not gate
                       else f"its sparsity failed the quality gate ({gate.get('failed')})" if not gate.get("ok")
                       else None)
-    sparse = None
+    sparse, computed = None, gate.get("fraction_computed", 1.0)  # of the FFN per token, by the gate's measure
     if why_not_sparse is None:
         try:
             plan = plan_memory(store, budget, context, sparsity.predictor_bytes, window,
                                active_neurons_per_token(store, sparsity), cache_format)
             sparse = Choice("sparse", f"the model needs {whole / 1e6:.0f} MB, over {where}; its calibration passed the "
-                                      f"quality gate, computes {gate.get('fraction_computed', 1.0):.0%} of the FFN per "
+                                      f"quality gate, computes {computed:.0%} of the FFN per "
                                       f"token, and caches of {plan.cache_capacity} neurons per layer fit", budget, context)
         except InaflashError as e:
             why_not_sparse = f"sparse does not fit ({e})"
@@ -207,11 +207,11 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
         # Sparse reads at most the neurons it computes (the window's union, its gate's fraction_computed) per token;
         # chosen where even that is less than hybrid streams, else hybrid, exact and as fast. A Qwen2.5 calibration
         # that passed the gate computes 98% of its FFN: up to 709 MB per token where hybrid at 530 MB streams 568.
-        most = gate.get("fraction_computed", 1.0) * store.ffn_read_bytes
+        most = computed * store.ffn_read_bytes
         streamed = sum(e.span for e in store.layers[layers:])
         if most < streamed:
             return sparse
-        why_not_sparse = (f"its selection computes {gate.get('fraction_computed', 1.0):.0%} of the FFN per token "
+        why_not_sparse = (f"its selection computes {computed:.0%} of the FFN per token "
                           f"(quality gate): up to {most / 1e6:.0f} MB read, not less than hybrid's {streamed / 1e6:.0f} MB")
     mode = "hybrid" if layers > 0 else "naive"
     return Choice(mode, f"the model needs {whole / 1e6:.0f} MB, over {where}; not sparse: {why_not_sparse}; "

@@ -42,9 +42,10 @@ class PredictorMetrics:
 
 
 def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, recall_target: float = 0.95,
-                    epochs: int = 8, batch: int = 256, lr: float = 3e-3, seed: int = 0
+                    epochs: int = 8, batch: int = 256, lr: float = 3e-3, seed: int = 0, min_steps: int = 0
                     ) -> tuple[Predictor, PredictorMetrics]:
-    """x [N, hidden] float32 FFN inputs, mask [N, neurons] bool true active sets."""
+    """x [N, hidden] float32 FFN inputs, mask [N, neurons] bool true active sets. `epochs` passes over the training
+    pairs, more where that would be fewer than `min_steps` optimizer steps (few pairs)."""
     g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     order = torch.randperm(n, generator=g)
@@ -57,6 +58,7 @@ def train_predictor(x: torch.Tensor, mask: torch.Tensor, rank: int, recall_targe
     bias = torch.nn.Parameter(torch.log(p / (1 - p)))  # start at each neuron's base rate
     pos_weight = ((1 - p) / p).clamp(max=50.0)  # balance the rare positives
     opt = torch.optim.Adam([a, b, bias], lr=lr)
+    epochs = max(epochs, -(-min_steps // -(-train.numel() // batch)))
     with torch.enable_grad():
         for _ in range(epochs):
             for idx in train[torch.randperm(train.numel(), generator=g)].split(batch):

@@ -69,8 +69,8 @@ CONFIGS = [
 ]
 
 # The child of a `beside_reads` row: reads the file whole in 4 MiB pieces, over and over, bypassing the page cache
-# where the file system allows; prints the bytes it has read after its first pass and on SIGTERM. (In this VM a reader of ~2.5 GB/s slows every
-# computation of the process beside it ~1.7x, dd alike: naive's compute is to be compared with this row's.)
+# where the file system allows; prints the bytes it has read after its first pass and on SIGTERM. (In this VM a
+# reader of 2.2 GB/s slowed dram's compute 1.8x: naive's compute is to be compared with this row's; README.)
 READ_LOOP = """
 import mmap, os, signal, sys
 piece, total = 4 << 20, 0
@@ -112,6 +112,8 @@ class BesideReads:
         out = self.child.communicate(timeout=30)[0].split()
         self.seconds = time.perf_counter() - self.t0
         self.bytes = int(out[-1]) - self.first if out and out[-1].isdigit() else 0
+
+
 FIELDS = ["ms_per_token", "io_ms_per_token", "predictor_ms_per_token", "memory_ms_per_token", "compute_ms_per_token",
           "bytes_read_per_token", "reads_per_token", "cache_hit_rate", "prefill_ms", "peak_rss_bytes"]
 

@@ -266,7 +266,7 @@ def gate_only(store_path: str | Path, progress: bool = True) -> dict:
 # 6 keeps SmolLM2's whole calibration within 3 minutes here (issue 14's target). Short calibrations get more passes,
 # at least MIN_STEPS optimizer steps (512 tokens: 2 batches a pass; 12 steps left predictors too weak for the tests'
 # perplexity bound, 16 did not).
-EPOCHS, MIN_STEPS, BATCH = 6, 16, 256
+EPOCHS, MIN_STEPS = 6, 16
 
 
 def default_rank(hidden: int) -> int:
@@ -322,9 +322,7 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
             if target is not None:
                 spec.thresholds[layer] = level(h, target)
             mask = spec.true_active(layer, h)
-            batches = -(-(x.shape[0] - x.shape[0] // 10) // BATCH)  # train_predictor holds a tenth out
-            pred, metrics = train_predictor(x, mask, rank, recall_target=recall, batch=BATCH,
-                                            epochs=max(EPOCHS, -(-MIN_STEPS // batches)))
+            pred, metrics = train_predictor(x, mask, rank, recall_target=recall, epochs=EPOCHS, min_steps=MIN_STEPS)
             spec.predictors.append(Predictor(pred.down.to(store.dtype), pred.up.to(store.dtype), pred.bias, pred.tau))
             layers.append({"threshold": spec.thresholds[layer], **metrics.__dict__})
         return layers
