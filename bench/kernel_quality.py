@@ -12,7 +12,7 @@ import time
 import torch.nn.functional as F
 
 from inaflash.ffn import kernels
-from inaflash.tools.calibrate import agreement, heldout_text, token_ids
+from inaflash.calibrate import agreement, heldout_text, token_ids
 from inaflash.engine import Engine
 from inaflash.generate import generate_ids
 from inaflash.store.format import FlashStore

@@ -15,7 +15,7 @@ import torch
 from inaflash.engine import Engine
 from inaflash.generate import chat_template_ids, generate_ids
 from inaflash.store.format import FlashStore
-from inaflash.tools.calibrate import agreement, heldout_text, run_chunks, token_ids
+from inaflash.calibrate import agreement, heldout_text, run_chunks, token_ids
 
 from selection import PROMPTS_CHAT, PROMPTS_RAW
 

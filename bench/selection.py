@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inaflash.tools.calibrate import (CHUNK, agreement, calibration_text, heldout_text, recorded_inputs,
+from inaflash.calibrate import (CHUNK, agreement, calibration_text, heldout_text, recorded_inputs,
                                       token_ids)
 from inaflash.engine import Engine
 from inaflash.ffn.dense import compute_layout

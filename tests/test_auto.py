@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from inaflash.tools.calibrate import QUALITY_BOUNDS, quality_gate, save_sparsity
+from inaflash.calibrate import QUALITY_BOUNDS, quality_gate, save_sparsity
 from inaflash.engine import Engine
 from inaflash.errors import InaflashError
 from inaflash.planner import kv_bytes, model_bytes

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inaflash.tools.calibrate import save_sparsity
+from inaflash.calibrate import save_sparsity
 from inaflash.tools.cgroup import CgroupUnavailable, own_memory_cgroup, run_limited
 from inaflash.engine import Engine
 from inaflash.ffn.dense import RecordingFFN

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from inaflash.tools.calibrate import calibrate
+from inaflash.calibrate import calibrate
 from inaflash.engine import Engine
 from inaflash.generate import generate_ids
 from inaflash.store.format import FlashStore
@@ -30,6 +30,8 @@ def test_report_and_store(calibrated):
         assert layer["true_fraction"] == pytest.approx(1 - 0.5, abs=0.05)  # kept active, on held-out pairs
         assert layer["recall"] >= 0.9
         assert layer["predicted_fraction"] >= layer["true_fraction"] * layer["recall"]
+        # the score statistics' normal fit, at the calibrated threshold, against what the predictor selected
+        assert layer["estimated_fraction"] == pytest.approx(layer["predicted_fraction"], abs=0.1)
     ppl = report["perplexity"]
     assert ppl["dense"] < ppl["predictor+window4"] < ppl["dense"] * 1.5
     assert set(report["seconds"]) == {"load", "record", "dense", "train", "evaluate", "gate"}
@@ -48,7 +50,7 @@ def test_evaluate_compares_each_selection_with_dense(calibrated, tmp_path):
     text of its own; each against dense's perplexity and top tokens, with the fraction of the FFN it computed."""
     import pydoc_data.topics
 
-    from inaflash.tools.calibrate import evaluate
+    from inaflash.calibrate import evaluate
 
     path, _ = calibrated
     text = tmp_path / "heldout.txt"
@@ -67,6 +69,55 @@ def test_evaluate_compares_each_selection_with_dense(calibrated, tmp_path):
     assert modes["predictor+window4"]["perplexity"] < modes["predictor"]["perplexity"]
 
 
+def test_evaluate_at_a_density_computes_that_fraction_and_scores_greedy_text(calibrated, tmp_path):
+    import pydoc_data.topics
+
+    from inaflash.calibrate import evaluate
+
+    path, _ = calibrated
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n".join(list(pydoc_data.topics.topics.values())[-40:]))
+    out = evaluate(path, [text], tokens=256, window=4, progress=False, modes=["predictor"], density=0.3, greedy=True)
+    m = out["modes"]["predictor"]
+    assert out["density"] == 0.3 and m["ffn_fraction_computed"] == pytest.approx(0.3, abs=0.1)
+    assert len(m["greedy_prefixes"]) == 10 and all(0 <= g <= 32 for g in m["greedy_prefixes"])
+    assert m["greedy_prefix"] == sum(m["greedy_prefixes"]) / 10 and m["greedy_prefix"] < 32  # 30%: not dense
+
+
+def test_hot_neurons_cut_the_reads_of_a_tight_budget_and_the_planner_expects_what_is_read(calibrated):
+    """At a budget whose caches hold a third of a token's selection (density 0.5), reads of single neurons (no
+    coalescing): the planner pins each layer's hottest neurons (never read again) and the engine reads fewer bytes per
+    token than with the window cache alone. With the reader's merged reads, half the neurons selected cover most of
+    the layer whatever is pinned (a pin saves a read only where no merged read spans it): never more bytes than the
+    window alone. The planner's expected bytes are within 2x of what is read, both ways."""
+    path, _ = calibrated
+    store = FlashStore(path)
+    prompt = [1, 504, 3458, 282, 2593, 30, 253, 1345]
+    n, layers = store.config.intermediate_size, store.config.num_layers
+    per_layer = n // 6
+    with Engine(store, mode="sparse", density=0.5, context=64, memory=10**12) as unlimited:
+        fixed = unlimited.plan.planned_bytes - unlimited.plan.cache_bytes
+    budget = fixed + layers * per_layer * store.row_bytes
+    for gap in (-1, 48 << 10):
+        read, pinned = {}, 0
+        for hot in (False, True):
+            with Engine(store, mode="sparse", density=0.5, context=64, memory=budget, hot_neurons=hot,
+                        max_gap=gap) as engine:
+                assert engine.plan.cache_capacity == per_layer
+                _, stats = generate_ids(engine, prompt, 12, temperature=0.0, stop=set())
+                read[hot] = stats.bytes_read_per_token
+                if hot:
+                    pinned = sum(len(p) for p in engine.plan.pinned) / layers
+                    expected = engine.plan.predicted_read_bundles * store.bundle_bytes
+        print(f"\ngap {gap}: bytes read per token, window only {read[False] / 1e6:.2f} MB, hot neurons "
+              f"{read[True] / 1e6:.2f} MB (expected {expected / 1e6:.2f}; {pinned:.0f} of {per_layer} pinned per layer)")
+        assert 0.5 < read[True] / expected < 2
+        if gap < 0:
+            assert pinned > 0.5 * per_layer and read[True] < 0.9 * read[False]
+        else:
+            assert read[True] < 1.05 * read[False] and read[True] > 0.75 * store.ffn_read_bytes
+
+
 def test_sparse_mode_reads_a_fraction_of_naive(calibrated):
     path, _ = calibrated
     store = FlashStore(path)
@@ -81,7 +132,7 @@ def test_sparse_mode_reads_a_fraction_of_naive(calibrated):
 
 
 def test_max_ppl_increase_picks_the_largest_level_within_the_bound(smollm2_store_f16, tmp_path):
-    from inaflash.tools.calibrate import GRID
+    from inaflash.calibrate import GRID
 
     path = shutil.copytree(smollm2_store_f16, tmp_path / "store")
     report = calibrate(path, max_ppl_increase=0.05, tokens=512, val_tokens=256, rank=16, progress=False)
@@ -143,3 +194,26 @@ def test_process_memory_growth_stays_within_the_budget(calibrated):
     assert m["planned"] <= budget and m["capacity"] < n  # the budget binds
     assert m["growth"] <= budget + (16 << 20)
     assert m["growth"] >= m["cache"]  # the caches are really in memory
+
+
+def test_sparse_mode_calibrates_a_store_on_first_use_and_keeps_it(smollm2_store_f16, tmp_path, monkeypatch):
+    """`load(..., mode="sparse")` (run/serve/chat --mode sparse) on a store without a calibration calibrates it (here
+    with fewer tokens, to keep the test short), saves it in the store, and runs sparse; the next load reuses it."""
+    import inaflash.calibrate as cal
+    from inaflash import load
+
+    path = shutil.copytree(smollm2_store_f16, tmp_path / "store")
+    assert FlashStore(path).manifest.get("sparsity") is None
+    calls, real = [], cal.calibrate
+    monkeypatch.setattr(cal, "calibrate", lambda p, **kw: calls.append(p) or real(
+        p, **{**kw, "tokens": 512, "val_tokens": 128, "rank": 16}))
+    model = load(path, mode="sparse", context=64)
+    try:
+        assert calls == [path] and model.engine.mode == "sparse"
+        assert FlashStore(path).manifest["sparsity"]["calibration_tokens"] == 512
+        assert len(model.generate("The capital of France is", max_tokens=4).token_ids) > 0
+        assert model.engine.counters().sparse.neurons_needed > 0
+    finally:
+        model.engine.close()
+    load(path, mode="sparse", context=64).engine.close()
+    assert len(calls) == 1  # kept in the store

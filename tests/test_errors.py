@@ -373,12 +373,14 @@ def test_run_flags_reach_load_as_one_options(monkeypatch, capsys):
 
     monkeypatch.setattr(inaflash.loader, "load", fake_load)
     flags = ["--mode", "hybrid", "--memory", "40%", "--window", "2", "--no-checksums", "--context", "64",
-             "--no-bundling", "--dtype", "bfloat16", "--compute", "active", "--cache-format", "int8", "--no-predictor"]
+             "--no-bundling", "--dtype", "bfloat16", "--compute", "active", "--cache-format", "int8", "--no-predictor",
+             "--density", "0.4", "--no-hot-neurons"]
     for command in (["run", *flags, "hi"], ["chat", *flags], ["serve", *flags], ["loadtest", *flags]):
         code, err = cli([*command, "--model", "M"], capsys, monkeypatch)
         assert code == 1 and "stop here" in err
     want = Options(mode="hybrid", memory="40%", window=2, checksums=False, context=64, bundling=False,
-                   dtype="bfloat16", compute="active", cache_format="int8", use_predictor=False)
+                   dtype="bfloat16", compute="active", cache_format="int8", use_predictor=False, density=0.4,
+                   hot_neurons=False)
     assert seen == [("M", want)] * 4
 
 
@@ -391,6 +393,8 @@ def test_run_flags_reach_load_as_one_options(monkeypatch, capsys):
     ({"context": 1}, "context must be an integer >= 2, not 1"),
     ({"window": True}, "window must be an integer >= 0, not True"),
     ({"windw": 3}, "unknown option windw; the options are mode, memory"),
+    ({"density": 1.5}, "density must be a fraction in (0, 1], not 1.5"),
+    ({"density": 0}, "density must be a fraction in (0, 1], not 0"),
 ])
 def test_options_are_checked_where_they_are_made(changes, message):
     from inaflash.options import Options

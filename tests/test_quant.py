@@ -328,7 +328,7 @@ def test_int4_resident_store(tmp_path):
 def test_planner_counts_compressed_sizes(tmp_path):
     """A budget too small for the float store is accepted once resident part, bundles and cache are compressed,
     and the plan stays within it: the planner counts what each format really holds."""
-    from inaflash.tools.calibrate import save_sparsity
+    from inaflash.calibrate import save_sparsity
     from inaflash.ffn.cache import NeuronCache
     from inaflash.planner import plan_memory
 

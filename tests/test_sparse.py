@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from inaflash.ffn.cache import NeuronCache
 from inaflash.ffn.dense import RecordingFFN
-from inaflash.tools.calibrate import MaskedDenseFFN, save_sparsity
+from inaflash.calibrate import MaskedDenseFFN, save_sparsity
 from inaflash.engine import Engine
 from inaflash.errors import InaflashError
 from inaflash.planner import parse_memory, plan_memory
@@ -299,3 +299,132 @@ def test_parse_memory(opt, spec, expected):
 def test_parse_memory_rejects_nonsense(opt):
     with pytest.raises(InaflashError, match="cannot read memory budget 'lots'"):
         parse_memory("lots", opt)
+
+
+@pytest.fixture(scope="module")
+def predicted_llama(llama, tmp_path_factory):
+    """The tiny Llama with median thresholds and low-rank predictors (with their score statistics) trained on
+    the FFN inputs of a few random prompts."""
+    import shutil
+
+    from inaflash.ffn.predictor import train_predictor
+
+    store = FlashStore(shutil.copytree(llama.path, tmp_path_factory.mktemp("pred") / "s"))
+    g = torch.Generator().manual_seed(1)
+    xs = [[] for _ in range(store.config.num_layers)]
+    with Engine(store, mode="dram", context=64) as dense:
+        dense.set_ffn(RecordingFFN(dense.ffn, lambda layer, x, out: xs[layer].append(x.clone())))
+        for _ in range(8):
+            dense.reset(48)
+            dense.forward(torch.randint(0, store.config.vocab_size, (48,), generator=g), 0)
+    with Engine(store, mode="dram") as dense:
+        th, preds = [], []
+        for layer, parts in enumerate(xs):
+            x = torch.cat(parts)
+            h = dense.ffn.hidden(layer, x)
+            th.append(float(h.abs().median()))
+            pred, _ = train_predictor(x, h.abs() > th[-1], rank=8, epochs=20)
+            preds.append(pred.with_statistics(x))
+    save_sparsity(store, "threshold", th, preds, {})
+    return FlashStore(store.path), [torch.cat(parts) for parts in xs]
+
+
+def test_score_statistics_are_the_scores_mean_and_deviation(predicted_llama):
+    from inaflash.ffn.sparse import load_sparsity
+
+    store, xs = predicted_llama
+    for p, x in zip(load_sparsity(store).predictors, xs):  # as saved and loaded
+        s = p.scores(x)
+        assert torch.allclose(p.mean, s.mean(0), atol=1e-4) and torch.allclose(p.std, s.std(0, unbiased=False),
+                                                                                atol=1e-4)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.8])
+def test_density_moves_the_predictors_to_select_that_fraction(predicted_llama, density):
+    """On the text the statistics came from, the moved thresholds select about `density` of each layer's neurons
+    (the normal fit of each neuron's scores is an estimate: within 0.1)."""
+    from inaflash.ffn.sparse import load_sparsity
+
+    store, xs = predicted_llama
+    spec = load_sparsity(store).at_density(density)
+    assert spec.density == density
+    for p, x in zip(spec.predictors, xs):
+        assert float(p(x).float().mean()) == pytest.approx(density, abs=0.1)
+
+
+def test_density_needs_score_statistics(thresholded_llama):
+    from inaflash.ffn.sparse import Sparsity
+    from inaflash.ffn.predictor import Predictor
+
+    spec = Sparsity("threshold", [0.0], [Predictor(torch.zeros(2, 64), torch.zeros(160, 2), torch.zeros(160), 0.0)])
+    with pytest.raises(InaflashError, match="--density needs a calibration with score statistics"):
+        spec.at_density(0.5)
+
+
+def test_hot_split_pins_all_when_the_window_cannot_hold_a_token_and_few_when_it_can():
+    from inaflash.planner import hot_split
+
+    f = torch.linspace(0.9, 0.1, 100)  # a token selects 50 of 100 on average
+    h, reads = hot_split(f, capacity=40, window=4)
+    assert h == 40 and reads == pytest.approx(float(f[40:].sum()))  # the 40 hottest held, the rest read every time
+    # room for every window: neurons on most of the time are worth pinning, rare ones are left to the window (a pin
+    # is computed every token, compute="cached"); where computing is free (compute="active") every slot is pinned: a
+    # pinned rare neuron is a sure hit, a window slot a hit 6% of the time
+    f = torch.cat([torch.full((10,), 0.9), torch.full((90,), 0.02)])
+    assert hot_split(f, capacity=60, window=4, steps=60)[0] == 10
+    h, reads = hot_split(f, capacity=60, window=4, compute_cost=0.0, steps=60)
+    assert h == 60 and reads == pytest.approx(40 * 0.02)
+
+
+def test_coalesced_reads_count_the_bundles_a_merged_read_covers():
+    from inaflash.planner import coalesced_reads, hot_split
+
+    miss = torch.tensor([1.0, 0, 0, 1])
+    approx = lambda v: pytest.approx(v, abs=1e-6)
+    assert coalesced_reads(miss, gap=0) == 2 and coalesced_reads(miss, gap=2) == approx(2)  # gap/2 = 1 a side: apart
+    assert coalesced_reads(miss, gap=4) == approx(4)  # the two between are read with them
+    assert coalesced_reads(torch.zeros(9), gap=8) == 0 and coalesced_reads(torch.ones(9), gap=8) == approx(9)
+    # about half of the neurons selected, the hot ones scattered over the file: read one by one, pinning every slot
+    # saves their reads; with reads merging over 16 bundles, >90% of the layer is read whatever is pinned
+    f = 0.4 + 0.2 * torch.rand(200, generator=torch.Generator().manual_seed(0))
+    h, reads = hot_split(f, capacity=60, window=4, gap=0)
+    assert h == 60 and reads == pytest.approx(float(f.sort().values[:140].sum()))
+    assert hot_split(f, capacity=60, window=4, gap=16)[1] > 0.9 * 200
+
+
+def test_pinned_neurons_are_never_read_again_and_do_not_change_the_output(predicted_llama, monkeypatch):
+    """The planner's hot neurons are read once, at setup, and stay in slots 0..pinned-1; each token's FFN is still the
+    dense FFN over its selected neurons (compute="active"), the same numbers as without pins, at a tight budget."""
+    from inaflash.ffn.sparse import load_sparsity
+
+    store, _ = predicted_llama
+    n = store.config.intermediate_size
+    with Engine(store, mode="dram") as masked:
+        masked.set_ffn(MaskedDenseFFN(masked.ffn, load_sparsity(store), use_predictor=True))
+        ref = logits_run(masked)
+    unlimited = plan_memory(store, None, context=32, predictor_bytes=load_sparsity(store).predictor_bytes, window=4,
+                            active_neurons=n)
+    budget = unlimited.planned_bytes - unlimited.cache_bytes + store.config.num_layers * (n // 2) * store.row_bytes
+    got, pinned_ids = {}, {}
+    for hot in (False, True):
+        with Engine(store, mode="sparse", window=4, context=32, compute="active", memory=budget,
+                    hot_neurons=hot) as engine:
+            ffn = engine.ffn
+            assert engine.plan.planned_bytes <= budget
+            if hot:
+                pins = engine.plan.pinned
+                assert all(0 < len(p) <= ffn.caches[0].capacity for p in pins)
+                read = []
+                start = ffn.bundles.start
+                monkeypatch.setattr(ffn.bundles, "start", lambda layer, ids, *a: read.append((layer, ids)) or
+                                    start(layer, ids, *a))
+                monkeypatch.setattr(ffn.next_bundles, "start", lambda layer, ids, *a: read.append((layer, ids)) or
+                                    ffn.next_bundles.__class__.start(ffn.next_bundles, layer, ids, *a))
+            got[hot] = logits_run(engine)
+            if hot:
+                assert read and not any(set(ids.tolist()) & set(pins[layer].tolist()) for layer, ids in read)
+                for layer, cache in enumerate(ffn.caches):
+                    assert cache.pinned == len(pins[layer])
+                    assert set(cache.neuron_of_slot[:cache.pinned].tolist()) == set(pins[layer].tolist())
+    for hot in (False, True):
+        assert max((a - b).abs().max().item() for a, b in zip(got[hot], ref)) < 1e-4

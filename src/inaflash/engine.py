@@ -14,7 +14,7 @@ from .ffn.kernels import warn_if_missing
 from .models import build_model
 from .paths import load_max_gap
 from .options import Options
-from .planner import active_neurons_per_token, choose_mode, parse_memory, plan_hybrid, plan_memory
+from .planner import active_neurons_per_token, choose_mode, hot_neurons, parse_memory, plan_hybrid, plan_memory
 from .reader import FlashReader, ReadStats
 from .ffn.sparse import SparseCounters, SparseFlashFFN, load_sparsity
 from .store.format import FlashStore
@@ -67,14 +67,20 @@ class Engine:
                 if sparsity is None:
                     raise InaflashError(f"store {store.path} is not calibrated for sparsity: run  "
                                         f"inaflash calibrate {store.path}")
+                if o.density is not None:
+                    sparsity = sparsity.at_density(o.density)
                 budget = None if memory is None else parse_memory(memory, store)
                 predictor_bytes = sparsity.predictor_bytes if o.use_predictor else 0
                 self.plan = plan_memory(store, budget, self.context, predictor_bytes, window,
                                         active_neurons_per_token(store, sparsity), cache_format)
+                hot = hot_neurons(sparsity, self.plan.cache_capacity, self.plan.window, o.compute,
+                                  max(max_gap, 0) // store.bundle_bytes) if o.hot_neurons and o.use_predictor else None
+                if hot is not None:
+                    self.plan.pinned, self.plan.predicted_read_bundles = hot
                 self.ffn = SparseFlashFFN(store, self.reader, sparsity, self.plan.cache_capacity, self.plan.window,
                                           use_predictor=o.use_predictor, max_gap=max_gap,
                                           staging_bytes=self.plan.staging_bytes // 2, compute=o.compute,
-                                          cache_format=cache_format)
+                                          cache_format=cache_format, pins=self.plan.pinned)
             elif mode == "dram":
                 self.ffn = ResidentFFN(store, self.reader)
             elif mode == "hybrid":

@@ -88,9 +88,28 @@ def load(model: str | Path | None = None, options: Options | None = None, **chan
     """Open (converting on first use) a model and return an api.Model (generate / stream / chat; .engine).
 
     options (or any of its fields by name): mode (default auto), memory ("50%", "300MiB", bytes), context, window,
-    use_predictor, compute, cache_format, checksums; dtype of a conversion; bundling=False requires (or converts
+    use_predictor, compute, cache_format, density, hot_neurons, checksums; dtype of a conversion; bundling=False requires (or converts
     into) the unbundled layout, for the bundling ablation."""
     options = Options.of(options, **changes)
     layout = None if options.bundling is None else ("bundled" if options.bundling else "unbundled")
-    engine = Engine(resolve_store(model, options.dtype, layout=layout), options)
+    store = resolve_store(model, options.dtype, layout=layout)
+    if options.mode == "sparse" and options.use_predictor and store.manifest.get("sparsity") is None \
+            and store.config.hidden_act != "relu":
+        store = calibrate_once(store)
+    engine = Engine(store, options)
     return Model(engine, model_name(model, engine))
+
+
+def calibrate_once(store: FlashStore) -> FlashStore:
+    """Sparse mode on a store without a calibration: calibrate it now, with progress bars, and keep the result in
+    the store (SmolLM2-135M ~2.5 min, Qwen2.5-1.5B ~11 min on 2 cores; README). `--mode auto` does not do this:
+    where the gate fails (both models here) it would be minutes spent to stream exactly all the same."""
+    from .calibrate import calibrate
+
+    log.warning("%s has no sparsity calibration: calibrating it now (once; kept in the store)", store.path)
+    try:
+        calibrate(store.path, progress=True)
+    except OSError as e:  # a read-only store
+        raise InaflashError(f"cannot calibrate {store.path}: {e.strerror or e}; run  inaflash calibrate STORE  on a "
+                            "writable copy") from None
+    return FlashStore(store.path)

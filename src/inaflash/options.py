@@ -18,7 +18,7 @@ MODES = {
     "sparse": "only predicted-active neurons, cached over a window of recent tokens, read from flash",
 }
 SPARSE_ONLY = {"window": "--window", "use_predictor": "--no-predictor", "compute": "--compute",
-               "cache_format": "--cache-format"}
+               "cache_format": "--cache-format", "density": "--density", "hot_neurons": "--no-hot-neurons"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Options:
     use_predictor: bool = True  # False: the true active set (an oracle that holds the FFN: measuring only)
     compute: str = "cached"
     cache_format: str = "store"
+    density: float | None = None  # select this fraction of neurons per token (None: the calibrated threshold)
+    hot_neurons: bool = True  # pin the planner's hot neurons in each cache (False: the window cache alone)
     max_gap: int | None = None  # read coalescing gap in bytes (None: the probed one; -1: no coalescing)
     io_threads: int = 8
     fixed_buffers: bool = True  # read into io_uring-registered buffers where the kernel allows (reader.py)
@@ -45,6 +47,9 @@ class Options:
                                      ("dtype", self.dtype, DTYPES)):
             if value not in choices:
                 raise InaflashError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        if self.density is not None and (isinstance(self.density, bool) or not isinstance(self.density, (int, float))
+                                         or not 0 < self.density <= 1):
+            raise InaflashError(f"density must be a fraction in (0, 1], not {self.density!r}")
         for name, value, low in (("window", self.window, 0), ("context", self.context, 2),
                                  ("io_threads", self.io_threads, 1), ("max_gap", self.max_gap, -1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):

@@ -51,6 +51,8 @@ class MemoryPlan:
     cache_capacity: int  # neurons per layer
     window: int  # effective window (may be below the requested one when capacity is short)
     cache_bytes: int  # all layers' neuron caches
+    pinned: list | None = None  # per layer, the hot neurons pinned in its cache (hot_neurons); None: window only
+    predicted_read_bundles: float | None = None  # per token, all layers, by hot_split's model
 
     @property
     def planned_bytes(self) -> int:
@@ -92,9 +94,85 @@ def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_b
                       effective, cache_bytes)
 
 
+# What computing one neuron costs against reading it, for hot_split: Qwen2.5-1.5B int4, the kernel's 56-63 ms per
+# token over 28 x 8960 neurons is ~0.24 us a neuron (bench/kernel_hash_cost.py); its 2880-byte bundle read at the
+# 1.3-2.3 GB/s measured while blocked (bench rows' mb_per_s_while_blocked) is 1.3-2.2 us.
+COMPUTE_OVER_READ = 0.12
+
+
+def coalesced_reads(miss, gap: int):
+    """Expected bundles read for a layer whose neuron i (in file order) is missing with probability miss[i], when reads
+    merge across gaps of at most `gap` bundles (reader.plan_bundle_reads): a bundle not missing is read too where
+    missing ones lie close on both sides (within gap/2 each: an approximation). gap <= 0: each missing one alone."""
+    import torch
+
+    if gap <= 0:
+        return float(miss.sum())
+    miss = miss.double()
+    n, k = miss.numel(), max(1, gap // 2)
+    s = torch.cat([miss.new_zeros(1), torch.cumsum(torch.log1p(-miss.clamp(max=1 - 1e-9)), 0)])
+    i = torch.arange(n)
+    none_before = torch.exp(s[i] - s[(i - k).clamp(min=0)])
+    none_after = torch.exp(s[(i + 1 + k).clamp(max=n)] - s[i + 1])
+    return float((miss + (1 - miss) * (1 - none_before) * (1 - none_after)).sum())
+
+
+def hot_split(freq, capacity: int, window: int, compute_cost: float = COMPUTE_OVER_READ, gap: int = 0,
+              steps: int = 32) -> tuple[int, float]:
+    """How many of a layer's `capacity` cache slots to pin to its hottest neurons (the rest hold the window), and the
+    bundles per token it is then expected to read: the split of least cost (bundles read, plus `compute_cost` per
+    neuron computed: compute="cached" computes every neuron the cache holds; 0 where only the selected are), tried
+    in 1/`steps` of the capacity. `freq` [neurons], in file order: how often each is selected (calibration
+    statistics); `gap`: the reader's coalescing gap in bundles.
+    A model of independent tokens: a cold neuron is missing when selected and not selected by the window-1 tokens
+    before (if the window's union fits its part of the cache, else in proportion), and whenever selected when more
+    are selected than that part holds (streaming); reads then merge across gaps (coalesced_reads), so a pinned
+    neuron between missing ones is read all the same. Where few are selected, pins save reads; where half or more
+    are (SwiGLU here), merged reads cover the layer whatever is pinned, and pinning only adds compute."""
+    import torch
+
+    f = freq.double()
+    rank = torch.empty(f.numel(), dtype=torch.long)
+    rank[torch.argsort(f, descending=True)] = torch.arange(f.numel())
+    held = 1 - (1 - f) ** max(window, 1)  # in the window's union
+    seen = 1 - (1 - f) ** (window - 1 if window >= 2 else 0)  # selected by one of the window-1 tokens before
+    best = None
+    for h in sorted({capacity * k // steps for k in range(steps + 1)}):
+        cold = (rank >= h).double()
+        need, union, room = float((f * cold).sum()), float((held * cold).sum()), capacity - h
+        if need > room:
+            miss, computed = f * cold, h + need
+        else:
+            miss, computed = f * cold * (1 - seen * min(1.0, room / max(union, 1e-9))), h + min(union, room)
+        reads = coalesced_reads(miss, gap)
+        cost = reads + compute_cost * computed
+        if best is None or cost < best[2] - 1e-9:
+            best = (h, reads, cost)
+    return best[0], best[1]
+
+
+def hot_neurons(sparsity, capacity: int, window: int, compute: str = "cached", gap: int = 0
+                ) -> tuple[list, float] | None:
+    """Per layer, the neuron ids to pin (hot_split over the predictors' estimated selection frequencies), and the
+    bundles per token all layers are expected to read; None where the calibration has no score statistics."""
+    import torch
+
+    if sparsity is None or not sparsity.predictors or sparsity.predictors[0].mean is None:
+        return None
+    pins, reads = [], 0.0
+    for p in sparsity.predictors:
+        freq = p.frequencies()
+        h, r = hot_split(freq, capacity, window, COMPUTE_OVER_READ if compute == "cached" else 0.0, gap)
+        pins.append(torch.argsort(freq, descending=True)[:h])
+        reads += r
+    return pins, reads
+
+
 def active_neurons_per_token(store: FlashStore, sparsity) -> int:
     """The busiest layer's predicted (or true) active count per token, from the calibration report."""
     n = store.config.intermediate_size
+    if sparsity is not None and sparsity.density is not None:
+        return math.ceil(sparsity.density * n)
     layers = (sparsity.info or {}).get("layers") if sparsity is not None else None
     if not layers:
         return n // 2
@@ -162,7 +240,7 @@ MIN_AUTO_CONTEXT = 256  # auto shrinks a default context (not one asked for) dow
 def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, window: int,
                 cache_format: str = "store", context_given: bool = True) -> Choice:
     """`--mode auto`: the fastest mode whose plan fits `budget` (None: 80% of the DRAM available now).
-    dram if the whole model fits; else sparse if the store's calibration passed its quality gate (tools/calibrate.py:
+    dram if the whole model fits; else sparse if the store's calibration passed its quality gate (calibrate.py:
     within the bounds on the validation text), the caches fit, and the neurons it computes per token are fewer bytes
     than hybrid would stream; else hybrid, as many layers resident as fit (naive if none). Sparse is never chosen on a
     calibration without a passed gate: its text would leave dense's.
@@ -182,10 +260,16 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
                       else f"its sparsity failed the quality gate ({gate.get('failed')})" if not gate.get("ok")
                       else None)
     sparse, computed = None, gate.get("fraction_computed", 1.0)  # of the FFN per token, by the gate's measure
+    expected = None  # bytes sparse is expected to read per token (hot_neurons' model), where the statistics allow
     if why_not_sparse is None:
         try:
             plan = plan_memory(store, budget, context, sparsity.predictor_bytes, window,
                                active_neurons_per_token(store, sparsity), cache_format)
+            from .paths import load_max_gap
+
+            hot = hot_neurons(sparsity, plan.cache_capacity, plan.window, "cached",
+                              max(load_max_gap(), 0) // store.bundle_bytes)
+            expected = None if hot is None else hot[1] * store.bundle_bytes
             sparse = Choice("sparse", f"the model needs {whole / 1e6:.0f} MB, over {where}; its calibration passed the "
                                       f"quality gate, computes {computed:.0%} of the FFN per "
                                       f"token, and caches of {plan.cache_capacity} neurons per layer fit", budget, context)
@@ -204,15 +288,17 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
         layers = plan_hybrid(store, budget, context)
         shrunk = f"; KV cache planned for {context} tokens (prompt + answer; more needs more --memory or --context)"
     if sparse is not None:
-        # Sparse reads at most the neurons it computes (the window's union, its gate's fraction_computed) per token;
-        # chosen where even that is less than hybrid streams, else hybrid, exact and as fast. A Qwen2.5 calibration
-        # that passed the gate computes 98% of its FFN: up to 709 MB per token where hybrid at 530 MB streams 568.
-        most = computed * store.ffn_read_bytes
+        # Sparse is chosen where it is expected to read less than hybrid streams (else hybrid: exact, and as fast):
+        # the planner's expected bytes (merged reads included: at half the neurons selected they cover the layer), or
+        # without score statistics the neurons the gate says it computes (a floor on its reads). A Qwen2.5
+        # calibration that passed the gate computes 98% of its FFN, 709 MB per token; hybrid at 530 MB streams 568.
+        most = expected if expected is not None else computed * store.ffn_read_bytes
         streamed = sum(e.span for e in store.layers[layers:])
         if most < streamed:
             return sparse
-        why_not_sparse = (f"its selection computes {computed:.0%} of the FFN per token "
-                          f"(quality gate): up to {most / 1e6:.0f} MB read, not less than hybrid's {streamed / 1e6:.0f} MB")
+        why_not_sparse = (f"its selection computes {computed:.0%} of the FFN per token (quality gate), "
+                          f"{'expected to read' if expected is not None else 'at least'} {most / 1e6:.0f} MB per "
+                          f"token, not less than hybrid's {streamed / 1e6:.0f} MB")
     mode = "hybrid" if layers > 0 else "naive"
     return Choice(mode, f"the model needs {whole / 1e6:.0f} MB, over {where}; not sparse: {why_not_sparse}; "
                         f"{layers} of {store.config.num_layers} layers' FFN fit in DRAM, the rest are read per token"

@@ -47,6 +47,13 @@ RUN_OPTIONS = {
         "cached", help="sparse: cached = every neuron in the window cache (no extra I/O, closer to dense); active = "
                        "only this token's selected neurons (the paper's definition).")),
     "cache_format": (str, CACHE_FORMAT),
+    "density": (Optional[float], typer.Option(
+        None, min=0.001, max=1.0, help="sparse: select this fraction of each layer's neurons per token (the "
+                                       "predictor's threshold moved to it; default: the calibrated one, ~95% recall). "
+                                       "For measuring speed against quality: see `inaflash eval --density`.")),
+    "no_hot_neurons": (bool, typer.Option(
+        False, "--no-hot-neurons", help="sparse: do not pin each layer's hot neurons in its cache (the planner's "
+                                        "split from calibration statistics); the window cache alone (ablation).")),
     "no_bundling": (bool, typer.Option(
         False, "--no-bundling", help="Read gate, up and down of each neuron separately (ablation): needs a store "
                                      "from `convert --unbundled`; a GGUF/HF --model is converted so.")),
@@ -70,7 +77,8 @@ def run_options(command):
         flags = {name: kw.pop(name) for name in RUN_OPTIONS}
         options = Options(mode=flags["mode"], memory=flags["memory"], context=flags["context"],
                           window=flags["window"], use_predictor=not flags["no_predictor"], compute=flags["compute"],
-                          cache_format=flags["cache_format"], checksums=not flags["no_checksums"],
+                          cache_format=flags["cache_format"], density=flags["density"],
+                          hot_neurons=not flags["no_hot_neurons"], checksums=not flags["no_checksums"],
                           dtype=flags["dtype"], bundling=False if flags["no_bundling"] else None)
         return command(model=flags["model"], options=options, **kw)
 

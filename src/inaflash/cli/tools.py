@@ -33,7 +33,7 @@ def calibrate(
     """Calibrate per-layer activation thresholds and train the low-rank predictors (saved into the store), then
     measure the quality gate: sparse mode against dense on the calibration text's validation slice (perplexity
     +3%, top-1 agreement 0.93, greedy prefix 16 of 32). `--mode auto` runs sparse only where the gate passed."""
-    from ..tools.calibrate import calibrate as run_calibration, gate_only as run_gate
+    from ..calibrate import calibrate as run_calibration, gate_only as run_gate
 
     if gate_only:
         print(json.dumps(run_gate(store), indent=1))
@@ -64,12 +64,18 @@ def evaluate(
                                               "(sparse mode's default); 0 or 1 skips it."),
     mode: Optional[list[str]] = typer.Option(None, help="Only these (repeatable): oracle, predictor, "
                                                         "predictor+window4; dense always runs."),
+    density: Optional[float] = typer.Option(None, min=0.001, max=1.0, help="Move the predictors to select this "
+                                                                           "fraction of neurons per token (as "
+                                                                           "`run --density`)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Also greedy agreement with dense: 10 prompts cut from the "
+                                                        "text, 32 tokens each (how many leading tokens match)."),
 ):
     """Perplexity on held-out text for dense, oracle-sparse, predictor-sparse (this token's predicted neurons) and
     predictor+window (sparse mode's default), and how often each keeps dense's top token."""
-    from ..tools.calibrate import evaluate as run_eval
+    from ..calibrate import evaluate as run_eval
 
-    print(json.dumps(run_eval(store, texts=text, tokens=tokens, window=window, modes=mode), indent=1))
+    print(json.dumps(run_eval(store, texts=text, tokens=tokens, window=window, modes=mode, density=density,
+                          greedy=greedy), indent=1))
 
 
 @app.command()
@@ -136,7 +142,7 @@ def bench(
     repeat: int = typer.Option(1, min=1, help="Rounds; every configuration runs once per round (interleaved)."),
     config: Optional[list[str]] = typer.Option(None, help="Only these configurations (repeatable): dram, naive, "
                                                           "hybrid, +predictor, +windowing, +bundling, +coalescing, "
-                                                          "full, auto."),
+                                                          "full, full-window-only, auto, ..."),
     baselines: bool = typer.Option(True, help="Also run llama.cpp-mmap, transformers-offload and inaflash's default "
                                               "(--mode auto) each in a child process under a cgroup memory limit."),
     limit: Optional[str] = typer.Option(None, help="The baselines' whole-process memory limit(s), comma-separated, "
@@ -145,6 +151,9 @@ def bench(
                                                            "says how many tokens it made)."),
     out_dir: Path = typer.Option(Path("bench/results"), help="Where <date>-<model>.json/.md/.png go."),
     cache_format: str = CACHE_FORMAT,
+    density: Optional[float] = typer.Option(None, min=0.001, max=1.0, help="The sparse rows select this fraction "
+                                                                           "of neurons per token (as run --density; "
+                                                                           "default: the calibrated threshold)."),
 ):
     """Reproduce the paper's ablation (naive -> +predictor -> +windowing -> +bundling) and per-token latency
     split (I/O, predictor, memory management, compute) on this machine, next to dram, hybrid and the baselines."""
@@ -153,7 +162,7 @@ def bench(
 
     result = run_bench(model, memory=memory, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
                        configs=config, baselines=baselines, limit=limit, out_dir=out_dir,
-                       max_seconds=max_seconds, cache_format=cache_format)
+                       max_seconds=max_seconds, cache_format=cache_format, density=density)
     print(markdown(result))
 
 

@@ -6,6 +6,9 @@ Preallocated once; never reallocated. Live neurons occupy slots 0..n-1, so compu
 Eviction moves the last live slots into the freed ones (no holes, no reallocation); insertion appends at n. Both
 are byte copies of whole bundles: nothing is decoded, transposed or requantized on the way in.
 
+Slots 0..pinned-1 may hold a static set of hot neurons (`pin`, at setup: the planner's choice from calibration
+statistics, as PowerInfer's hot/cold split): never evicted, never moved; the window's neurons live after them.
+
 `fmt="int8"` on a float store holds each neuron as an int8 bundle (quant.py's format: a float16 scale per 64
 weights), encoded as it joins: about half of float16's bytes per neuron.
 """
@@ -44,6 +47,7 @@ class NeuronCache:
         self.slot_of_neuron = torch.full((self.neurons,), -1, dtype=torch.long)
         self.last_used = torch.zeros(capacity, dtype=torch.long)  # step at which each slot's neuron was last needed
         self.n = 0
+        self.pinned = 0  # slots 0..pinned-1: hot neurons, kept whatever the window says
         self.nbytes = capacity * self.row_bytes
 
     @staticmethod
@@ -58,9 +62,22 @@ class NeuronCache:
         """The needed neuron ids that are not cached."""
         return needed[self.slot_of_neuron[needed] < 0]
 
+    def cold(self, needed: torch.Tensor) -> torch.Tensor:
+        """The needed neuron ids that are not pinned (the window's part of a token's need)."""
+        slots = self.slot_of_neuron[needed]
+        return needed[(slots < 0) | (slots >= self.pinned)]
+
+    def pin(self, neurons: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Append neurons (read as stored, like append) as pinned: only before any unpinned neuron has joined."""
+        if self.n != self.pinned:
+            raise RuntimeError("neurons are pinned at setup, before the window's")
+        self.append(neurons, src, offsets, step=0)
+        self.last_used[self.pinned:self.n] = torch.iinfo(torch.long).max  # never outside the window, never LRU
+        self.pinned = self.n
+
     def touch(self, needed: torch.Tensor, step: int) -> None:
         slots = self.slot_of_neuron[needed]
-        self.last_used[slots[slots >= 0]] = step
+        self.last_used[slots[slots >= self.pinned]] = step
 
     def evict_outside_window(self, step: int) -> None:
         """Drop neurons not needed in the last `window` steps (step - window + 1 .. step)."""
@@ -74,7 +91,7 @@ class NeuronCache:
             return
         age = self.last_used[: self.n].clone()
         age[self.slot_of_neuron[keep][self.slot_of_neuron[keep] >= 0]] = torch.iinfo(torch.long).max
-        self._evict(torch.argsort(age, stable=True)[:short])
+        self._evict(self.pinned + torch.argsort(age[self.pinned:], stable=True)[:short])
 
     def _evict(self, slots: torch.Tensor) -> None:
         if slots.numel() == 0:

@@ -2,11 +2,15 @@
 
 Trained on recorded (FFN input, active mask) pairs with a class-balanced loss; tau is then set on held-out pairs so
 that recall reaches the target (missing an active neuron costs quality, an extra one only costs a read).
+
+Calibration also keeps each neuron's score mean and standard deviation over its text (`mean`, `std`): with them,
+how often a neuron is selected at any threshold is estimated (a normal fit) without the text, which is what the
+planner ranks hot neurons by and what `--density` moves the threshold with.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +22,41 @@ class Predictor:
     up: torch.Tensor  # B [neurons, rank]
     bias: torch.Tensor  # [neurons] float32
     tau: float  # decision threshold on the scores
+    mean: torch.Tensor | None = None  # [neurons] float32: each neuron's score mean on the calibration text
+    std: torch.Tensor | None = None  # [neurons] float32: and its standard deviation (None: calibrated before these)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.bias))
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.bias, self.mean, self.std)
+                   if t is not None)
+
+    def frequencies(self, tau: float | None = None) -> torch.Tensor:
+        """[neurons]: the estimated fraction of tokens on which each neuron scores above `tau` (default: its own)."""
+        if self.mean is None:
+            raise ValueError("this predictor has no score statistics (calibrated before they were kept)")
+        t = self.tau if tau is None else tau
+        return torch.special.ndtr((self.mean - t) / self.std.clamp(min=1e-6))
+
+    def tau_at(self, density: float) -> float:
+        """The threshold at which the estimated mean selected fraction is `density` (bisection: it falls with tau)."""
+        lo, hi = float((self.mean - 8 * self.std).min()), float((self.mean + 8 * self.std).max())
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if float(self.frequencies(mid).mean()) > density else (lo, mid)
+        return (lo + hi) / 2
+
+    def with_statistics(self, x: torch.Tensor, chunk: int = 1024) -> "Predictor":
+        """This predictor with its score mean and deviation over the FFN inputs x [N, hidden]."""
+        total = torch.zeros(self.bias.numel(), dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        with torch.no_grad():
+            for part in x.split(chunk):
+                s = self.scores(part.float()).double()
+                total += s.sum(0)
+                squares += (s * s).sum(0)
+        mean = total / x.shape[0]
+        std = (squares / x.shape[0] - mean * mean).clamp(min=0).sqrt()
+        return replace(self, mean=mean.float(), std=std.float())
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         from ..ops import linear

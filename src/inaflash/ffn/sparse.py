@@ -15,7 +15,7 @@ What is computed (`compute`):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,6 +39,17 @@ class Sparsity:
     thresholds: list[float]
     predictors: list[Predictor] | None = None
     info: dict = field(default_factory=dict)  # calibration report (target, metrics, perplexities)
+    density: float | None = None  # set by at_density: the fraction of neurons the predictors select per token
+
+    def at_density(self, density: float) -> "Sparsity":
+        """These predictors with each threshold moved so that they select `density` of a layer's neurons per token
+        (estimated from the calibration's score statistics): a sparsity level chosen at run time, for measuring
+        speed against quality (`--density`)."""
+        if not self.predictors or self.predictors[0].mean is None:
+            raise InaflashError("--density needs a calibration with score statistics: recalibrate the store "
+                                "(inaflash calibrate STORE)")
+        return replace(self, predictors=[replace(p, tau=p.tau_at(density)) for p in self.predictors],
+                       density=density)
 
     def true_active(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return h > 0 if self.kind == "relu" else h.abs() > self.thresholds[layer]
@@ -91,8 +102,8 @@ def load_sparsity(store: FlashStore) -> Sparsity | None:
     if info.get("predictor"):
         t = load(store.read_verified(SPARSITY_FILE))
         taus = info["predictor"]["tau"]
-        predictors = [Predictor(t[f"{i}.down"], t[f"{i}.up"], t[f"{i}.bias"], taus[i])
-                      for i in range(store.config.num_layers)]
+        predictors = [Predictor(t[f"{i}.down"], t[f"{i}.up"], t[f"{i}.bias"], taus[i], t.get(f"{i}.mean"),
+                                t.get(f"{i}.std")) for i in range(store.config.num_layers)]
     return Sparsity(info["kind"], info["thresholds"], predictors, info)
 
 
@@ -113,7 +124,8 @@ class SparseCounters:
 class SparseFlashFFN:
     def __init__(self, store: FlashStore, reader: FlashReader, sparsity: Sparsity, capacity: int, window: int,
                  use_predictor: bool = True, max_gap: int = DEFAULT_MAX_GAP, staging_bytes: int | None = None,
-                 compute: str = "cached", cache_format: str = "store"):
+                 compute: str = "cached", cache_format: str = "store", pins: list[torch.Tensor] | None = None):
+        """pins: per layer, the hot neurons to hold for good (the planner's split of each cache; none by default)."""
         if use_predictor and not sparsity.predictors:
             raise InaflashError(f"store {store.path} has no predictors: run  inaflash calibrate {store.path}  "
                                 "(or use --no-predictor for the oracle)")
@@ -129,6 +141,10 @@ class SparseFlashFFN:
         self.counters = SparseCounters()
         self.step = 0
         self.compute = compute
+        for layer, ids in enumerate(pins or []):
+            for chunk, plan in self.bundles.chunks(layer, ids.sort().values):
+                src, offsets = self.bundles.finish(self.bundles.start(layer, chunk, plan))
+                self.caches[layer].pin(chunk, src, offsets)
 
     @property
     def cache_bytes(self) -> int:
@@ -151,8 +167,9 @@ class SparseFlashFFN:
         needed = active.any(0).nonzero().squeeze(1)
         cache = self.caches[layer]
         self.counters.neurons_needed += needed.numel()
-        if needed.numel() > cache.capacity:
-            return self._stream(layer, x, active, needed)
+        cold = cache.cold(needed) if cache.pinned else needed
+        if cold.numel() > cache.capacity - cache.pinned:  # the window's part of the cache cannot hold them
+            return self._stream(layer, x, active, cold, cache)
         # the cache update of NeuronCache.update, split so that the missing neurons' reads overlap the FFN over
         # the neurons already cached; the new rows' part is added when they arrive (the same sum, reordered)
         t0 = time.perf_counter()
@@ -177,9 +194,11 @@ class SparseFlashFFN:
         mask = active[:, cache.neuron_of_slot[start:end]] if self.compute == "active" else None
         return cache.ffn(x, layer, start, end, mask)
 
-    def _stream(self, layer: int, x: torch.Tensor, active: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+    def _stream(self, layer: int, x: torch.Tensor, active: torch.Tensor, needed: torch.Tensor, cache: NeuronCache
+                ) -> torch.Tensor:
         """More neurons than the cache holds (a long prompt, a tight budget): read them in groups, the next group's
-        reads in flight while this one is computed in the staging buffer as read, and sum the partial FFNs. A group
+        reads in flight while this one is computed in the staging buffer as read, and sum the partial FFNs; the
+        pinned neurons are computed while the first group is read (`needed` excludes them). A group
         is the needed neurons among a range of the layer whose whole span fits a staging buffer (so its plan fits at
         the first try, whatever the gaps), at most half the layer (so two groups overlap). (Groups of the cache's
         capacity, before, cost SmolLM2 at 50% ~7 plans, reads and kernel calls per layer and token for 87 neurons
@@ -193,8 +212,11 @@ class SparseFlashFFN:
         sizes = torch.diff(cuts, prepend=torch.zeros(1, dtype=cuts.dtype), append=torch.tensor([needed.numel()]))
         groups = [c for g in needed.split(sizes.tolist()) if g.numel() for c in self.bundles.chunks(layer, g)]
         readers = (self.bundles, self.next_bundles)
-        out = torch.zeros(x.shape[0], self.store.config.hidden_size)
         pending = readers[0].start(layer, *groups[0])
+        self.counters.update_s += time.perf_counter() - t0
+        out = (self._compute(x, active, layer, cache, 0, cache.pinned) if cache.pinned
+               else torch.zeros(x.shape[0], self.store.config.hidden_size))
+        t0 = time.perf_counter()
         for k, (group, _) in enumerate(groups):
             ahead = readers[(k + 1) % 2].start(layer, *groups[k + 1]) if k + 1 < len(groups) else None
             src, offsets = readers[k % 2].finish(pending)

@@ -43,7 +43,8 @@ class Config:
         return self.options.mode
 
 
-SPARSE_ROW = Options(mode="sparse", window=DEFAULT_WINDOW)
+# the paper's ablation steps: the window cache alone (no budget, so the hot neurons would be every neuron)
+SPARSE_ROW = Options(mode="sparse", window=DEFAULT_WINDOW, hot_neurons=False)
 CONFIGS = [
     Config("dram", "whole model in DRAM: the bound", Options(mode="dram")),
     Config("naive", "every layer's whole FFN read every token", Options(mode="naive")),
@@ -55,7 +56,10 @@ CONFIGS = [
            coalesce=False),
     Config("+bundling", "one read per neuron (gate, up, down together)", SPARSE_ROW, coalesce=False),
     Config("+coalescing", "merge reads closer than the probed gap", SPARSE_ROW),
-    Config("full", "sparse mode with every technique, within --memory", SPARSE_ROW, budget=True),
+    Config("full", "sparse mode with every technique, within --memory (hot neurons pinned by the planner)",
+           Options(mode="sparse", window=DEFAULT_WINDOW), budget=True),
+    Config("full-window-only", "full without hot neurons: each cache is the window's alone (the paper's)", SPARSE_ROW,
+           budget=True),
     Config("auto", "the default (--mode auto): the fastest mode that fits --memory", Options(mode="auto"),
            budget=True),
     Config("naive-preadv", "naive reading with preadv, not into io_uring-registered buffers (their gain)",
@@ -120,7 +124,7 @@ FIELDS = ["ms_per_token", "io_ms_per_token", "predictor_ms_per_token", "memory_m
 
 def bench_prompt(engine, tokens: int) -> list[int]:
     """Real text the calibration never saw: the end of pydoc_data.topics (calibration uses its start)."""
-    from .calibrate import calibration_text
+    from ..calibrate import calibration_text
 
     text = calibration_text()
     ids = engine.tokenizer(text[-tokens * 12:], add_special_tokens=False)["input_ids"]
@@ -139,7 +143,7 @@ def reset_peak_rss() -> None:
 
 def prepare_stores(model, progress: bool):
     """The bundled store (calibrated here if it is not yet) and its unbundled twin with the same calibration."""
-    from .calibrate import calibrate, copy_sparsity
+    from ..calibrate import calibrate, copy_sparsity
     from ..loader import resolve_store
     from ..store.format import FlashStore
 
@@ -164,7 +168,7 @@ def prepare_stores(model, progress: bool):
 
 
 def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tokens: int, max_gap: int,
-               max_seconds: float, cache_format: str = "store") -> dict:
+               max_seconds: float, cache_format: str = "store", density: float | None = None) -> dict:
     from ..engine import Engine
     from ..generate import GenerationStats, stream_ids
     from ..reader import DEFAULT_MAX_GAP
@@ -178,6 +182,8 @@ def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tok
     if cfg.mode in ("sparse", "auto"):
         options = replace(options, max_gap=(max_gap if max_gap is not None else DEFAULT_MAX_GAP) if cfg.coalesce
                           else -1, cache_format=cache_format)
+    if cfg.mode == "sparse":
+        options = replace(options, density=density)
     gc.collect()
     reset_peak_rss()
     try:
@@ -202,6 +208,9 @@ def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tok
             if engine.plan is not None:
                 row.update(budget_bytes=engine.plan.budget_bytes, planned_bytes=engine.plan.planned_bytes,
                            window=engine.plan.window, cache_capacity=engine.plan.cache_capacity)
+                if engine.plan.pinned is not None:  # hot neurons: the planner's split, and the reads it expected
+                    row.update(pinned_per_layer=sum(len(p) for p in engine.plan.pinned) / len(engine.plan.pinned),
+                               predicted_bytes_read_per_token=engine.plan.predicted_read_bundles * store.bundle_bytes)
             if engine.mode == "hybrid":
                 row["resident_ffn_layers"] = len(engine.ffn.resident_layers)
             if engine.choice is not None:
@@ -236,9 +245,10 @@ def summarize(runs: list[dict]) -> dict:
 def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 128, gen_tokens: int = 256,
           repeat: int = 1, configs: list[str] | None = None, baselines: bool = True, limit: str | None = None,
           out_dir: str | Path = RESULTS, max_seconds: float = 120.0, prompt_ids: list[int] | None = None,
-          progress: bool = True, cache_format: str = "store") -> dict:
+          progress: bool = True, cache_format: str = "store", density: float | None = None) -> dict:
     """prompt_ids: use these instead of `prompt_tokens` of real text (a model without a tokenizer).
-    cache_format: the sparse rows' neuron cache ("store": bundles as stored, or "int8")."""
+    cache_format: the sparse rows' neuron cache ("store": bundles as stored, or "int8"). density: the sparse rows'
+    selected fraction per token (None: the calibrated threshold)."""
     from ..engine import Engine
     from ..planner import parse_memory
     from ..paths import load_max_gap, profile_path
@@ -263,7 +273,8 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
     for _ in range(repeat):
         for cfg in chosen:
             bar.set_postfix_str(cfg.name)
-            row = run_config(cfg, store, unbundled, budget, prompt, gen_tokens, max_gap, max_seconds, cache_format)
+            row = run_config(cfg, store, unbundled, budget, prompt, gen_tokens, max_gap, max_seconds, cache_format,
+                             density)
             if row.get("status") == "unavailable" and unbundled_reason:
                 row["reason"] = unbundled_reason
             rounds[cfg.name].append(row)
@@ -281,6 +292,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
         "dtype": store.dtype_name, "ffn_bytes": store.ffn_bytes, "resident_bytes": store.resident_bytes,
         "memory": memory, "budget_bytes": budget, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
         "ffn_format": store.ffn_format, "resident_format": store.resident_format, "cache_format": cache_format,
+        "density": density,
         "ffn_compute": ffn_compute(store),
         "embeddings_on_flash": store.embed is not None,
         "repeat": repeat, "max_seconds_per_run": max_seconds, "max_gap": max_gap, "probe_profile": str(profile_path()) if profile else None,

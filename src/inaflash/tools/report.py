@@ -17,6 +17,7 @@ def key_ratios(result: dict) -> dict:
         return None
 
     out["naive_over_full"] = ratio("naive", "full")
+    out["naive_over_full_window_only"] = ratio("naive", "full-window-only")  # the hot neurons' share of it
     out["naive_over_auto"] = ratio("naive", "auto")
     # under each whole-process limit: inaflash's default against llama.cpp-mmap, tokens/s over tokens/s
     for limit in sorted({b.get("limit_bytes") for b in result.get("baselines", []) if b.get("limit_bytes")}):
@@ -41,7 +42,7 @@ def key_ratios(result: dict) -> dict:
     for k in ("ppl_increase", "top1_agreement", "greedy_prefix"):  # sparse's quality gate (what auto trusts)
         if k in gate:
             out[f"sparse_gate_{k}"] = gate[k]
-    for name in ("full", "+coalescing", "auto"):
+    for name in ("full", "full-window-only", "+coalescing", "auto"):
         if name in by:
             out[f"{name}_bytes_share_of_ffn"] = by[name]["bytes_read_per_token"] / result["ffn_bytes"]
     return out

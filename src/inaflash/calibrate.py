@@ -7,8 +7,10 @@
 3. Per layer, a low-rank predictor trained on (FFN input, active mask) pairs. With --max-ppl-increase, steps 2-3
    are repeated in a binary search for the largest sparsity whose perplexity *as sparse mode runs it* (predictors,
    window) on a validation slice of the calibration text stays within the bound.
-4. Save thresholds, predictors and the report into the store; the manifest is replaced atomically.
-Held-out evaluation text (The Devil's Dictionary) is never used here.
+4. Save thresholds, predictors (with their score statistics: the planner's hot neurons, `--density`) and the report
+   into the store; the manifest is replaced atomically.
+Held-out evaluation text (The Devil's Dictionary) is never used here; `evaluate` (`inaflash eval`) scores on it.
+In the core, not tools/: `--mode sparse` calibrates a store on first use (loader.load).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..engine import Engine
-from ..errors import InaflashError
-from ..ffn.dense import RecordingFFN, ResidentFFN
-from ..ffn.predictor import Predictor, train_predictor
-from ..ffn.sparse import SPARSITY_FILE, Sparsity, WindowHistory
-from ..store.format import FlashStore
-from ..store.manifest import file_entry, read_manifest, write_manifest
+from .engine import Engine
+from .errors import InaflashError
+from .ffn.dense import RecordingFFN, ResidentFFN
+from .ffn.predictor import Predictor, train_predictor
+from .ffn.sparse import SPARSITY_FILE, Sparsity, WindowHistory
+from .store.format import FlashStore
+from .store.manifest import file_entry, read_manifest, write_manifest
 
 DEVIL_DICT = Path("/usr/share/dictd/devil.dict.dz")
 CHUNK = 256  # tokens per forward pass when recording or scoring text
@@ -154,18 +156,25 @@ def run_chunks(engine: Engine, ids: torch.Tensor, ffn=None, progress: str | None
 
 
 def evaluate(store_path: str | Path, texts: list[Path] | None = None, tokens: int = 4096, window: int = 4,
-             progress: bool = True, modes: list[str] | None = None) -> dict:
+             progress: bool = True, modes: list[str] | None = None, density: float | None = None,
+             greedy: bool = False) -> dict:
     """Perplexity on held-out text (default: The Devil's Dictionary) and how often dense's top token is kept, for:
     dense; oracle (true active set); predictor (this token's predicted set: the paper's); and predictor+window
     (sparse mode's default: every neuron of the last `window` tokens' predictions, compute="cached").
-    `modes`: only these (dense always runs: the others are compared with it)."""
-    from ..ffn.sparse import load_sparsity
+    `modes`: only these (dense always runs: the others are compared with it). `density`: the predictors moved to
+    select that fraction per token (`--density`). `greedy`: also the greedy prefix shared with dense (quality_gate's
+    measure) on GATE_PROMPTS prompts cut from the held-out text."""
+    from .ffn.sparse import load_sparsity
 
     store = FlashStore(store_path)
     engine = Engine(store, mode="dram", context=CHUNK + 1)
     text = read_texts(texts) if texts else heldout_text()
     ids = token_ids(engine, text, tokens)
     resident, spec = engine.ffn, load_sparsity(store)
+    if density is not None:
+        if spec is None:
+            raise InaflashError(f"store {store.path} is not calibrated: --density moves a calibration's predictors")
+        spec = spec.at_density(density)
     runs = {"dense": resident}
     if spec is not None:
         runs["oracle"] = MaskedDenseFFN(resident, spec, use_predictor=False)
@@ -189,8 +198,12 @@ def evaluate(store_path: str | Path, texts: list[Path] | None = None, tokens: in
             "top1_agreement_with_dense": sum(a == b for a, b in zip(top, dense_top)) / len(top),
             "ffn_fraction_computed": ffn.selected / ffn.total if name != "dense" else 1.0,
         }
+        if greedy and name != "dense":
+            prefixes = greedy_prefixes(engine, resident, ffn, ids, f"greedy {name}" if progress else None)
+            results[name].update(greedy_prefix=sum(prefixes) / len(prefixes), greedy_prefixes=prefixes)
     engine.close()
-    return {"tokens": tokens, "text": [str(t) for t in texts] if texts else str(DEVIL_DICT), "modes": results}
+    return {"tokens": tokens, "text": [str(t) for t in texts] if texts else str(DEVIL_DICT), "density": density,
+            "modes": results}
 
 
 # What sparse mode must keep, against dense on the same store, to be chosen by `--mode auto` (issue 14's bounds):
@@ -206,14 +219,33 @@ def agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def greedy_prefixes(engine: Engine, resident: ResidentFFN, ffn, ids: torch.Tensor, progress: str | None = None
+                    ) -> list[int]:
+    """For GATE_PROMPTS prompts of GATE_PROMPT_TOKENS cut evenly from `ids`: how many of the first GATE_TOKENS greedy
+    tokens `ffn` shares with dense (`resident`)."""
+    from .generate import generate_ids
+
+    step = (len(ids) - GATE_PROMPT_TOKENS) // GATE_PROMPTS
+    greedy = []
+    for i in tqdm(range(GATE_PROMPTS), desc=progress, disable=progress is None, leave=False):
+        prompt = ids[i * step: i * step + GATE_PROMPT_TOKENS].tolist()
+        outs = []
+        for one in (resident, ffn):
+            engine.set_ffn(one)
+            if hasattr(one, "reset_state"):
+                one.reset_state()
+            outs.append(generate_ids(engine, prompt, GATE_TOKENS, temperature=0.0, stop=set())[0])
+        greedy.append(agreement(*outs))
+    engine.set_ffn(resident)
+    return greedy
+
+
 def quality_gate(engine: Engine, resident: ResidentFFN, spec: Sparsity, val: torch.Tensor, window: int,
                  progress: bool = False, scored: tuple | None = None) -> dict:
     """Sparse mode as it runs by default (predictors, the window's union computed) against dense, on the validation
     slice of the calibration text: perplexity, top-1 agreement, and greedy agreement over GATE_PROMPTS prompts cut
     from it. `ok` when every bound of QUALITY_BOUNDS holds; `failed` names those that do not. `scored`: (dense
     perplexity, dense top tokens, deployed perplexity, deployed top tokens) on `val` already measured."""
-    from ..generate import generate_ids
-
     deployed = MaskedDenseFFN(resident, spec, True, window)
     if scored is None:
         dense_top, top = [], []
@@ -221,18 +253,7 @@ def quality_gate(engine: Engine, resident: ResidentFFN, spec: Sparsity, val: tor
         ppl = run_chunks(engine, val, deployed, predictions=top)
     else:
         dense_ppl, dense_top, ppl, top = scored
-    step = (len(val) - GATE_PROMPT_TOKENS) // GATE_PROMPTS
-    greedy = []
-    for i in tqdm(range(GATE_PROMPTS), desc="quality gate: greedy", disable=not progress, leave=False):
-        prompt = val[i * step: i * step + GATE_PROMPT_TOKENS].tolist()
-        outs = []
-        for ffn in (resident, deployed):
-            engine.set_ffn(ffn)
-            if hasattr(ffn, "reset_state"):
-                ffn.reset_state()
-            outs.append(generate_ids(engine, prompt, GATE_TOKENS, temperature=0.0, stop=set())[0])
-        greedy.append(agreement(*outs))
-    engine.set_ffn(resident)
+    greedy = greedy_prefixes(engine, resident, deployed, val, "quality gate: greedy" if progress else None)
     measured = {"ppl_increase": ppl / dense_ppl - 1,
                 "top1_agreement": sum(a == b for a, b in zip(top, dense_top)) / len(top),
                 "greedy_prefix": sum(greedy) / len(greedy)}
@@ -245,7 +266,7 @@ def quality_gate(engine: Engine, resident: ResidentFFN, spec: Sparsity, val: tor
 
 def gate_only(store_path: str | Path, progress: bool = True) -> dict:
     """Measure the quality gate of a store's existing calibration (no retraining) and save it into the manifest."""
-    from ..ffn.sparse import load_sparsity
+    from .ffn.sparse import load_sparsity
 
     store = FlashStore(store_path)
     spec = load_sparsity(store)
@@ -277,7 +298,9 @@ def default_rank(hidden: int) -> int:
 
 def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity: float | None = None,
               max_ppl_increase: float | None = None, rank: int | None = None, tokens: int = 4096,
-              val_tokens: int = 2048, recall: float = 0.95, window: int = 4, progress: bool = True) -> dict:
+              val_tokens: int = 1024, recall: float = 0.95, window: int = 4, progress: bool = True) -> dict:
+    """`val_tokens`: the validation slice the gate judges on (dense and deployed perplexity, top-1 over ~1000
+    positions, greedy prompts cut from it); 2048 spent ~190 of Qwen2.5-1.5B's ~650 s in those two passes."""
     store = FlashStore(store_path)
     cfg = store.config
     if sparsity is not None and not 0 <= sparsity < 1:
@@ -323,8 +346,12 @@ def calibrate(store_path: str | Path, texts: list[Path] | None = None, sparsity:
                 spec.thresholds[layer] = level(h, target)
             mask = spec.true_active(layer, h)
             pred, metrics = train_predictor(x, mask, rank, recall_target=recall, epochs=EPOCHS, min_steps=MIN_STEPS)
-            spec.predictors.append(Predictor(pred.down.to(store.dtype), pred.up.to(store.dtype), pred.bias, pred.tau))
-            layers.append({"threshold": spec.thresholds[layer], **metrics.__dict__})
+            # as deployed (store dtype), with its score statistics over all the calibration tokens (the planner's hot
+            # neurons and --density come from them; estimated_fraction checks their normal fit against the text)
+            pred = Predictor(pred.down.to(store.dtype), pred.up.to(store.dtype), pred.bias, pred.tau).with_statistics(x)
+            spec.predictors.append(pred)
+            layers.append({"threshold": spec.thresholds[layer], **metrics.__dict__,
+                           "estimated_fraction": float(pred.frequencies().mean())})
         return layers
 
     def deployed_ppl(spec: Sparsity, predictions: list | None = None) -> float:
@@ -396,6 +423,8 @@ def save_sparsity(store: FlashStore, kind: str, thresholds: list[float], predict
         for i, p in enumerate(predictors):
             tensors.update({f"{i}.down": p.down.contiguous(), f"{i}.up": p.up.contiguous(),
                             f"{i}.bias": p.bias.contiguous()})
+            if p.mean is not None:
+                tensors.update({f"{i}.mean": p.mean.contiguous(), f"{i}.std": p.std.contiguous()})
         tmp = store.path / f".{SPARSITY_FILE}.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, store.path / SPARSITY_FILE)
@@ -411,7 +440,7 @@ def save_sparsity(store: FlashStore, kind: str, thresholds: list[float], predict
 
 def copy_sparsity(src: FlashStore, dst: FlashStore) -> None:
     """Give `dst` (the same weights in another layout) `src`'s calibration."""
-    from ..ffn.sparse import load_sparsity
+    from .ffn.sparse import load_sparsity
 
     spec = load_sparsity(src)
     if spec is None or src.manifest.get("sparsity") is None:
