@@ -362,18 +362,20 @@ def test_density_needs_score_statistics(thresholded_llama):
 
 
 def test_hot_split_pins_all_when_the_window_cannot_hold_a_token_and_few_when_it_can():
-    from inaflash.planner import hot_split
+    from inaflash.planner import SPLIT_MARGIN, hot_split
 
     f = torch.linspace(0.9, 0.1, 100)  # a token selects 50 of 100 on average
     h, reads = hot_split(f, capacity=40, window=4)
     assert h == 40 and reads == pytest.approx(float(f[40:].sum()))  # the 40 hottest held, the rest read every time
-    # room for every window: neurons on most of the time are worth pinning, rare ones are left to the window (a pin
+    # room for every window: neurons on half of the time are worth pinning, rare ones are left to the window (a pin
     # is computed every token, compute="cached"); where computing is free (compute="active") every slot is pinned: a
     # pinned rare neuron is a sure hit, a window slot a hit 6% of the time
-    f = torch.cat([torch.full((10,), 0.9), torch.full((90,), 0.02)])
+    f = torch.cat([torch.full((10,), 0.5), torch.full((90,), 0.02)])
     assert hot_split(f, capacity=60, window=4, steps=60)[0] == 10
+    # neurons on nearly always are hits in the window too: pinning them saves less than the margin, so none are
+    assert hot_split(torch.cat([torch.full((10,), 0.95), torch.full((90,), 0.02)]), 60, 4, steps=60)[0] == 0
     h, reads = hot_split(f, capacity=60, window=4, compute_cost=0.0, steps=60)
-    assert h == 60 and reads == pytest.approx(40 * 0.02)
+    assert h >= 57 and reads == pytest.approx(40 * 0.02, rel=SPLIT_MARGIN)  # all but what saves < the margin
 
 
 def test_coalesced_reads_count_the_bundles_a_merged_read_covers():
@@ -408,7 +410,7 @@ def test_pinned_neurons_are_never_read_again_and_do_not_change_the_output(predic
     got, pinned_ids = {}, {}
     for hot in (False, True):
         with Engine(store, mode="sparse", window=4, context=32, compute="active", memory=budget,
-                    hot_neurons=hot) as engine:
+                    hot_neurons=hot, max_gap=-1) as engine:  # reads not merged: pins save reads, so some are taken
             ffn = engine.ffn
             assert engine.plan.planned_bytes <= budget
             if hot:

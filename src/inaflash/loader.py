@@ -102,7 +102,7 @@ def load(model: str | Path | None = None, options: Options | None = None, **chan
 
 def calibrate_once(store: FlashStore) -> FlashStore:
     """Sparse mode on a store without a calibration: calibrate it now, with progress bars, and keep the result in
-    the store (SmolLM2-135M ~2.5 min, Qwen2.5-1.5B ~11 min on 2 cores; README). `--mode auto` does not do this:
+    the store (SmolLM2-135M ~2.5 min, Qwen2.5-1.5B ~10 min on 2 cores; README). `--mode auto` does not do this:
     where the gate fails (both models here) it would be minutes spent to stream exactly all the same."""
     from .calibrate import calibrate
 
