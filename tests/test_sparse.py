@@ -430,3 +430,36 @@ def test_pinned_neurons_are_never_read_again_and_do_not_change_the_output(predic
                     assert set(cache.neuron_of_slot[:cache.pinned].tolist()) == set(pins[layer].tolist())
     for hot in (False, True):
         assert max((a - b).abs().max().item() for a, b in zip(got[hot], ref)) < 1e-4
+
+
+def test_auto_weighs_sparse_by_the_planners_expected_bytes(predicted_llama, tmp_path, monkeypatch):
+    """With score statistics, --mode auto compares the bytes the planner expects sparse to read (merged reads
+    included) with what hybrid streams at the same budget, and says which figure decided."""
+    import re
+    import shutil
+
+    from inaflash.ffn.sparse import load_sparsity
+    from inaflash.paths import load_max_gap
+    from inaflash import planner
+    from inaflash.planner import choose_mode, hot_neurons, plan_hybrid, plan_memory
+
+    store = FlashStore(shutil.copytree(predicted_llama[0].path, tmp_path / "s"))
+    spec = load_sparsity(store)
+    save_sparsity(store, "threshold", spec.thresholds, spec.predictors,
+                  {**spec.info, "quality": {"ok": True, "fraction_computed": 0.5}})
+    store = FlashStore(store.path)
+    spec = load_sparsity(store)
+    n = store.config.intermediate_size
+    unlimited = plan_memory(store, None, 32, spec.predictor_bytes, 4, n)
+    budget = unlimited.planned_bytes - unlimited.cache_bytes + store.config.num_layers * (n // 8) * store.row_bytes
+    choice = choose_mode(store, budget, 32, spec, 4)  # (an eighth of the FFN cached: the model does not fit)
+    plan = plan_memory(store, budget, 32, spec.predictor_bytes, 4, n // 2)
+    expected = hot_neurons(spec, plan.cache_capacity, plan.window, "cached",
+                           max(load_max_gap(), 0) // store.bundle_bytes)[1] * store.bundle_bytes
+    streamed = sum(e.span for e in store.layers[plan_hybrid(store, budget, 32):])
+    assert expected < streamed and choice.mode == "sparse"  # the tiny model streams all of its layers in hybrid
+    # where the planner expects more than hybrid streams (SwiGLU models here), auto streams exactly and says why
+    monkeypatch.setattr(planner, "hot_neurons", lambda *a: ([], 2 * streamed / store.bundle_bytes))
+    choice = choose_mode(store, budget, 32, spec, 4)
+    said = re.search(r"expected to read ([0-9.]+) MB per token, not less than hybrid's ([0-9.]+) MB", choice.reason)
+    assert choice.mode == "naive" and said and said[1] != said[2], choice.reason
