@@ -383,9 +383,10 @@ def test_coalesced_reads_count_the_bundles_a_merged_read_covers():
 
     miss = torch.tensor([1.0, 0, 0, 1])
     approx = lambda v: pytest.approx(v, abs=1e-6)
-    assert coalesced_reads(miss, gap=0) == 2 and coalesced_reads(miss, gap=2) == approx(2)  # gap/2 = 1 a side: apart
-    assert coalesced_reads(miss, gap=4) == approx(4)  # the two between are read with them
-    assert coalesced_reads(torch.zeros(9), gap=8) == 0 and coalesced_reads(torch.ones(9), gap=8) == approx(9)
+    reads = lambda m, gap: float(coalesced_reads(m, gap))
+    assert reads(miss, gap=0) == 2 and reads(miss, gap=2) == approx(2)  # gap/2 = 1 a side: apart
+    assert reads(miss, gap=4) == approx(4)  # the two between are read with them
+    assert reads(torch.zeros(9), gap=8) == 0 and reads(torch.ones(9), gap=8) == approx(9)
     # about half of the neurons selected, the hot ones scattered over the file: read one by one, pinning every slot
     # saves their reads; with reads merging over 16 bundles, >90% of the layer is read whatever is pinned
     f = 0.4 + 0.2 * torch.rand(200, generator=torch.Generator().manual_seed(0))
@@ -454,8 +455,8 @@ def test_auto_weighs_sparse_by_the_planners_expected_bytes(predicted_llama, tmp_
     budget = unlimited.planned_bytes - unlimited.cache_bytes + store.config.num_layers * (n // 8) * store.row_bytes
     choice = choose_mode(store, budget, 32, spec, 4)  # (an eighth of the FFN cached: the model does not fit)
     plan = plan_memory(store, budget, 32, spec.predictor_bytes, 4, n // 2)
-    expected = hot_neurons(spec, plan.cache_capacity, plan.window, "cached",
-                           max(load_max_gap(), 0) // store.bundle_bytes)[1] * store.bundle_bytes
+    expected = hot_neurons(store, spec, plan.cache_capacity, plan.window, "cached", load_max_gap())[1] * \
+        store.bundle_bytes
     streamed = sum(e.span for e in store.layers[plan_hybrid(store, budget, 32):])
     assert expected < streamed and choice.mode == "sparse"  # the tiny model streams all of its layers in hybrid
     # where the planner expects more than hybrid streams (SwiGLU models here), auto streams exactly and says why

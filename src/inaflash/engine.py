@@ -73,8 +73,8 @@ class Engine:
                 predictor_bytes = sparsity.predictor_bytes if o.use_predictor else 0
                 self.plan = plan_memory(store, budget, self.context, predictor_bytes, window,
                                         active_neurons_per_token(store, sparsity), cache_format)
-                hot = hot_neurons(sparsity, self.plan.cache_capacity, self.plan.window, o.compute,
-                                  max(max_gap, 0) // store.bundle_bytes) if o.hot_neurons and o.use_predictor else None
+                hot = hot_neurons(store, sparsity, self.plan.cache_capacity, self.plan.window, o.compute,
+                                  max_gap) if o.hot_neurons and o.use_predictor else None
                 if hot is not None:
                     self.plan.pinned, self.plan.predicted_read_bundles = hot
                 self.ffn = SparseFlashFFN(store, self.reader, sparsity, self.plan.cache_capacity, self.plan.window,
