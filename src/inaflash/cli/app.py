@@ -25,6 +25,9 @@ MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP)
 CACHE_FORMAT = typer.Option("store", help="sparse: store = cached neurons as stored on flash (compressed stays "
                                           "compressed); int8 = a float store's neurons re-encoded as int8 bundles "
                                           "(about half the DRAM per neuron).")
+DENSITY = typer.Option(None, min=0.001, max=1.0, help="sparse: select this fraction of each layer's neurons per token "
+                                                      "(the predictors' threshold moved to it, from the calibration's "
+                                                      "score statistics; default: the calibrated one, ~95% recall).")
 
 # the options of every command that opens a model (run, serve, chat, loadtest): name -> (type, option)
 RUN_OPTIONS = {
@@ -47,10 +50,7 @@ RUN_OPTIONS = {
         "cached", help="sparse: cached = every neuron in the window cache (no extra I/O, closer to dense); active = "
                        "only this token's selected neurons (the paper's definition).")),
     "cache_format": (str, CACHE_FORMAT),
-    "density": (Optional[float], typer.Option(
-        None, min=0.001, max=1.0, help="sparse: select this fraction of each layer's neurons per token (the "
-                                       "predictor's threshold moved to it; default: the calibrated one, ~95% recall). "
-                                       "For measuring speed against quality: see `inaflash eval --density`.")),
+    "density": (Optional[float], DENSITY),
     "no_hot_neurons": (bool, typer.Option(
         False, "--no-hot-neurons", help="sparse: do not pin each layer's hot neurons in its cache (the planner's "
                                         "split from calibration statistics); the window cache alone (ablation).")),

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import InaflashError
 from ..options import Options
-from .app import CACHE_FORMAT, MODEL, app, open_model, run_options
+from .app import CACHE_FORMAT, DENSITY, MODEL, app, open_model, run_options
 
 
 @app.command()
@@ -64,9 +64,7 @@ def evaluate(
                                               "(sparse mode's default); 0 or 1 skips it."),
     mode: Optional[list[str]] = typer.Option(None, help="Only these (repeatable): oracle, predictor, "
                                                         "predictor+window4; dense always runs."),
-    density: Optional[float] = typer.Option(None, min=0.001, max=1.0, help="Move the predictors to select this "
-                                                                           "fraction of neurons per token (as "
-                                                                           "`run --density`)."),
+    density: Optional[float] = DENSITY,
     greedy: bool = typer.Option(False, "--greedy", help="Also greedy agreement with dense: 10 prompts cut from the "
                                                         "text, 32 tokens each (how many leading tokens match)."),
 ):
@@ -151,9 +149,7 @@ def bench(
                                                            "says how many tokens it made)."),
     out_dir: Path = typer.Option(Path("bench/results"), help="Where <date>-<model>.json/.md/.png go."),
     cache_format: str = CACHE_FORMAT,
-    density: Optional[float] = typer.Option(None, min=0.001, max=1.0, help="The sparse rows select this fraction "
-                                                                           "of neurons per token (as run --density; "
-                                                                           "default: the calibrated threshold)."),
+    density: Optional[float] = DENSITY,
 ):
     """Reproduce the paper's ablation (naive -> +predictor -> +windowing -> +bundling) and per-token latency
     split (I/O, predictor, memory management, compute) on this machine, next to dram, hybrid and the baselines."""
