@@ -358,3 +358,34 @@ def test_many_tokens_take_the_gemm_and_agree_with_the_kernel(int4_llama, monkeyp
     d = store.config.hidden_size
     expected, _ = reference("swiglu", w, x, d)
     assert not calls and rel(gemm_out, expected) < 1e-4 and rel(kernel_out, expected) < 2e-2
+
+
+UNALIGNED_INT8PACK = r"""
+import sys, torch
+from safetensors.torch import load_file, save_file
+from inaflash.store import quant
+codes, scales = quant.Int8Matrix.quantize(torch.randn(96, 64))
+# a 3-byte tensor first: safetensors lays the codes at an offset that is not a multiple of 64, as in a real store
+save_file({"a": torch.zeros(3, dtype=torch.int8), "w": codes, "w.scale": scales}, sys.argv[1])
+w = load_file(sys.argv[1])
+assert w["w"].data_ptr() % 64 != 0, "the case did not build: codes landed aligned"
+m = quant.Int8Matrix(w["w"], w["w.scale"])
+x = torch.randn(8 * 64 + 1, dtype=torch.bfloat16)[1:].view(8, 64)  # activations at an odd offset too
+assert x.data_ptr() % 64 != 0
+got = m.linear(x)
+ref = x.float() @ (codes.float() * scales.float()[:, None]).T
+print(((got - ref).norm() / ref.norm()).item())
+"""
+
+
+def test_int8_matrix_from_unaligned_file_bytes_runs_torch_int8pack(tmp_path):
+    """Codes that safetensors loads at an offset not a multiple of 64 bytes, times 8 tokens (torch's int8pack path)
+    with activations at an odd offset: on a CPU where torch runs AVX-512 kernels int8pack read such memory with
+    aligned loads and the process died (SIGSEGV). Run in a child so a regression fails this test, not the suite."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", UNALIGNED_INT8PACK, str(tmp_path / "w.safetensors")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert float(r.stdout.split()[-1]) < 0.02  # bfloat16 activations against the float product

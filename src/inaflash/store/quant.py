@@ -320,6 +320,19 @@ MATVEC = native.function("inaflash_int8_matvec", ctypes.c_void_p, ctypes.c_void_
 NATIVE_MAX_TOKENS = 4
 
 
+TORCH_ALIGN = 64  # bytes: torch's AVX-512 int8pack kernel reads with aligned loads (SIGSEGV at offset 8: torch 2.13)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous at a TORCH_ALIGN-byte boundary: itself where it already is, else a fresh copy (torch's allocator
+    aligns to 64). Tensors loaded from a file (safetensors keeps 8-byte offsets) and views at an offset are not."""
+    if t.is_contiguous() and t.data_ptr() % TORCH_ALIGN == 0:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype)
+    assert out.data_ptr() % TORCH_ALIGN == 0
+    return out.copy_(t)
+
+
 class Int8Matrix:
     """A resident weight matrix [rows, cols] as int8 codes with a per-row scale: w ~ codes * scale[:, None].
 
@@ -330,7 +343,7 @@ class Int8Matrix:
     Row lookups (embeddings) dequantize only those rows."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
-        self.codes, self.scales = codes.contiguous(), scales.contiguous()
+        self.codes, self.scales = aligned(codes), aligned(scales)
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,7 +359,7 @@ class Int8Matrix:
             if MATVEC(self.codes.data_ptr(), self.scales.data_ptr(), rows, cols, x.data_ptr(), x.shape[0],
                       out.data_ptr(), torch.get_num_threads()) == 0:
                 return out
-        return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.codes, self.scales).float()
+        return torch._weight_int8pack_mm(aligned(x.to(torch.bfloat16)), self.codes, self.scales).float()
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes[ids].float() * self.scales[ids].float()[..., None]
