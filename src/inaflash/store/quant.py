@@ -315,35 +315,25 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 MATVEC = native.function("inaflash_int8_matvec", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int)
-# Up to this many tokens the native kernel (activations quantized to int8 per 32) multiplies a resident int8 matrix;
-# from here on torch's int8pack GEMM, which reads each weight once for all tokens
-NATIVE_MAX_TOKENS = 4
-
-
-TORCH_ALIGN = 64  # bytes: torch's AVX-512 int8pack kernel reads with aligned loads (SIGSEGV at offset 8: torch 2.13)
-
-
-def aligned(t: torch.Tensor) -> torch.Tensor:
-    """t contiguous at a TORCH_ALIGN-byte boundary: itself where it already is, else a fresh copy (torch's allocator
-    aligns to 64). Tensors loaded from a file (safetensors keeps 8-byte offsets) and views at an offset are not."""
-    if t.is_contiguous() and t.data_ptr() % TORCH_ALIGN == 0:
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype)
-    assert out.data_ptr() % TORCH_ALIGN == 0
-    return out.copy_(t)
 
 
 class Int8Matrix:
     """A resident weight matrix [rows, cols] as int8 codes with a per-row scale: w ~ codes * scale[:, None].
 
-    Multiplied without dequantizing. Up to NATIVE_MAX_TOKENS tokens (decode) by the native kernel, activations
-    quantized to int8 per 32: Qwen2.5's 151936 x 1536 head in 9.3 ms vs 16.2 ms with torch's int8pack, which reads
-    it at ~14 GB/s (`python bench/resident_int8.py`, bench/results/2026-11-24-resident-int8.md).
-    More tokens: torch's weight-only int8 kernel with bfloat16 activations (with float32 ones it is 6x slower).
-    Row lookups (embeddings) dequantize only those rows."""
+    Multiplied without dequantizing by the native kernel, for any number of tokens (activations quantized to int8
+    per 32, as llama.cpp's Q8; each row's codes stay in L1 while every token meets them): Qwen2.5's 151936 x 1536
+    head in 9.3 ms vs 16.2 ms with torch's int8pack (`python bench/resident_int8.py`,
+    bench/results/2026-11-24-resident-int8.md). Without it, or for a width that is not a multiple of 32, rows are
+    decoded to float32 in blocks and multiplied by torch.
+    torch's own weight-only kernel (`_weight_int8pack_mm`) is not used: under torch 2.13's AVX-512 kernels it read
+    weights at offsets that are not a multiple of 64 bytes with aligned loads (SIGSEGV: safetensors lays tensors at
+    8-byte offsets), and for 40 columns it returned inf, then crashed. Row lookups (embeddings) dequantize only those
+    rows."""
+
+    BLOCK = 8192  # rows decoded at once by the torch path
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
-        self.codes, self.scales = aligned(codes), aligned(scales)
+        self.codes, self.scales = codes.contiguous(), scales.contiguous()
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,13 +343,15 @@ class Int8Matrix:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, cols] float -> [T, rows] float32."""
         rows, cols = self.codes.shape
-        if MATVEC is not None and x.shape[0] <= NATIVE_MAX_TOKENS and cols % 32 == 0:
-            x = x.float().contiguous()
-            out = torch.empty(x.shape[0], rows)
-            if MATVEC(self.codes.data_ptr(), self.scales.data_ptr(), rows, cols, x.data_ptr(), x.shape[0],
-                      out.data_ptr(), torch.get_num_threads()) == 0:
-                return out
-        return torch._weight_int8pack_mm(aligned(x.to(torch.bfloat16)), self.codes, self.scales).float()
+        x = x.float().contiguous()
+        out = torch.empty(x.shape[0], rows)
+        if MATVEC is not None and cols % 32 == 0 and \
+                MATVEC(self.codes.data_ptr(), self.scales.data_ptr(), rows, cols, x.data_ptr(), x.shape[0],
+                       out.data_ptr(), torch.get_num_threads()) == 0:
+            return out
+        for i in range(0, rows, self.BLOCK):
+            out[:, i:i + self.BLOCK] = x @ self[torch.arange(i, min(rows, i + self.BLOCK))].T
+        return out
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes[ids].float() * self.scales[ids].float()[..., None]
