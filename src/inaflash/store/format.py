@@ -170,12 +170,7 @@ class FlashStore:
             if size != want:
                 raise StoreError(f"store {self.path}: {name} is {size} bytes but the manifest says {want} "
                                  f"(truncated or modified; re-run inaflash convert)")
-        n, ffn_size = self.config.intermediate_size, files[ffn["file"]]["bytes"]
-        if len(self.layers) != self.config.num_layers or any(
-                e.offset % ALIGN or e.nbytes != n * self.bundle_bytes or e.span < e.nbytes or e.span % ALIGN
-                or e.offset + e.span > ffn_size for e in self.layers):
-            raise ValueError(f"layer extents do not describe {self.config.num_layers} layers of {n} bundles in "
-                             f"{ffn['file']} ({ffn_size} bytes)")
+        self._check_tiling(files[ffn["file"]]["bytes"], ffn["file"])
         if self.embed is not None:
             _inside(self.path, self.embed.get("file"), "embedding file")
             rows, row_bytes = _count(self.embed["rows"], "embedding rows", 1), _count(self.embed["row_bytes"], "row", 1)
@@ -190,6 +185,28 @@ class FlashStore:
             self.palettes = [{f: books[f"{i}.{f}"] for f in quant.palettized(self.fields)} for i in
                              range(len(self.layers))]
         self.page_crcs = self._page_checksums(m["checksums"])
+
+    def _check_tiling(self, ffn_size: int, name: str) -> None:
+        """The layers tile the FFN file exactly as convert writes it: layer i starts where layer i-1's span ends (the
+        first at 0), each holds its n bundles and spans them rounded up to the alignment (the unbundled layout: its
+        field blocks, each rounded up), and the last ends at the file's end. So which bytes are layer i follows from
+        the config alone: a manifest that points a layer at another's bytes, or before the file, is refused here;
+        the page checksums then bind those bytes (a manifest edited with its sha256 recomputed passed before, and
+        a layer read at a negative offset failed as a disk error)."""
+        n = self.config.intermediate_size
+        nbytes = n * self.bundle_bytes
+        span = round_up(nbytes) if self.layout == "bundled" else \
+            sum(round_up(n * (b - a) * self.dtype.itemsize) for a, b in self.fields.values())
+        if len(self.layers) != self.config.num_layers:
+            raise ValueError(f"{len(self.layers)} layer extents for a model of {self.config.num_layers} layers")
+        at = 0
+        for i, e in enumerate(self.layers):
+            if (e.offset, e.nbytes, e.span) != (at, nbytes, span):
+                raise ValueError(f"layer {i}'s extent (offset {e.offset}, {e.nbytes} bytes, span {e.span}) is not "
+                                 f"where the layers tile {name}: offset {at}, {nbytes} bytes, span {span}")
+            at += span
+        if at != ffn_size:
+            raise ValueError(f"{name} is {ffn_size} bytes; its {len(self.layers)} layers tile {at}")
 
     def _page_checksums(self, entry: dict) -> dict[str, np.ndarray]:
         """File name -> uint32 CRC-32C per 4096-byte page, for the files read from flash."""
