@@ -110,7 +110,15 @@ def test_completions_and_stop_strings(live, model):
     ({"model": "MODEL", "messages": []}, 400, "messages"),
     ({"model": "MODEL", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": 5}]}, 400, "content"),
-    ({"model": "gpt-4o", "messages": CHAT}, 400, "unknown model 'gpt-4o'"),
+    ({"model": "gpt-4o", "messages": CHAT}, 404, "unknown model 'gpt-4o'"),
+    ({"model": "MODEL", "messages": CHAT, "logprobs": True}, 400, "logprobs: logprobs are not returned"),
+    ({"model": "MODEL", "messages": CHAT, "top_logprobs": 3}, 400, "top_logprobs: logprobs are not returned"),
+    ({"model": "MODEL", "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools: tool calling is not supported"),
+    ({"model": "MODEL", "messages": CHAT, "functions": [{"name": "f"}]}, 400, "functions: function calling"),
+    ({"model": "MODEL", "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": "MODEL", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400,
+     "stop: 5 stop strings, at most 4 are allowed"),
     ({"model": "MODEL", "messages": CHAT, "max_tokens": 10 ** 6}, 400, "exceed the context"),
     ({"model": "MODEL", "messages": CHAT, "seed": 2 ** 64}, 400, "seed"),
     ({"model": "MODEL", "messages": CHAT, "seed": -1}, 400, "seed"),
@@ -127,6 +135,15 @@ def test_bad_requests_get_openai_style_400s(live, model, body, status, needle):
     error = r.json()["error"]
     assert needle in error["message"] or needle == error["param"], error
     assert error["type"] == "invalid_request_error"
+
+
+def test_fields_that_ask_for_nothing_unsupported_are_accepted(live, model):
+    """Clients send the unsupported fields at their off values (logprobs false, tools [], response_format text):
+    those are served, not refused."""
+    body = {"model": model.name, "messages": CHAT, "max_tokens": 2, "temperature": 0, "logprobs": False,
+            "tools": [], "response_format": {"type": "text"}, "stop": ["a", "b", "c", "d"]}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_oversized_body_gets_an_openai_style_413(live, model):
@@ -334,6 +351,12 @@ def test_load_with_abandoned_requests_gives_no_5xx_and_stops_abandoned_work(mode
     assert r["invalid_not_400"] == 0 and set(r["statuses"]) <= {"200", "400", "429", "abandoned"}, r
     assert r["statuses"].get("200", 0) >= 10 and r["metrics"]["cancelled"] >= 1, r
     assert r["idle_after_s"] is not None and r["idle_after_s"] < 15 and r["health_status"] == 200, r
+    # SIGTERM mid-load: every admitted stream ends with an error event then [DONE], the rest are refused, and the
+    # server stops within its grace period
+    t = r["sigterm"]
+    assert t["exit_s"] is not None and t["exit_s"] < t["grace_s"], t
+    assert set(t["statuses"]) <= {"200", "429", "503"} and t["ended_with_error_then_done"] >= 1, t
+    assert t["chunks_max"] < 2000, t
 
 
 def test_a_body_that_is_not_utf8_gets_an_openai_style_400(live, model):
@@ -344,3 +367,57 @@ def test_a_body_that_is_not_utf8_gets_an_openai_style_400(live, model):
     assert r.json()["error"]["type"] == "invalid_request_error" and "not valid UTF-8" in r.json()["error"]["message"]
     r = httpx.get(live.url + "/v1/nowhere", timeout=30)  # FastAPI's own errors are OpenAI-shaped too
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+SERVE_SCRIPT = r"""
+import sys, inaflash
+from inaflash.server import serve
+with inaflash.load(mode="naive") as m:
+    print("ready", flush=True)
+    serve(m, port=int(sys.argv[1]), grace=float(sys.argv[2]))
+print("closed", flush=True)
+"""
+
+
+def test_sigterm_with_a_stream_in_flight_ends_it_and_exits_within_the_grace_period(model):
+    """`inaflash serve` under a service manager: SIGTERM while a 3000-token stream is generating. The stream ends
+    with an error event that says why and [DONE]; the process exits 0 within the grace period (uvicorn alone waited
+    for the stream to finish, so only SIGKILL ended it)."""
+    import signal
+
+    port, grace = free_port(), 5.0
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, str(port), str(grace)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        events = []
+        body = {"model": model.name, "messages": CHAT, "max_tokens": 3000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 5:  # streaming now
+                    proc.send_signal(signal.SIGTERM)
+                    t0 = time.perf_counter()
+        proc.wait(timeout=grace + 10)
+        took = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "shutting down" in error["message"] and error["type"] == "server_error"
+    assert len(events) < 3000
+    assert proc.returncode == 0 and took < grace + 3, (proc.returncode, took)
+    assert "closed" in proc.stdout.read()

@@ -2,12 +2,15 @@
 
 One generation runs at a time, on one worker thread; other requests wait in a bounded queue (over the bound: 429).
 A streamed generation whose client goes away is cancelled between two tokens, so the next request starts at once.
-User errors get OpenAI-style error bodies ({"error": {"message", "type", "param", "code"}}) with 400/401/429.
+User errors get OpenAI-style error bodies ({"error": {"message", "type", "param", "code"}}) with 400/401/404/429.
+SIGTERM/SIGINT stop it within a grace period: generations are cancelled at once, open streams end with an error event
+and [DONE], new requests get 503, and the process exits (serve(grace=...)).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -27,6 +30,7 @@ from .api import Model
 from .errors import InaflashError, StoreError
 from .generate import Generation, chat_template_ids, check_text
 
+DEFAULT_GRACE_S = 10.0  # SIGTERM -> exit; systemd's and Kubernetes' defaults wait 90 and 30 s before SIGKILL
 DEFAULT_MAX_TOKENS = 512  # when a request names none (capped by what the context leaves)
 # Larger bodies get a 413 before they are read: a 10 MB body used to be parsed and tokenized on the event loop
 # (/health stalled ~7 s) and left the process +700 MB. 4 MB is ~1M tokens of text, far beyond any context here.
@@ -69,13 +73,17 @@ class SamplingRequest(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2, strict=True)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1, strict=True)] = 1.0
     seed: Annotated[StrictInt, Field(ge=0, lt=2 ** 64)] | None = None
-    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    stop: Text | list[Text] | None = None
     stream: StrictBool = False
     n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
     stream_options: dict | None = None
 
     def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise APIError(400, f"stop: {len(stops)} stop strings, at most {MAX_STOP} are allowed", param="stop",
+                           code="invalid_value")
+        return stops
 
 
 class ChatRequest(SamplingRequest):
@@ -84,6 +92,48 @@ class ChatRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+
+
+class ServerStopping(InaflashError):
+    """The server is shutting down: the generation was stopped (stream: an error event; otherwise a 503)."""
+
+
+# OpenAI request fields this server does not implement, refused by name (they used to be ignored with a 200): what a
+# client asks for and does not get must be an error it can read, not an answer that silently lacks it.
+UNSUPPORTED_FIELDS = {
+    "logprobs": "logprobs are not returned by this server",
+    "top_logprobs": "logprobs are not returned by this server",
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "logit_bias": "logit_bias is not supported",
+    "response_format": "response_format other than text is not supported",
+    "echo": "echo is not supported",
+    "best_of": "best_of other than 1 is not supported",
+    "suffix": "suffix is not supported",
+}
+# values that ask for nothing beyond what is served
+UNSUPPORTED_OK = {"logprobs": (False, None, 0), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice":
+                  (None, "none"), "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls":
+                  (None, False, True), "logit_bias": (None, {}), "echo": (False, None), "best_of": (None, 1),
+                  "suffix": (None, "")}
+MAX_STOP = 4  # as OpenAI's API
+
+
+def check_supported(body: dict) -> None:
+    """400 naming the first field of `body` that asks for something this server does not do."""
+    for name, why in UNSUPPORTED_FIELDS.items():
+        if name not in body:
+            continue
+        value = body[name]
+        if name == "response_format" and (value is None or (isinstance(value, dict) and value.get("type") == "text")):
+            continue
+        if any(value == ok and type(value) is type(ok) for ok in UNSUPPORTED_OK.get(name, ())):
+            continue
+        raise APIError(400, f"{name}: {why} (inaflash serves text completions only)", param=name,
+                       code="unsupported_parameter")
 
 
 class Metrics:
@@ -111,10 +161,13 @@ class Server:
         self.lock: asyncio.Lock | None = None  # created on the server's event loop
         self.pending = 0  # admitted requests: the one generating + those waiting
         self.admitted: set[Generation] = set()  # what shutdown() cancels
+        self.stopping = threading.Event()  # set by stop(): new requests 503, stopped generations say why
         self.metrics = Metrics()
         self.started = int(time.time())
 
     def admit(self) -> None:
+        if self.stopping.is_set():
+            raise APIError(503, "server is shutting down", "server_error", code="server_shutting_down")
         if self.pending >= self.max_queue + 1:
             self.metrics.rejected += 1
             raise APIError(429, f"server busy: {self.pending} requests already running or queued "
@@ -125,7 +178,7 @@ class Server:
 
     def prepare(self, req: SamplingRequest, prompt_ids: list[int]) -> Generation:
         if req.model != self.model.name:
-            raise APIError(400, f"unknown model {req.model!r}; this server serves {self.model.name!r}",
+            raise APIError(404, f"unknown model {req.model!r}; this server serves {self.model.name!r}",
                            param="model", code="model_not_found")
         room = self.model.context - len(prompt_ids)
         wanted = req.max_completion_tokens or req.max_tokens
@@ -145,9 +198,19 @@ class Server:
             async with self._lock():
                 await asyncio.get_running_loop().run_in_executor(self.worker, gen.result)
             self.metrics.record(gen, cancelled=gen.cancelled.is_set())
+            if self.stopping.is_set() and gen.finish_reason is None:
+                raise APIError(503, "server is shutting down: the generation was stopped", "server_error",
+                               code="server_shutting_down")
         finally:
             self.pending -= 1
             self.admitted.discard(gen)
+
+    def stop(self) -> None:
+        """Begin a shutdown (from a signal handler: only sets events): every admitted generation stops after the
+        token or prefill chunk it is on, streams end with an error event and [DONE], new requests get 503."""
+        self.stopping.set()
+        for gen in list(self.admitted):
+            gen.cancelled.set()
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Cancel every admitted generation and wait (bounded) for the worker to stop, so the engine can be closed
@@ -187,6 +250,8 @@ class Server:
                     while True:
                         kind, value = await queue.get()
                         if kind == "end":
+                            if self.stopping.is_set() and gen.finish_reason is None:
+                                raise ServerStopping("server is shutting down: the generation was stopped")
                             break
                         if kind == "error":
                             raise value
@@ -294,6 +359,7 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(req: ChatRequest, request: Request):
+        check_supported(await request.json())
         messages = [m.model_dump() for m in req.messages]
         if not server.tokenizer.chat_template:
             raise APIError(400, f"model {model.name} has no chat template: use /v1/completions")
@@ -302,6 +368,7 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(req: CompletionRequest, request: Request):
+        check_supported(await request.json())
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
@@ -367,13 +434,39 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
     return app
 
 
-def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_queue: int = 8) -> None:
+def uvicorn_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, grace: float = DEFAULT_GRACE_S,
+                   log_level: str = "info"):
+    """The uvicorn server for `app`, whose SIGTERM/SIGINT stop generating at once and exit within `grace` seconds
+    (uvicorn alone waited for every open stream to finish: a 3000-token stream kept a SIGTERMed server up until
+    SIGKILL). `inaflash loadtest` drives the same handle_exit."""
     import uvicorn
 
+    state = app.state.server
+
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state.stop()  # streams end (error event + [DONE]), so uvicorn's wait for open connections is short
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn raises the signal again once it has stopped, which killed the process before the model was
+            # closed; a stop asked for by a signal is a normal end here (exit 0 after the caller's cleanup)
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()
+
+    return Uvicorn(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace))
+
+
+def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_queue: int = 8, grace: float = DEFAULT_GRACE_S) -> None:
+    """Serve until SIGTERM/SIGINT, then exit within `grace` seconds (uvicorn_server)."""
     app = create_app(model, api_key, max_queue)
+    state = app.state.server
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn_server(app, host, port, grace).run()
     finally:  # the caller closes the model next: nothing may still be generating on it
-        if not app.state.server.shutdown():
-            logging.getLogger("inaflash").warning("a generation did not stop within 30 s of shutdown")
+        state.stop()
+        if not state.shutdown(timeout=grace):
+            logging.getLogger("inaflash").warning(f"a generation did not stop within {grace:g} s of shutdown")

@@ -190,8 +190,8 @@ def loadtest(
     max_queue: int = typer.Option(8, min=0, help="The server's --max-queue."),
     out: Path = typer.Option(Path("bench/results"), help="Where the JSON and markdown go."),
 ):
-    """Load-test the server over loopback: concurrent clients, abandoned requests, invalid bodies; status codes,
-    latency percentiles, cancellation and RSS to bench/results/."""
+    """Load-test the server over loopback: concurrent clients, abandoned requests, invalid bodies, then SIGTERM with
+    streams open; status codes, latency percentiles, cancellation, shutdown time and RSS to bench/results/."""
     import time
 
     from ..tools.loadtest import loadtest as run_load, markdown
@@ -205,7 +205,8 @@ def loadtest(
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"inaflash: wrote {out / stem}.json and .md", file=sys.stderr)
-    if result["server_errors"] or result["idle_after_s"] is None or result["health_status"] != 200:
+    if result["server_errors"] or result["idle_after_s"] is None or result["health_status"] != 200 or \
+            result["sigterm"]["exit_s"] is None:
         raise typer.Exit(1)
 
 

@@ -5,7 +5,9 @@ concurrent clients: chat and completions, streamed and not, fixed seeds; a clien
 after a backoff, as OpenAI's clients do; every `abandon_every`-th request's client hangs up early (a stream left after its first chunk, a non-streamed request given up after 0.3 s), and a few bodies are
 invalid. Reported: status codes (a valid answer, 400 for the invalid ones, 429 when the queue is full; never a 5xx),
 latency percentiles per kind, that abandoned work was cancelled (the server idles right after the last client),
-RSS before, after warm-up and after the load, and that /health still answers.
+RSS before, after warm-up and after the load, and that /health still answers. Last, SIGTERM mid-load: streams are
+generating when the server's signal handler runs (the same handle_exit `inaflash serve` installs); each must end
+with an error event and [DONE] (or be refused, 429/503), and the server must stop within its grace period.
 """
 
 from __future__ import annotations
@@ -98,21 +100,57 @@ async def _load(url: str, name: str, clients: int, requests: int, abandon_every:
     return rows
 
 
+async def _sigterm_phase(url: str, name: str, streams: int, stop) -> list[dict]:
+    """`streams` long streamed requests; once one has streamed a few chunks, `stop()` (the signal handler). Each
+    row: status, chunks, whether it ended with an error event then [DONE]."""
+    import httpx
+
+    started = asyncio.Event()
+
+    async def one(i: int) -> dict:
+        row = {"i": i, "chunks": 0}
+        body = {"model": name, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": 2000, "temperature": 0.7, "seed": i, "stream": True}
+        try:
+            async with httpx.AsyncClient() as client:
+                async with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+                    row["status"] = r.status_code
+                    last = []
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            row["chunks"] += 1
+                            last = (last + [line[6:]])[-2:]
+                            if row["chunks"] == 4:
+                                started.set()
+                    row["error_then_done"] = len(last) == 2 and last[1] == "[DONE]" and '"error"' in last[0]
+        except httpx.TransportError as e:
+            row["status"] = f"transport: {type(e).__name__}"
+        return row
+
+    async def signal_when_streaming():
+        await asyncio.wait_for(started.wait(), 120)
+        stop()
+
+    rows, _ = await asyncio.gather(asyncio.gather(*(one(i) for i in range(streams))), signal_when_streaming())
+    return rows
+
+
 def loadtest(model, clients: int = 32, requests: int = 200, abandon_every: int = 8, seed: int = 0,
-             max_queue: int = 8) -> dict:
+             max_queue: int = 8, grace: float = 10.0) -> dict:
     """Run the load against a server for `model` (an api.Model) on a free loopback port; the report as a dict."""
     import socket
 
-    import httpx
-    import uvicorn
+    import signal
 
-    from ..server import create_app
+    import httpx
+
+    from ..server import create_app, uvicorn_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = create_app(model, max_queue=max_queue)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn_server(app, "127.0.0.1", port, grace, log_level="error")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -135,6 +173,19 @@ def loadtest(model, clients: int = 32, requests: int = 200, abandon_every: int =
         health = httpx.get(url + "/health", timeout=30)
         metrics = httpx.get(url + "/metrics", timeout=30).json()
         rss1 = rss_bytes()
+        # SIGTERM mid-load: the handler inaflash serve installs, called as a signal would call it
+        stopped = {}
+
+        def stop() -> None:
+            stopped["t"] = time.perf_counter()
+            server.handle_exit(signal.SIGTERM, None)
+
+        term = asyncio.run(_sigterm_phase(url, model.name, min(clients, max_queue + 1), stop))
+        thread.join(timeout=grace + 30)
+        sigterm = {"streams": len(term), "statuses": sorted({str(r.get("status")) for r in term}),
+                   "ended_with_error_then_done": sum(1 for r in term if r.get("error_then_done")),
+                   "chunks_max": max((r["chunks"] for r in term), default=0),
+                   "exit_s": None if thread.is_alive() else time.perf_counter() - stopped["t"], "grace_s": grace}
     finally:
         server.should_exit = True
         thread.join(timeout=60)
@@ -157,7 +208,15 @@ def loadtest(model, clients: int = 32, requests: int = 200, abandon_every: int =
         "metrics": {k: metrics.get(k) for k in ("completed", "cancelled", "rejected", "pending")},
         "rss_bytes": {"before": rss0, "after_warmup": rss_warm, "after": rss1},
         "warmup_statuses": sorted({r.get("status") for r in warm}, key=str),
+        "sigterm": sigterm,
     }
+
+
+def _sigterm_line(t: dict) -> str:
+    took = "did not stop" if t["exit_s"] is None else f"stopped {t['exit_s']:.2f} s after the signal"
+    return (f"- SIGTERM with {t['streams']} streams open (statuses {', '.join(t['statuses'])}): {took} (grace "
+            f"{t['grace_s']:g} s); {t['ended_with_error_then_done']} streams ended with an error event then [DONE], "
+            f"the longest after {t['chunks_max']} chunks")
 
 
 def markdown(r: dict) -> str:
@@ -173,7 +232,8 @@ def markdown(r: dict) -> str:
              f"{r['metrics']['cancelled']}); /health after: {r['health_status']}" if r["idle_after_s"] is not None
              else "- the server was still busy 60 s after the last client",
              f"- RSS: {mb['before']:.0f} MB before, {mb['after_warmup']:.0f} MB after warm-up, {mb['after']:.0f} MB "
-             f"after the load ({mb['after'] - mb['after_warmup']:+.0f} MB)", "",
+             f"after the load ({mb['after'] - mb['after_warmup']:+.0f} MB)",
+             _sigterm_line(r["sigterm"]), "",
              "| kind | served | p50 s | p90 s | p99 s | max s |", "|---|---|---|---|---|---|"]
     for kind, p in r["latency_s"].items():
         lines.append(f"| {kind} | {p['n']} | {p['p50']:.2f} | {p['p90']:.2f} | {p['p99']:.2f} | {p['max']:.2f} |")
