@@ -92,8 +92,14 @@ def test_auto_runs_sparse_only_where_the_gate_passed(llama, tmp_path, quality, m
 
 
 def test_auto_refuses_a_budget_that_cannot_even_stream(llama):
-    with pytest.raises(InaflashError, match=r"too small for hybrid mode: it needs at least [0-9.]+ MB"):
-        Engine(llama, mode="auto", memory=streaming_budget(llama, 32, 0) - 1, context=32)
+    """The refusal names the minimum of the smallest mode (it said "too small for hybrid mode", the mode auto would
+    not even need)."""
+    least = streaming_budget(llama, 32, 0)
+    with pytest.raises(InaflashError, match=rf"too small for this model in any mode: the smallest plan \(naive: "
+                                            rf"every layer's FFN streamed\) needs at least {least / 1e6:.1f} MB"):
+        Engine(llama, mode="auto", memory=least - 1, context=32)
+    with Engine(llama, mode="auto", memory=least, context=32) as e:
+        assert e.mode == "naive"
 
 
 def test_quality_gate_passes_a_selection_of_everything_and_names_what_fails(llama, tmp_path):
@@ -115,7 +121,7 @@ def test_quality_gate_passes_a_selection_of_everything_and_names_what_fails(llam
 
 def test_auto_plans_a_shorter_context_where_the_default_does_not_fit(llama):
     budget = streaming_budget(llama, 300, 0)  # room for the KV cache of 300 tokens, not of the default 512
-    with pytest.raises(InaflashError, match="too small for hybrid mode"):
+    with pytest.raises(InaflashError, match="too small for this model in any mode"):
         Engine(llama, mode="auto", memory=budget, context=512)  # a context asked for is kept, or refused
     with Engine(llama, mode="auto", memory=budget) as e:
         assert e.mode == "naive" and e.context == 300 and "KV cache planned for 300 tokens" in e.choice.reason

@@ -215,6 +215,30 @@ def test_convert_removes_partials_of_dead_conversions_only(tmp_path):
     assert not stale.exists() and live.exists() and (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_loading_sweeps_partials_of_dead_conversions_of_any_model_in_its_home(tmp_path, monkeypatch):
+    """A SIGKILLed conversion of one model leaves `.NAME.partial-PID` in the home; loading any model sweeps it (it
+    used to stay until the same name was converted again). A live one, a link named like one and what it points to
+    stay."""
+    from inaflash.loader import resolve_store
+
+    monkeypatch.setenv("INAFLASH_HOME", str(tmp_path / "home"))
+    stores = tmp_path / "home" / "stores"
+    stores.mkdir(parents=True)
+    make_tiny("llama", tmp_path / "hf")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = stores / f".other-model.partial-{dead.stdout.strip()}"
+    live = stores / f".third-model.partial-{os.getppid()}"
+    outside = tmp_path / "keep"
+    for d in (stale, live, outside):
+        d.mkdir()
+        (d / "ffn.bin").write_bytes(b"x")
+    link = stores / f".linked.partial-{dead.stdout.strip()}"
+    link.symlink_to(outside)
+    store = resolve_store(tmp_path / "hf", progress=False)
+    assert store.path.parent == stores
+    assert not stale.exists() and live.exists() and link.is_symlink() and (outside / "ffn.bin").exists()
+
+
 @pytest.mark.parametrize("edit,says", [
     (lambda m, d: m["files"].update({"../../../../etc/passwd": {"bytes": 1, "sha256": "0"}}),
      "manifest names file '../../../../etc/passwd', not a file inside the store"),
@@ -225,6 +249,29 @@ def test_convert_removes_partials_of_dead_conversions_only(tmp_path):
      "manifest lists no size or checksum for resident.safetensors"),
 ])
 def test_manifest_paths_stay_inside_the_store(store_copy, capsys, monkeypatch, edit, says):
+    forged_manifest_is_refused(store_copy, capsys, monkeypatch, edit, says)
+
+
+def _layers(m):
+    return m["ffn"]["layers"]
+
+
+@pytest.mark.parametrize("edit,says", [
+    # layer 1 pointed at layer 0's bytes: run used to answer with other text and --verify said verified
+    (lambda m, d: _layers(m)[1].update(offset=_layers(m)[0]["offset"]), "layer 1's extent (offset 0,"),
+    # a negative offset used to surface as a disk error after four retries
+    (lambda m, d: _layers(m)[0].update(offset=-4096), "layer 0's extent (offset -4096,"),
+    (lambda m, d: _layers(m).reverse(), "is not where the layers tile ffn.bin: offset 0"),
+    (lambda m, d: _layers(m)[0].update(span=_layers(m)[0]["span"] + 4096), "layer 0's extent"),
+    (lambda m, d: _layers(m).pop(), "layer extents for a model of"),
+])
+def test_layer_extents_must_tile_the_ffn_file(store_copy, capsys, monkeypatch, edit, says):
+    """Layers tile ffn.bin as convert writes them, in order, from 0 to the file's end: a manifest that moves one
+    (its sha256 recomputed) is refused by run and by info --verify, naming the layer."""
+    forged_manifest_is_refused(store_copy, capsys, monkeypatch, edit, says)
+
+
+def forged_manifest_is_refused(store_copy, capsys, monkeypatch, edit, says):
     m = json.loads((store_copy / "manifest.json").read_text())
     edit(m, store_copy)
     write_manifest(store_copy, m)  # forged, but sealed: the checks behind the manifest's checksum hold too
@@ -418,3 +465,29 @@ def test_an_engine_that_cannot_open_leaves_no_reader_threads(tiny_store):
     with pytest.raises(InaflashError, match="not calibrated for sparsity"):
         Engine(store, mode="sparse")
     assert io_threads() == before
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--seed", str(2 ** 64), "hi"], "seed 18446744073709551616 is out of range"),
+    (["--raw", ""], "empty prompt: --raw tokenizes the prompt as is"),
+    (["--temperature", "inf", "hi"], "temperature must be >= 0"),
+    (["--density", "nan", "hi"], "must be a fraction in (0, 1], not nan"),
+])
+def test_run_options_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, args, says):
+    """A model that does not exist: the option's own error comes first (it used to come after minutes of loading,
+    and --density nan said "<= 1")."""
+    code, err = cli(["run", "--model", tmp_path / "nowhere", *args], capsys, monkeypatch)
+    assert code in (1, 2) and says in " ".join(err.replace("│", " ").split()), err
+    assert "model not found" not in err
+
+
+def test_a_truncated_gguf_says_where_it_ends(smollm2_gguf, tmp_path, capsys, monkeypatch):
+    """A GGUF cut inside its tensor data: named truncated at its size of the size its tensor table needs (it said
+    numpy's "When changing to a larger dtype, its size must be a divisor ...")."""
+    raw = smollm2_gguf.read_bytes()
+    for cut in (len(raw) // 2, len(raw) - 100):
+        path = tmp_path / "m.gguf"
+        path.write_bytes(raw[:cut])
+        code, err = cli(["convert", path, tmp_path / "out"], capsys, monkeypatch)
+        assert code == 1 and f"is truncated at byte {cut} of {len(raw)}" in err, err
+        assert not (tmp_path / "out").exists()

@@ -125,12 +125,7 @@ def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperatu
     between prefill chunks and between tokens."""
     if not prompt_ids:
         raise InaflashError("empty prompt")
-    if max_tokens < 1:
-        raise InaflashError("max tokens must be at least 1")
-    if seed is not None and not 0 <= seed < 2 ** 64:
-        raise InaflashError(f"seed {seed} is out of range: use 0 .. 2**64 - 1")
-    if not 0 <= top_p <= 1 or temperature < 0 or temperature != temperature:
-        raise InaflashError(f"temperature must be >= 0 and top_p in [0, 1] (got {temperature}, {top_p})")
+    check_sampling(max_tokens, temperature, top_p, seed)
     stop = stop_ids(engine) if stop is None else stop
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     engine.reset(len(prompt_ids) + max_tokens)
@@ -160,6 +155,16 @@ def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperatu
             stats.decode_steps += 1
     finally:
         _finish_stats(engine, stats, engine.counters() - before, t_decode)
+
+
+def check_sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+    """The sampling options, checked before anything is loaded (the CLI) and again per generation."""
+    if max_tokens < 1:
+        raise InaflashError("max tokens must be at least 1")
+    if seed is not None and not 0 <= seed < 2 ** 64:
+        raise InaflashError(f"seed {seed} is out of range: use 0 .. 2**64 - 1")
+    if not 0 <= top_p <= 1 or not 0 <= temperature < float("inf"):
+        raise InaflashError(f"temperature must be >= 0 and top_p in [0, 1] (got {temperature}, {top_p})")
 
 
 def _finish_stats(engine: Engine, stats: GenerationStats, done: Counters, t_decode: float) -> None:

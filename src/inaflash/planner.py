@@ -289,7 +289,13 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
             return sparse
         fits = (budget - streaming_bytes(store)) // max(kv_bytes(store, 1), 1)
         if context_given or fits < MIN_AUTO_CONTEXT:
-            raise  # names the minimum
+            least = context if context_given else MIN_AUTO_CONTEXT
+            need = streaming_bytes(store) + kv_bytes(store, least)
+            raise InaflashError(
+                f"memory budget {budget / 1e6:.1f} MB is too small for this model in any mode: the smallest plan "
+                f"(naive: every layer's FFN streamed) needs at least {need / 1e6:.1f} MB (resident "
+                f"{store.resident_bytes / 1e6:.1f} + streaming buffers {(streaming_bytes(store) - store.resident_bytes) / 1e6:.1f}"
+                f" + KV cache for {least} tokens {kv_bytes(store, least) / 1e6:.1f} MB)") from None
         context = int(min(fits, context))
         layers = plan_hybrid(store, budget, context)
         shrunk = f"; KV cache planned for {context} tokens (prompt + answer; more needs more --memory or --context)"

@@ -25,7 +25,15 @@ MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP)
 CACHE_FORMAT = typer.Option("store", help="sparse: store = cached neurons as stored on flash (compressed stays "
                                           "compressed); int8 = a float store's neurons re-encoded as int8 bundles "
                                           "(about half the DRAM per neuron).")
-DENSITY = typer.Option(None, min=0.001, max=1.0, help="sparse: select this fraction of each layer's neurons per token "
+def _fraction(value: float | None) -> float | None:
+    """--density: a number in (0, 1] (nan and inf are not fractions: typer's range check let nan through to a
+    message about "<= 1")."""
+    if value is not None and not 0 < value <= 1:
+        raise typer.BadParameter(f"must be a fraction in (0, 1], not {value}")
+    return value
+
+
+DENSITY = typer.Option(None, callback=_fraction, help="sparse: select this fraction of each layer's neurons per token "
                                                       "(the predictors' threshold moved to it, from the calibration's "
                                                       "score statistics; default: the calibrated one, ~95% recall).")
 

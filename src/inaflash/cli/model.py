@@ -32,6 +32,11 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats."),
 ):
     """Generate text from PROMPT, streaming it to stdout."""
+    from ..generate import check_sampling, check_text
+
+    check_sampling(max_tokens, temperature, top_p, seed)  # before minutes of loading, not after
+    if raw and not check_text(prompt, "prompt"):
+        raise InaflashError("empty prompt: --raw tokenizes the prompt as is, and it has no text")
     with open_model(model, options) as m:
         gen = m.start_prompt(prompt, max_tokens, temperature, top_p, seed, raw=raw)
         for piece in gen:
@@ -59,6 +64,9 @@ def serve(
     api_key: Optional[str] = typer.Option(None, envvar="INAFLASH_API_KEY",
                                           help="Require `Authorization: Bearer KEY` on /v1/* and /metrics."),
     max_queue: int = typer.Option(8, min=0, help="Requests that may wait while one generates; more get HTTP 429."),
+    grace: float = typer.Option(10.0, "--grace-period", min=0.0,
+                                help="Seconds SIGTERM/SIGINT waits for open connections to close; generations stop "
+                                     "at once and streams end with an error event."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions (both with
     stream: true), /v1/models, /health, /metrics."""
@@ -66,7 +74,7 @@ def serve(
 
     with open_model(model, options) as m:
         print(f"inaflash: serving {m.name!r} ({m.engine.mode}) on http://{host}:{port}/v1", file=sys.stderr)
-        run_server(m, host=host, port=port, api_key=api_key, max_queue=max_queue)
+        run_server(m, host=host, port=port, api_key=api_key, max_queue=max_queue, grace=grace)
 
 
 @app.command()
@@ -82,7 +90,9 @@ def chat(
     """Talk with the model: multi-turn, through its chat template, answers streamed. Commands: /reset (forget the
     conversation), /stats (last answer's speed and I/O), /exit. Ctrl-C stops an answer; Ctrl-D leaves."""
     from ..chat import repl
+    from ..generate import check_sampling
 
+    check_sampling(max_tokens, temperature, top_p, seed)
     with open_model(model, options) as m:
         repl(m, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 

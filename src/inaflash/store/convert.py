@@ -63,9 +63,16 @@ def _check_replaceable(out: Path, source: Path) -> None:
 
 
 def _remove_dead_partials(out: Path) -> None:
-    """Leftovers of conversions into `out` that were killed (SIGKILL, power loss): `.NAME.partial-PID` whose process
-    is gone. Those of a live process (a conversion running beside this one) are left alone."""
-    for leftover in out.parent.glob(f".{out.name}.partial-*"):
+    """Leftovers of conversions into `out` that were killed (SIGKILL, power loss)."""
+    remove_dead_partials(out.parent, out.name)
+
+
+def remove_dead_partials(folder: Path, name: str = "*") -> None:
+    """`.NAME.partial-PID` directories in `folder` whose process is gone: what a killed conversion left (a SIGKILLed
+    convert of the default model left 152 MB until the same name was converted again; the loader sweeps its home
+    with name "*" on start). Those of a live process (a conversion running beside this one) are left alone; only
+    real directories of that pattern in `folder` itself are removed, never what a link points to."""
+    for leftover in folder.glob(f".{name}.partial-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or leftover.is_symlink() or not leftover.is_dir():
             continue

@@ -123,6 +123,32 @@ def _load_tokenizer(path: Path, **kw):
         return AutoTokenizer.from_pretrained(str(path), **kw)
 
 
+def _open_gguf(path: Path):
+    """gguf's reader, told where a file cut short ends: its tensor table says how far the data must reach, and a file
+    that stops before that is named truncated (gguf alone failed with numpy's "When changing to a larger dtype, its
+    size must be a divisor of ..." on a view past the end)."""
+    import gguf
+    import numpy as np
+
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            need = 0
+            for field in fields:
+                dims, raw_dtype, offset = field.parts[3], field.parts[4], field.parts[5]
+                try:
+                    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_dtype[0]))]
+                except (ValueError, KeyError):
+                    continue  # gguf's own error names it
+                elements = int(np.prod(dims.astype(np.uint64)))
+                need = max(need, int(start_offs) + int(offset[0]) + elements * size // block)
+            if need > len(self.data):
+                raise InaflashError(f"not a valid GGUF file: {path} is truncated at byte {len(self.data)} of {need} "
+                                    "(where its tensor table says the data ends): copy or download it again")
+            return super()._build_tensors(start_offs, fields)
+
+    return Reader(str(path))
+
+
 class GGUFSource(ModelSource):
     kind = "gguf"
 
@@ -132,7 +158,9 @@ class GGUFSource(ModelSource):
 
         self.path = path
         try:
-            self._reader = gguf.GGUFReader(str(path))
+            self._reader = _open_gguf(path)
+        except InaflashError:
+            raise
         except Exception as e:  # the gguf package raises ValueError/struct.error/IndexError on bad files
             raise InaflashError(f"not a valid GGUF file: {path} ({type(e).__name__}: {e})") from None
         arch = self._field("general.architecture")
