@@ -9,7 +9,7 @@ import torch
 from inaflash.calibrate import QUALITY_BOUNDS, quality_gate, save_sparsity
 from inaflash.engine import Engine
 from inaflash.errors import InaflashError
-from inaflash.planner import kv_bytes, model_bytes
+from inaflash.planner import dram_bytes, streaming_bytes
 from inaflash.ffn.predictor import Predictor
 from inaflash.ffn.sparse import load_sparsity
 from inaflash.store.format import FlashStore
@@ -46,15 +46,12 @@ def calibrated(store, tmp_path, quality: dict | None, tau: float = -1.0) -> Flas
 
 
 def streaming_budget(store, context: int, layers: int) -> int:
-    """A budget that holds the resident part, the KV cache, the two streaming buffers and `layers` layers' FFN."""
-    from inaflash.ffn.dense import NaiveFlashFFN
-
-    return (store.resident_bytes + kv_bytes(store, context) + NaiveFlashFFN.dram_bytes(store)
-            + layers * max(e.nbytes for e in store.layers))
+    """A budget that holds what streaming needs for `context` tokens and `layers` layers' FFN."""
+    return streaming_bytes(store, context) + layers * max(e.nbytes for e in store.layers)
 
 
 def test_auto_runs_dram_when_the_model_fits(llama):
-    with Engine(llama, mode="auto", memory=model_bytes(llama) + kv_bytes(llama, 32), context=32) as e:
+    with Engine(llama, mode="auto", memory=dram_bytes(llama, 32), context=32) as e:
         assert e.mode == "dram" and "fits" in e.choice.reason
 
 

@@ -41,12 +41,10 @@ def test_logits_match_transformers(tiny, mode):
     ref = hf_logits(hf, prompt, steps=8)
     memory = None
     if mode == "hybrid":  # room for exactly one layer's FFN in DRAM: the other is streamed
-        from inaflash.ffn.dense import NaiveFlashFFN
-        from inaflash.planner import kv_bytes
+        from inaflash.planner import streaming_bytes
 
         context = min(1024, store.config.max_position_embeddings)
-        memory = (store.resident_bytes + kv_bytes(store, context) + NaiveFlashFFN.dram_bytes(store)
-                  + store.layers[0].nbytes + 100)
+        memory = streaming_bytes(store, context) + store.layers[0].nbytes + 100
     with Engine(store, mode=mode, memory=memory) as engine:
         if mode == "hybrid":
             assert engine.ffn.resident_layers == [0]

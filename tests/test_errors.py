@@ -391,9 +391,10 @@ def test_cancel_reaches_the_prefill(tiny_store, monkeypatch):
 
 
 @pytest.mark.parametrize("args,note", [
-    (["--mode", "dram", "--memory", "50%"], "mode dram does not use --memory; ignored"),
+    # every mode plans within --memory now (dram and naive ignored it): half a tiny model is refused
+    (["--mode", "dram", "--memory", "50%"], "too small for dram mode: it needs at least"),
     (["--mode", "naive", "--window", "8", "--compute", "active"], "mode naive does not use --window, --compute; ignored"),
-    (["--memory", "300%", "--window", "2"], "mode dram does not use --window; ignored"),  # auto chose dram
+    (["--memory", "64MB", "--window", "2"], "mode dram does not use --window; ignored"),  # auto chose dram
     (["--mode", "dram"], None),
 ])
 def test_options_the_mode_does_not_use_are_said(tiny_store, capsys, monkeypatch, args, note):

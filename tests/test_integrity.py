@@ -13,7 +13,7 @@ from inaflash.store.convert import write_store
 from inaflash.engine import Engine
 from inaflash.errors import CorruptStoreError, StoreError
 from inaflash.generate import generate_ids
-from inaflash.planner import kv_bytes, streaming_bytes
+from inaflash.planner import streaming_bytes
 from inaflash.reader import READ_ATTEMPTS, FlashReader
 from inaflash.store.sources import open_source
 from inaflash.store.format import FlashStore
@@ -61,7 +61,8 @@ def test_a_flipped_bit_in_the_ffn_is_named_in_every_mode(copy):
     page = byte // PAGE * PAGE
     flip(copy / "ffn.bin", byte)
     says = f"ffn.bin: bytes {page}-{page + PAGE} do not match their checksums"
-    one_layer = streaming_bytes(store) + kv_bytes(store, 64) + store.layers[0].span  # hybrid: layer 0 resident
+    context = min(1024, store.config.max_position_embeddings)
+    one_layer = streaming_bytes(store, context) + store.layers[0].span  # hybrid: layer 0 resident
     for mode, options in [("naive", {}), ("dram", {}), ("hybrid", {"memory": one_layer}),
                           ("hybrid", {"memory": 10 ** 9})]:  # dram and resident layers read it at load
         with pytest.raises(CorruptStoreError, match=says):

@@ -52,6 +52,18 @@ def rss_bytes() -> int:
     return _status_bytes("VmRSS") or 0
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak (VmHWM) again from its RSS now (Linux: /proc/self/clear_refs 5), so the peak
+    measures what comes after, e.g. the model data above the runtime (loading the tokenizer peaks higher than it
+    stays). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
     """The process's peak resident set: VmHWM (which bench resets per configuration), else ru_maxrss."""
     peak = _status_bytes("VmHWM")

@@ -65,3 +65,25 @@ def gather_rows_torch(elements: torch.Tensor, offsets: torch.Tensor, width: int)
     """[m, width]: row i = elements[offsets[i] : offsets[i] + width]. A sliding-window view makes this one
     index_select (~25x faster than advanced indexing with an [m, width] index)."""
     return elements[: offsets.max() + width].unfold(0, width, 1).index_select(0, offsets)
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Run each torch kernel a forward uses once on tiny tensors (float16/bfloat16/float32 linear, attention with
+    and without a mask and with grouped heads, softmax): torch allocates its kernels' state on first use (~11 MB of
+    RSS here), which would otherwise land in the model's budget on the first prompt. Once per process."""
+    global _warm
+    if _warm:
+        return
+    with torch.inference_mode():
+        for T in (1, FLOAT32_FROM_TOKENS):
+            x = torch.randn(T, 64)
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                F.linear(x.to(dtype), torch.randn(64, 64).to(dtype))
+            q, k = torch.randn(1, 4, T, 16), torch.randn(1, 2, T + 3, 16)
+            mask = torch.ones(T, T + 3, dtype=torch.bool) if T > 1 else None
+            F.scaled_dot_product_attention(q, k, k, attn_mask=mask, enable_gqa=True)
+            torch.softmax(x.double(), -1).argmax()
+    _warm = True

@@ -1,9 +1,11 @@
 """Plan DRAM use from a budget: resident part + predictors + KV cache + staging + per-layer neuron caches.
 
 The budget covers the model's data (what grows with the model); the Python/torch runtime itself is not in it. A
-whole-process limit (a container, a cgroup) needs the runtime plus the plan: the runtime is ~240 MB before any model data
-(SmolLM2 run, `runtime_rss_bytes`) and 318 MB with Qwen2.5's tokenizer loaded (bench's limited child), reported per
-generation as `runtime_rss_bytes` next to `planned_bytes` and `peak_rss_bytes`.
+whole-process limit (a container, a cgroup) needs the runtime plus the plan: the runtime (Python, torch with its
+kernels warmed up, the tokenizer) is ~290 MB for SmolLM2 here (`runtime_rss_bytes`), reported per generation next to
+`budget_bytes`, `planned_bytes` and `peak_rss_bytes`. Every mode plans within the budget or is refused with its
+minimum: the resident part, the KV cache, read buffers, resident FFN layers or neuron caches, and the working memory
+of one prefill chunk (working_bytes).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ STAGING_BYTES = 4 << 20  # reads of missing neurons land here before joining the
 # of the cache's size, every token (no reuse), which is what a tight budget on a model with a weak predictor gets
 # (Qwen2.5-1.5B under 900 MB). Below 1/16 of the need, the budget is refused.
 MAX_STREAM_ROUNDS = 16
+# Prompts are prefilled in chunks of this many tokens (generate.py; cancellation is checked between them): the working
+# memory of a pass is planned for this many tokens.
+PREFILL_CHUNK = 256
 
 
 def model_bytes(store: FlashStore) -> int:
@@ -50,21 +55,45 @@ class MemoryPlan:
     resident_bytes: int
     predictor_bytes: int
     kv_bytes: int
-    staging_bytes: int
-    cache_capacity: int  # neurons per layer
+    staging_bytes: int  # read buffers: sparse's staging, naive/hybrid's two whole-layer buffers
+    cache_capacity: int  # neurons per layer (sparse); 0 in the other modes
     window: int  # effective window (may be below the requested one when capacity is short)
-    cache_bytes: int  # all layers' neuron caches
+    cache_bytes: int  # all layers' neuron caches (sparse); the FFN layers held in DRAM (dram, hybrid)
+    working_bytes: int = 0  # activations and temporaries of one prefill chunk
     pinned: list | None = None  # per layer, the hot neurons pinned in its cache (hot_neurons); None: window only
     predicted_read_bundles: float | None = None  # per token, all layers, by hot_split's model
+    ffn_layers: int = 0  # dram/hybrid: the layers whose FFN is in DRAM
 
     @property
     def planned_bytes(self) -> int:
-        return self.resident_bytes + self.predictor_bytes + self.kv_bytes + self.staging_bytes + self.cache_bytes
+        return self.resident_bytes + self.predictor_bytes + self.kv_bytes + self.staging_bytes + self.cache_bytes \
+            + self.working_bytes
 
 
 def kv_bytes(store: FlashStore, context: int) -> int:
     c = store.config
     return 2 * c.num_layers * context * c.num_kv_heads * c.head_dim * 4
+
+
+# Per engine, whatever the model: the reader threads' stacks and rings, glibc's per-thread arenas, the kernel's
+# OpenMP threads. Measured: every mode of SmolLM2 held 2-5.4 MB of peak RSS beyond its parts without this.
+SCRATCH_BYTES = 6 << 20
+
+
+def working_bytes(store: FlashStore, context: int) -> int:
+    """What one forward pass of a PREFILL_CHUNK-token chunk allocates beside the plan's buffers (float32): the
+    hidden states, q/k/v and attention output, the FFN's activations (gate, up, h), one row of attention scores per
+    head and token over the context, the last token's logits, and a float16 attention matrix converted to float32
+    for a pass of many tokens (ops.linear); and SCRATCH_BYTES. Measured against it (tests/test_memory.py): SmolLM2
+    in naive and hybrid held 10-18 MB beyond its resident part, KV cache, buffers and resident layers over a
+    121-token prompt and 120 tokens (this formula at 256 tokens of context: 18.9 MB)."""
+    c, T = store.config, PREFILL_CHUNK
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    hidden = T * (4 * c.hidden_size + 2 * q + 2 * kv) * 4
+    ffn = T * 3 * c.intermediate_size * 4
+    scores = c.num_heads * T * min(context, c.max_position_embeddings) * 4
+    widest = max(q, c.hidden_size) * c.hidden_size * 4
+    return hidden + ffn + scores + c.vocab_size * 4 + widest + SCRATCH_BYTES
 
 
 def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_bytes: int, window: int,
@@ -76,8 +105,8 @@ def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_b
     c = store.config
     n, per_neuron = c.intermediate_size, NeuronCache.slot_bytes(store, cache_format)
     staging = 2 * min(max(e.span for e in store.layers), STAGING_BYTES)  # two buffers (see SparseFlashFFN)
-    kv = kv_bytes(store, context)
-    fixed = store.resident_bytes + predictor_bytes + kv + staging
+    kv, work = kv_bytes(store, context), working_bytes(store, context)
+    fixed = store.resident_bytes + predictor_bytes + kv + staging + work
     if budget is None:
         capacity = n
     else:
@@ -89,12 +118,12 @@ def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_b
                 f"memory budget {budget / 1e6:.1f} MB is too small: this model needs at least "
                 f"{(fixed + caches) / 1e6:.1f} MB (resident {store.resident_bytes / 1e6:.1f} + predictors "
                 f"{predictor_bytes / 1e6:.1f} + KV cache for {context} tokens {kv / 1e6:.1f} + staging "
-                f"{staging / 1e6:.1f} + neuron caches {caches / 1e6:.1f} MB for {least} neurons per layer, 1/"
-                f"{MAX_STREAM_ROUNDS} of the {active_neurons} a token needs)")
+                f"{staging / 1e6:.1f} + working {work / 1e6:.1f} + neuron caches {caches / 1e6:.1f} MB for {least} "
+                f"neurons per layer, 1/{MAX_STREAM_ROUNDS} of the {active_neurons} a token needs)")
     cache_bytes = c.num_layers * capacity * per_neuron
     effective = window if window == 0 else max(1, min(window, capacity // max(active_neurons, 1)))
     return MemoryPlan(budget or fixed + cache_bytes, store.resident_bytes, predictor_bytes, kv, staging, capacity,
-                      effective, cache_bytes)
+                      effective, cache_bytes, work)
 
 
 # What computing one neuron costs against reading it, for hot_split: Qwen2.5-1.5B int4, the kernel's 56-63 ms per
@@ -189,28 +218,47 @@ def active_neurons_per_token(store: FlashStore, sparsity) -> int:
     return math.ceil(max(layer.get(key, 0.5) for layer in layers) * n)
 
 
-def streaming_bytes(store: FlashStore) -> int:
-    """What streaming every layer's FFN holds besides the KV cache: the resident part and the two read buffers."""
+def streaming_bytes(store: FlashStore, context: int) -> int:
+    """What streaming every layer's FFN needs: the resident part, the two read buffers, the KV cache for `context`
+    tokens and the working memory of a pass (naive mode's plan)."""
     from .ffn.dense import NaiveFlashFFN
 
-    return store.resident_bytes + NaiveFlashFFN.dram_bytes(store)
+    return store.resident_bytes + NaiveFlashFFN.dram_bytes(store) + kv_bytes(store, context) \
+        + working_bytes(store, context)
+
+
+def dram_bytes(store: FlashStore, context: int) -> int:
+    """dram mode's plan: the whole model, its KV cache and the working memory of a pass."""
+    return model_bytes(store) + kv_bytes(store, context) + working_bytes(store, context)
+
+
+def plan_dense(store: FlashStore, mode: str, budget: int | None, context: int) -> MemoryPlan:
+    """dram, naive or hybrid within `budget` (None: no budget; hybrid then holds every layer): what each part
+    holds, or an error naming the minimum. naive and hybrid hold the two whole-layer read buffers (dram reads
+    nothing per token); hybrid holds as many layers' FFN as fit beside them."""
+    from .ffn.dense import NaiveFlashFFN
+
+    n, layer = store.config.num_layers, max(e.nbytes for e in store.layers)
+    kv, work = kv_bytes(store, context), working_bytes(store, context)
+    buffers = 0 if mode == "dram" else NaiveFlashFFN.dram_bytes(store)
+    fixed = store.resident_bytes + kv + work + buffers
+    least = fixed + (store.ffn_bytes if mode == "dram" else 0)
+    if budget is not None and budget < least:
+        raise InaflashError(
+            f"memory budget {budget / 1e6:.1f} MB is too small for {mode} mode: it needs at least {least / 1e6:.1f} MB "
+            f"(resident {store.resident_bytes / 1e6:.1f} + KV cache for {context} tokens {kv / 1e6:.1f} + "
+            + (f"FFN {store.ffn_bytes / 1e6:.1f}" if mode == "dram" else f"streaming buffers {buffers / 1e6:.1f}")
+            + f" + working {work / 1e6:.1f} MB)")
+    layers = n if mode == "dram" else 0 if mode == "naive" else \
+        n if budget is None else min(n, (budget - fixed) // layer)
+    ffn = store.ffn_bytes if mode == "dram" else layers * layer
+    return MemoryPlan(budget if budget is not None else fixed + ffn, store.resident_bytes, 0, kv, buffers, 0, 0,
+                      ffn, work, ffn_layers=layers)
 
 
 def plan_hybrid(store: FlashStore, budget: int | None, context: int) -> int:
-    """Hybrid mode: how many layers' FFN fit in DRAM next to the resident part, the KV cache and the two streaming
-    buffers (all of them without a budget)."""
-    from .ffn.dense import NaiveFlashFFN
-
-    n = store.config.num_layers
-    if budget is None:
-        return n
-    fixed = streaming_bytes(store) + kv_bytes(store, context)
-    if budget < fixed:
-        raise InaflashError(
-            f"memory budget {budget / 1e6:.1f} MB is too small for hybrid mode: it needs at least {fixed / 1e6:.1f} MB "
-            f"(resident {store.resident_bytes / 1e6:.1f} + KV cache for {context} tokens "
-            f"{kv_bytes(store, context) / 1e6:.1f} + streaming buffers {NaiveFlashFFN.dram_bytes(store) / 1e6:.1f} MB)")
-    return min(n, (budget - fixed) // max(e.nbytes for e in store.layers))
+    """Hybrid mode: how many layers' FFN fit in DRAM next to what streaming needs (all of them without a budget)."""
+    return plan_dense(store, "hybrid", budget, context).ffn_layers
 
 
 @dataclass
@@ -258,7 +306,7 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
     135)."""
     given = budget is not None
     budget = budget if given else int(0.8 * available_bytes())
-    whole = model_bytes(store) + kv_bytes(store, context)
+    whole = dram_bytes(store, context)
     where = f"--memory {budget / 1e6:.0f} MB" if given else f"80% of the {budget / 0.8e6:.0f} MB available"
     if whole <= budget:
         return Choice("dram", f"the whole model ({whole / 1e6:.0f} MB with its KV cache) fits in {where}", budget,
@@ -287,16 +335,22 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
     except InaflashError:
         if sparse is not None:
             return sparse
-        fits = (budget - streaming_bytes(store)) // max(kv_bytes(store, 1), 1)
-        if context_given or fits < MIN_AUTO_CONTEXT:
+        fits = None  # the longest context that streaming fits (its bytes grow with the context)
+        lo, hi = MIN_AUTO_CONTEXT, context
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if streaming_bytes(store, mid) <= budget:
+                fits, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        if context_given or fits is None:
             least = context if context_given else MIN_AUTO_CONTEXT
-            need = streaming_bytes(store) + kv_bytes(store, least)
             raise InaflashError(
                 f"memory budget {budget / 1e6:.1f} MB is too small for this model in any mode: the smallest plan "
-                f"(naive: every layer's FFN streamed) needs at least {need / 1e6:.1f} MB (resident "
-                f"{store.resident_bytes / 1e6:.1f} + streaming buffers {(streaming_bytes(store) - store.resident_bytes) / 1e6:.1f}"
-                f" + KV cache for {least} tokens {kv_bytes(store, least) / 1e6:.1f} MB)") from None
-        context = int(min(fits, context))
+                f"(naive: every layer's FFN streamed) needs at least {streaming_bytes(store, least) / 1e6:.1f} MB "
+                f"(resident {store.resident_bytes / 1e6:.1f}, buffers, and KV cache and working memory for {least} "
+                "tokens)") from None
+        context = fits
         layers = plan_hybrid(store, budget, context)
         shrunk = f"; KV cache planned for {context} tokens (prompt + answer; more needs more --memory or --context)"
     if sparse is not None:

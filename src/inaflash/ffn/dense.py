@@ -25,7 +25,7 @@ TRANSPOSE_TILE = 256  # tiled transposes run ~3x faster than one strided copy_ f
 # computes on the bundles as stored. Measured on a Qwen2.5-1.5B layer (2 threads): decoding costs ~125 ms, then the
 # GEMM ~0.5-0.75 ms per token, where the kernel takes ~0.7 (int4), ~0.8 (int8) and ~1.15 ms (float16) per token at
 # 128 tokens: the kernel is as fast or faster up to ~300 tokens for float16 and at any length for int4, and needs no
-# float32 copy of the layer (165 MB for this one). So prompts (generate.PREFILL_CHUNK = 256 tokens a pass) always
+# float32 copy of the layer (165 MB for this one). So prompts (planner.PREFILL_CHUNK = 256 tokens a pass) always
 # take the kernel. (At 64, before: 128 tokens took 212 vs 137 ms per int4 layer, 89 ms since the multi-token path.)
 GEMM_FROM_TOKENS = 512
 
@@ -150,12 +150,15 @@ class ResidentFFN:
 
     def __init__(self, store: FlashStore, reader: FlashReader, layers: list[int] | None = None):
         self.math = BundleMath(store)
-        buf = aligned_buffer(max(e.span for e in store.layers))
         self.rows = {}
         for i in range(len(store.layers)) if layers is None else layers:
+            # each layer read into its own buffer and kept there (a view; the unbundled layout reassembles a copy
+            # and lets the buffer go): a shared read buffer cloned per layer held one layer more than the plan
+            # (hybrid at 80% of SmolLM2: +6.5 MB of peak RSS over the budget)
             e = store.layers[i]
-            reader.read([(e.offset, buf[:e.span])])
-            self.rows[i] = store.layer_rows(buf).clone()
+            buf = aligned_buffer(e.span)
+            reader.read([(e.offset, buf)])
+            self.rows[i] = store.layer_rows(buf)
 
     def begin_forward(self) -> None:
         pass
