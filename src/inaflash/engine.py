@@ -8,14 +8,16 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InaflashError
-from .memory import pin_mmap_threshold, release_free_heap, rss_bytes
+from .memory import pin_mmap_threshold, release_free_heap, reset_peak_rss, rss_bytes
 from .ffn.dense import HybridFFN, NaiveFlashFFN, ResidentFFN
 from .ffn.kernels import warn_if_missing
 from .models import build_model
 from .paths import load_max_gap
 from .options import Options
-from .planner import active_neurons_per_token, choose_mode, hot_neurons, parse_memory, plan_hybrid, plan_memory
+from .ops import warm_up
+from .planner import active_neurons_per_token, choose_mode, hot_neurons, parse_memory, plan_dense, plan_memory
 from .reader import FlashReader, ReadStats
+from .speculate import PassCosts
 from .ffn.sparse import SparseCounters, SparseFlashFFN, load_sparsity
 from .store.format import FlashStore
 
@@ -39,12 +41,19 @@ class Engine:
         mode, memory, window, context, cache_format = o.mode, o.memory, o.window, o.context, o.cache_format
         pin_mmap_threshold()
         warn_if_missing()
-        # what the process holds before any model data (Python, torch, libraries): a whole-process memory limit
-        # needs this plus the plan; stats report both, so what the plan leaves out is visible
-        self.runtime_bytes = rss_bytes()
         self.store, self.config = store, store.config
+        # the tokenizer is runtime, not model data: it does not grow with --memory (transformers' import and
+        # SmolLM2's tokenizer: ~85 MB of RSS), so it loads before the runtime is read
+        self.tokenizer = store.tokenizer()
+        warm_up()  # torch's kernels allocate on first use (~11 MB): runtime too, not the plan's
+        release_free_heap()
+        # what the process holds before any model data (Python, torch, libraries, the tokenizer): a whole-process
+        # memory limit needs this plus the plan; stats report both, so what the plan leaves out is visible
+        self.runtime_bytes = rss_bytes()
+        reset_peak_rss()  # from here the peak is runtime + model data: stats compare it with the plan
         self.context = min(context or DEFAULT_CONTEXT, self.config.max_position_embeddings)
         self.choice = None
+        self.pass_costs = PassCosts()  # seconds of a forward pass by its width, as they run (speculation's costs)
         sparsity = load_sparsity(store) if mode in ("auto", "sparse") else None  # read once (predictors included)
         if mode == "auto":
             budget = None if memory is None else parse_memory(memory, store)
@@ -81,13 +90,16 @@ class Engine:
                                           use_predictor=o.use_predictor, max_gap=max_gap,
                                           staging_bytes=self.plan.staging_bytes // 2, compute=o.compute,
                                           cache_format=cache_format, pins=self.plan.pinned)
-            elif mode == "dram":
-                self.ffn = ResidentFFN(store, self.reader)
-            elif mode == "hybrid":
-                budget = None if memory is None else parse_memory(memory, store)
-                self.ffn = HybridFFN(store, self.reader, plan_hybrid(store, budget, self.context))
             else:
-                self.ffn = NaiveFlashFFN(store, self.reader)
+                # every mode plans within --memory or is refused with its minimum (naive used to take 52% more)
+                budget = None if memory is None else parse_memory(memory, store)
+                self.plan = plan_dense(store, mode, budget, self.context)
+                if mode == "dram":
+                    self.ffn = ResidentFFN(store, self.reader)
+                elif mode == "hybrid":
+                    self.ffn = HybridFFN(store, self.reader, self.plan.ffn_layers)
+                else:
+                    self.ffn = NaiveFlashFFN(store, self.reader)
             self.sparse = self.ffn if mode == "sparse" else None  # the engine's own, whatever set_ffn swaps in
             self.reader.stats = ReadStats()  # loading (dram mode, the oracle) is not generation I/O
             self.weights = store.resident_weights(check=o.checksums)
@@ -97,12 +109,11 @@ class Engine:
                 self.embedding = FlashEmbedding(store, checksums=o.checksums)
                 self.embedding.reader.stats = self.reader.stats  # its reads count with the FFN's
                 self.weights[store.embed["name"]] = self.embedding
-            self.tokenizer = store.tokenizer()
             self.model = build_model(self.config, self.weights, self.ffn)  # its KV cache comes with reset()
             self.max_seq = 0
             release_free_heap()
             # a plan within a budget holds a KV cache of self.context tokens, no more
-            self.bounded = self.plan is not None or (memory is not None and mode in ("hybrid", "naive"))
+            self.bounded = mode == "sparse" or memory is not None
         except BaseException:
             self.close()
             raise

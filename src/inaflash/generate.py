@@ -12,6 +12,8 @@ import torch
 from .engine import Counters, Engine
 from .errors import InaflashError
 from .memory import peak_rss_bytes
+from .planner import PREFILL_CHUNK
+from .speculate import MAX_DRAFT, DraftPolicy, lookup
 
 
 @dataclass
@@ -19,12 +21,15 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_ms: float = 0.0
-    ms_per_token: float = 0.0  # decode steps only (each step: one forward pass for one new token)
+    ms_per_token: float = 0.0  # decode only: its time over the tokens its passes produced
     io_ms_per_token: float = 0.0  # time blocked on flash reads (not hidden behind compute)
     compute_ms_per_token: float = 0.0  # the rest of the step (sparse: also less predictor and memory management)
     bytes_read_per_token: float = 0.0
     reads_per_token: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # forward passes after the prompt's (each: one new token + its verified drafts)
+    tokens_per_pass: float = 0.0  # tokens the decode passes produced, per pass (1.0 without speculation)
+    drafted_tokens: int = 0  # speculation: draft tokens verified
+    accepted_tokens: int = 0  # of them, those the model agreed with
     # sparse mode only (None otherwise)
     neurons_read_per_token: float | None = None
     cache_hit_rate: float | None = None  # needed neurons found in the neuron cache
@@ -48,9 +53,8 @@ class GenerationResult:
     finish_reason: str | None = None  # "stop" (end of sequence or a stop string) or "length" (max_tokens)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logits))
+def distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution (float64) of temperature > 0 and top_p over logits [vocab]."""
     # shifted by the maximum first, so a tiny temperature (1e-40) tends to greedy instead of overflowing to nan
     logits = logits.double()
     probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
@@ -59,7 +63,30 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
         keep[0] = True  # top_p 0 keeps the most likely token
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs /= probs.sum()  # verify() reads p(draft) as a probability
+    return probs
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(distribution(logits, temperature, top_p), 1, generator=generator))
+
+
+def verify(logits: torch.Tensor, draft: int, temperature: float, top_p: float,
+           generator: torch.Generator | None) -> int:
+    """The token to emit where the drafter proposed `draft` and the model gives `logits`: `draft` itself when
+    accepted, else a replacement. Greedy: the argmax (accepted iff equal). Sampling: speculative sampling with a
+    draft distribution that is all on `draft` (Leviathan et al. 2211.17192, Chen et al. 2302.01318): accepted
+    with probability p(draft), else sampled from p without `draft`, renormalized; so every emitted token is
+    distributed as p, exactly as plain sampling would draw it."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    p = distribution(logits, temperature, top_p)
+    if float(torch.rand(1, generator=generator, dtype=torch.float64)) < float(p[draft]):
+        return draft
+    p[draft] = 0.0
+    return int(torch.multinomial(p, 1, generator=generator))
 
 
 def encode_prompt(engine: Engine, prompt: str, raw: bool = False) -> list[int]:
@@ -112,9 +139,9 @@ def stop_ids(engine: Engine) -> set[int]:
     return ids
 
 
-# Prompts are prefilled in chunks of this many tokens, checking for cancellation between them: a server client
-# that leaves during a 1600-token prefill used to hold the model for its whole prefill (~60 s on Qwen2.5-1.5B).
-PREFILL_CHUNK = 256
+# Prompts are prefilled in chunks of planner.PREFILL_CHUNK tokens (the plan's working memory is one chunk's),
+# checking for cancellation between them: a server client that leaves during a 1600-token prefill used to hold the
+# model for its whole prefill (~60 s on Qwen2.5-1.5B).
 
 
 def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
@@ -139,20 +166,44 @@ def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperatu
         logits = engine.forward(torch.tensor(prompt_ids[start:start + PREFILL_CHUNK]), start, last_only=True)[-1]
     stats.prefill_ms = (time.perf_counter() - t0) * 1e3
 
+    # The decode step: the last token decided (not yet in the KV cache) and up to k draft tokens go through one
+    # forward pass; the drafts the model agrees with are emitted with it, and the KV cache entries of rejected ones
+    # are simply overwritten by the next pass (positions, not a rollback). k = 0: plain decoding.
     before, t_decode = engine.counters(), 0.0
-    pos = len(prompt_ids)
+    pos, history = len(prompt_ids), list(prompt_ids)
+    policy = DraftPolicy(engine.pass_costs) if engine.options.speculation == "lookup" else None
+    decided = [sample(logits, temperature, top_p, generator)]
     try:
         while True:
-            token = sample(logits, temperature, top_p, generator)
-            stats.generated_tokens += 1
-            yield token
-            if token in stop or stats.generated_tokens >= max_tokens or (cancelled is not None and cancelled()):
-                break
+            for token in decided:
+                stats.generated_tokens += 1
+                history.append(token)
+                yield token
+                if token in stop or stats.generated_tokens >= max_tokens or (cancelled is not None and cancelled()):
+                    return
+            draft = []
+            if policy is not None:  # as many as the tokens and the KV cache left allow
+                found = lookup(history, min(MAX_DRAFT, max_tokens - stats.generated_tokens))
+                draft = found[:policy.length(len(found))] if found else []
             t0 = time.perf_counter()
-            logits = engine.forward(torch.tensor([token]), pos)[-1]
-            t_decode += time.perf_counter() - t0
-            pos += 1
+            out = engine.forward(torch.tensor([history[-1]] + draft), pos)
+            took = time.perf_counter() - t0
+            engine.pass_costs.record(1 + len(draft), took)
+            t_decode += took
             stats.decode_steps += 1
+            decided, accepted = [], 0
+            for j, d in enumerate(draft):
+                decided.append(verify(out[j], d, temperature, top_p, generator))
+                if decided[-1] != d:
+                    break
+                accepted += 1
+            if accepted == len(draft):  # every draft agreed: the pass also gives the token after them
+                decided.append(sample(out[len(draft)], temperature, top_p, generator))
+            pos += 1 + accepted
+            if policy is not None and draft:
+                policy.update(len(draft), accepted)
+                stats.drafted_tokens += len(draft)
+                stats.accepted_tokens += accepted
     finally:
         _finish_stats(engine, stats, engine.counters() - before, t_decode)
 
@@ -169,7 +220,11 @@ def check_sampling(max_tokens: int, temperature: float, top_p: float, seed: int 
 
 def _finish_stats(engine: Engine, stats: GenerationStats, done: Counters, t_decode: float) -> None:
     io = done.io
-    steps = max(stats.decode_steps, 1)
+    # tokens the decode passes produced: all but the first (the prompt's pass gave it); passes stopped early by a
+    # stop token or max_tokens leave some of their tokens unused
+    produced = max(stats.generated_tokens - 1, 0)
+    steps = max(produced, 1) if stats.decode_steps else 1
+    stats.tokens_per_pass = produced / stats.decode_steps if stats.decode_steps else 0.0
     stats.ms_per_token = t_decode * 1e3 / steps
     stats.io_ms_per_token = io.wait_s * 1e3 / steps
     stats.compute_ms_per_token = stats.ms_per_token - stats.io_ms_per_token

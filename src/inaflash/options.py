@@ -17,6 +17,11 @@ MODES = {
     "hybrid": "as many layers' FFN in DRAM as --memory allows, the others read whole every token",
     "sparse": "only predicted-active neurons, cached over a window of recent tokens, read from flash",
 }
+SPECULATION = {
+    "lookup": "draft from the prompt and the text so far (prompt lookup), verified in one pass, where the cost "
+              "model says it pays (lossless)",
+    "off": "one token per forward pass",
+}
 SPARSE_ONLY = {"window": "--window", "use_predictor": "--no-predictor", "compute": "--compute",
                "cache_format": "--cache-format", "density": "--density", "hot_neurons": "--no-hot-neurons"}
 
@@ -27,6 +32,7 @@ class Options:
     memory: str | int | None = None  # DRAM for the model's data: "50%" (of the weights), "300MiB", bytes
     context: int | None = None  # tokens the KV cache is planned for (default engine.DEFAULT_CONTEXT)
     checksums: bool = True  # check every read against the store's checksums (README: the cost)
+    speculation: str = "lookup"  # draft tokens verified in one pass (speculate.py); "off": one token a pass
     # sparse mode
     window: int = 4  # keep the neurons of the last `window` tokens cached (0: no reuse)
     use_predictor: bool = True  # False: the true active set (an oracle that holds the FFN: measuring only)
@@ -44,6 +50,7 @@ class Options:
     def __post_init__(self):
         for name, value, choices in (("mode", self.mode, MODES), ("compute", self.compute, COMPUTE),
                                      ("cache format", self.cache_format, CACHE_FORMATS),
+                                     ("speculation", self.speculation, SPECULATION),
                                      ("dtype", self.dtype, DTYPES)):
             if value not in choices:
                 raise InaflashError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
@@ -66,11 +73,7 @@ class Options:
 
     def unused(self, running: str) -> list[str]:
         """The flags set away from their defaults that the running mode does not use (said, never silently
-        dropped): sparse switches outside sparse mode; --memory in a dram or naive mode asked for by name (auto
-        always uses it)."""
+        dropped): sparse switches outside sparse mode. (--memory binds every mode: planned within, or refused.)"""
         default = Options()
-        out = [flag for name, flag in SPARSE_ONLY.items()
-               if getattr(self, name) != getattr(default, name) and running != "sparse"]
-        if self.memory is not None and self.mode in ("dram", "naive"):
-            out.insert(0, "--memory")
-        return out
+        return [flag for name, flag in SPARSE_ONLY.items()
+                if getattr(self, name) != getattr(default, name) and running != "sparse"]

@@ -51,6 +51,10 @@ RUN_OPTIONS = {
                    "available). The Python runtime itself (~300 MB) is not in it.")),
     "context": (Optional[int], typer.Option(
         None, min=2, help="Tokens of context to plan the KV cache for (default 1024, capped by the model).")),
+    "speculation": (str, typer.Option(
+        "lookup", help="lookup: draft tokens from the prompt and the text so far and verify them in one pass over "
+                       "the weights, where the measured cost of a wider pass and the acceptance so far say it pays "
+                       "(the output is what plain decoding gives); off: one token per pass.")),
     "window": (int, typer.Option(4, min=0, help="sparse: keep neurons used in the last K tokens (0 = no reuse).")),
     "no_predictor": (bool, typer.Option(
         False, "--no-predictor", help="sparse: use the true active set (oracle; holds the FFN: measuring only).")),
@@ -87,6 +91,7 @@ def run_options(command):
                           window=flags["window"], use_predictor=not flags["no_predictor"], compute=flags["compute"],
                           cache_format=flags["cache_format"], density=flags["density"],
                           hot_neurons=not flags["no_hot_neurons"], checksums=not flags["no_checksums"],
+                          speculation=flags["speculation"],
                           dtype=flags["dtype"], bundling=False if flags["no_bundling"] else None)
         return command(model=flags["model"], options=options, **kw)
 

@@ -176,7 +176,9 @@ def run_config(cfg: Config, store, unbundled, memory, prompt: list[int], gen_tok
     target = store if cfg.bundled else unbundled
     if target is None:
         return {"status": "unavailable", "reason": "no unbundled store"}
-    options = replace(cfg.options, context=len(prompt) + gen_tokens + 1)
+    # one token per forward pass in every row: these rows compare modes and techniques per pass (and the baselines
+    # decode one token a pass); bench/speculation.py measures speculation against it
+    options = replace(cfg.options, context=len(prompt) + gen_tokens + 1, speculation="off")
     if cfg.mode in ("sparse", "hybrid", "auto"):
         options = replace(options, memory=memory if cfg.budget else None)
     if cfg.mode in ("sparse", "auto"):
@@ -307,10 +309,12 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
         for one in (limit.split(",") if limit else [memory]):
             limit_bytes = parse_memory(one.strip(), store)
             result["baselines"] += run_baselines(store, prompt, gen_tokens, limit_bytes, progress)
-            # inaflash's default (--mode auto) under the same whole-process limit, runtime included
+            # inaflash's default (--mode auto) under the same whole-process limit, runtime included; one token a
+            # pass, as the llama.cpp baseline decodes
             result["baselines"].append(run_inaflash_limited(
-                store, prompt, gen_tokens, limit_bytes,
-                dict(mode="auto", window=DEFAULT_WINDOW, cache_format=cache_format, max_gap=max_gap)))
+                store, prompt, gen_tokens, limit_bytes, dict(mode="auto", window=DEFAULT_WINDOW,
+                                                             cache_format=cache_format, max_gap=max_gap,
+                                                             speculation="off")))
     result["summary"] = key_ratios(result)
     write_results(result, Path(out_dir))
     return result
