@@ -229,25 +229,29 @@ def streaming_bytes(store: FlashStore, context: int) -> int:
 
 def dram_bytes(store: FlashStore, context: int) -> int:
     """dram mode's plan: the whole model, its KV cache and the working memory of a pass."""
-    return model_bytes(store) + kv_bytes(store, context) + working_bytes(store, context)
+    from .ffn.dense import BundleMath
+
+    return model_bytes(store) + kv_bytes(store, context) + working_bytes(store, context) + \
+        BundleMath.decode_bytes(store)
 
 
 def plan_dense(store: FlashStore, mode: str, budget: int | None, context: int) -> MemoryPlan:
     """dram, naive or hybrid within `budget` (None: no budget; hybrid then holds every layer): what each part
     holds, or an error naming the minimum. naive and hybrid hold the two whole-layer read buffers (dram reads
     nothing per token); hybrid holds as many layers' FFN as fit beside them."""
-    from .ffn.dense import NaiveFlashFFN
+    from .ffn.dense import BundleMath, NaiveFlashFFN
 
     n, layer = store.config.num_layers, max(e.nbytes for e in store.layers)
     kv, work = kv_bytes(store, context), working_bytes(store, context)
-    buffers = 0 if mode == "dram" else NaiveFlashFFN.dram_bytes(store)
+    buffers = BundleMath.decode_bytes(store) if mode == "dram" else NaiveFlashFFN.dram_bytes(store)
     fixed = store.resident_bytes + kv + work + buffers
     least = fixed + (store.ffn_bytes if mode == "dram" else 0)
     if budget is not None and budget < least:
         raise InaflashError(
             f"memory budget {budget / 1e6:.1f} MB is too small for {mode} mode: it needs at least {least / 1e6:.1f} MB "
             f"(resident {store.resident_bytes / 1e6:.1f} + KV cache for {context} tokens {kv / 1e6:.1f} + "
-            + (f"FFN {store.ffn_bytes / 1e6:.1f}" if mode == "dram" else f"streaming buffers {buffers / 1e6:.1f}")
+            + (f"FFN {store.ffn_bytes / 1e6:.1f} + decoding {buffers / 1e6:.1f}" if mode == "dram"
+               else f"streaming buffers {buffers / 1e6:.1f}")
             + f" + working {work / 1e6:.1f} MB)")
     layers = n if mode == "dram" else 0 if mode == "naive" else \
         n if budget is None else min(n, (budget - fixed) // layer)
