@@ -100,7 +100,7 @@ async def _load(url: str, name: str, clients: int, requests: int, abandon_every:
     return rows
 
 
-async def _sigterm_phase(url: str, name: str, streams: int, stop) -> list[dict]:
+async def _sigterm_phase(url: str, name: str, streams: int, stop, max_tokens: int) -> list[dict]:
     """`streams` long streamed requests; once one has streamed a few chunks, `stop()` (the signal handler). Each
     row: status, chunks, whether it ended with an error event then [DONE]."""
     import httpx
@@ -110,7 +110,7 @@ async def _sigterm_phase(url: str, name: str, streams: int, stop) -> list[dict]:
     async def one(i: int) -> dict:
         row = {"i": i, "chunks": 0}
         body = {"model": name, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                "max_tokens": 2000, "temperature": 0.7, "seed": i, "stream": True}
+                "max_tokens": max_tokens, "temperature": 0.7, "seed": i, "stream": True}
         try:
             async with httpx.AsyncClient() as client:
                 async with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
@@ -125,10 +125,15 @@ async def _sigterm_phase(url: str, name: str, streams: int, stop) -> list[dict]:
                     row["error_then_done"] = len(last) == 2 and last[1] == "[DONE]" and '"error"' in last[0]
         except httpx.TransportError as e:
             row["status"] = f"transport: {type(e).__name__}"
+        finally:
+            started.set()  # one that ended (refused, or done) also lets the signal go: nothing waits forever
         return row
 
     async def signal_when_streaming():
-        await asyncio.wait_for(started.wait(), 120)
+        try:
+            await asyncio.wait_for(started.wait(), 120)
+        except TimeoutError:
+            pass
         stop()
 
     rows, _ = await asyncio.gather(asyncio.gather(*(one(i) for i in range(streams))), signal_when_streaming())
@@ -180,7 +185,9 @@ def loadtest(model, clients: int = 32, requests: int = 200, abandon_every: int =
             stopped["t"] = time.perf_counter()
             server.handle_exit(signal.SIGTERM, None)
 
-        term = asyncio.run(_sigterm_phase(url, model.name, min(clients, max_queue + 1), stop))
+        # long streams (as long as the context allows: a request over it is a 400 that never streams)
+        term = asyncio.run(_sigterm_phase(url, model.name, min(clients, max_queue + 1), stop,
+                                          min(2000, model.context - 64)))
         thread.join(timeout=grace + 30)
         sigterm = {"streams": len(term), "statuses": sorted({str(r.get("status")) for r in term}),
                    "ended_with_error_then_done": sum(1 for r in term if r.get("error_then_done")),
