@@ -93,8 +93,8 @@ def main() -> None:
               "speedup_geomean": summary, "pass_costs_s": {str(k): v for k, v in sorted(engine.pass_costs.seconds.items())}}
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / free_stem(out, f"{time.strftime('%Y-%m-%d')}-speculation-{model.name}-{engine.mode}")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem = free_stem(out, f"{time.strftime('%Y-%m-%d')}-speculation-{model.name}-{engine.mode}")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     cmd = f"python bench/speculation.py {a.store or ''} --mode {a.mode}" + (f" --memory {a.memory}" if a.memory else "") \
         + f" --context {a.context} --tokens {a.tokens} --repeat {a.repeat}"
     lines = [f"# Speculation (prompt lookup) vs plain decoding: {model.name}, {engine.mode} ({result['date']})", "",
@@ -108,7 +108,7 @@ def main() -> None:
                      f"{'yes' if r['identical'] else 'no (' + str(r['same_prefix']) + ')'} |")
     lines += ["", "Pass cost by width (seconds, EMA): " + ", ".join(f"{k}: {v * 1e3:.1f} ms"
                                                                   for k, v in result["pass_costs_s"].items())]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     model.engine.close()
 

@@ -15,13 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .engine import Engine
-from .generate import Generation, GenerationResult, GenerationStats, encode_chat, encode_prompt
+from .generate import (BatchStats, Generation, GenerationResult, GenerationStats, encode_chat, encode_prompt,
+                       generate_batch)
 
 
 class Model:
     def __init__(self, engine: Engine, name: str):
         self.engine, self.name = engine, name
         self.last_stats: GenerationStats | None = None
+        self.last_batch_stats: BatchStats | None = None
 
     @property
     def context(self) -> int:
@@ -46,6 +48,14 @@ class Model:
                  seed: int | None = None, stop: list[str] | None = None, raw: bool = False) -> GenerationResult:
         """`prompt` as one user turn through the chat template (raw=True: as is). Greedy by default."""
         return self._finish(self.start_prompt(prompt, max_tokens, temperature, top_p, seed, stop, raw))
+
+    def generate_batch(self, prompts: list[str], max_tokens: int = 256, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int | None = None, raw: bool = False) -> list[str]:
+        """Several prompts decoded together, one pass over the weights per step for all of them (generate.
+        generate_batch); the texts, in order. `last_batch_stats` has the batch's passes and tokens per pass."""
+        ids = [encode_prompt(self.engine, p, raw) for p in prompts]
+        out, self.last_batch_stats = generate_batch(self.engine, ids, max_tokens, temperature, top_p, seed)
+        return [self.engine.tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
     def stream(self, prompt: str, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | None = None, raw: bool = False) -> Iterator[str]:

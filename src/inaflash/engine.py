@@ -120,15 +120,18 @@ class Engine:
 
     def reset(self, max_seq: int) -> None:
         """A fresh KV cache for `max_seq` positions (keeps the model when it is already large enough)."""
+        self._check_length(max_seq)
+        if max_seq > self.max_seq:
+            self.model.setup_caches(max_seq)
+            self.max_seq = max_seq
+
+    def _check_length(self, max_seq: int) -> None:
         limit = self.config.max_position_embeddings
         if max_seq > limit:
             raise InaflashError(f"{max_seq} tokens exceed the model's context of {limit} (prompt + max tokens)")
         if self.bounded and max_seq > self.context:
             raise InaflashError(f"{max_seq} tokens exceed the planned context of {self.context} "
                                 "(prompt + max tokens; raise --context, or --memory)")
-        if max_seq > self.max_seq:
-            self.model.setup_caches(max_seq)
-            self.max_seq = max_seq
 
     def set_ffn(self, ffn) -> None:
         """Serve the FFN with `ffn` from the next forward pass on, until set again (reset() keeps it): calibration
@@ -139,9 +142,20 @@ class Engine:
         """A snapshot of what the engine has done so far; generation reports the difference of two."""
         return Counters(self.reader.stats.copy(), None if self.sparse is None else self.sparse.counters.copy())
 
+    def new_cache(self, max_seq: int):
+        """A KV cache of its own for one more sequence of a batch (generate.decode_step), `max_seq` positions, held
+        to the planned context as reset() is (the planner counts one KV cache of `context` per sequence)."""
+        self._check_length(max_seq)
+        return self.model.new_cache(max_seq)
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
         return self.model.forward(ids, pos, last_only=last_only)
+
+    @torch.inference_mode()
+    def forward_batch(self, segments: list, last_only: bool = False) -> list[torch.Tensor]:
+        """One pass over the weights for several sequences: [(ids, pos, cache or None)] -> logits each."""
+        return self.model.forward_batch(segments, last_only=last_only)
 
     def close(self) -> None:
         self.reader.close()

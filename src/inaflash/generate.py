@@ -166,46 +166,153 @@ def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperatu
         logits = engine.forward(torch.tensor(prompt_ids[start:start + PREFILL_CHUNK]), start, last_only=True)[-1]
     stats.prefill_ms = (time.perf_counter() - t0) * 1e3
 
-    # The decode step: the last token decided (not yet in the KV cache) and up to k draft tokens go through one
-    # forward pass; the drafts the model agrees with are emitted with it, and the KV cache entries of rejected ones
-    # are simply overwritten by the next pass (positions, not a rollback). k = 0: plain decoding.
+    seq = Sequence(list(prompt_ids), len(prompt_ids), None, temperature, top_p, generator, max_tokens,
+                   DraftPolicy(engine.pass_costs) if engine.options.speculation == "lookup" else None)
+    seq.decided = [sample(logits, temperature, top_p, generator)]
     before, t_decode = engine.counters(), 0.0
-    pos, history = len(prompt_ids), list(prompt_ids)
-    policy = DraftPolicy(engine.pass_costs) if engine.options.speculation == "lookup" else None
-    decided = [sample(logits, temperature, top_p, generator)]
     try:
         while True:
-            for token in decided:
+            for token in seq.decided:
                 stats.generated_tokens += 1
-                history.append(token)
+                seq.history.append(token)
                 yield token
                 if token in stop or stats.generated_tokens >= max_tokens or (cancelled is not None and cancelled()):
                     return
-            draft = []
-            if policy is not None:  # as many as the tokens and the KV cache left allow
-                found = lookup(history, min(MAX_DRAFT, max_tokens - stats.generated_tokens))
-                draft = found[:policy.length(len(found))] if found else []
-            t0 = time.perf_counter()
-            out = engine.forward(torch.tensor([history[-1]] + draft), pos)
-            took = time.perf_counter() - t0
-            engine.pass_costs.record(1 + len(draft), took)
-            t_decode += took
+            t_decode += decode_step(engine, [seq])
             stats.decode_steps += 1
-            decided, accepted = [], 0
-            for j, d in enumerate(draft):
-                decided.append(verify(out[j], d, temperature, top_p, generator))
-                if decided[-1] != d:
-                    break
-                accepted += 1
-            if accepted == len(draft):  # every draft agreed: the pass also gives the token after them
-                decided.append(sample(out[len(draft)], temperature, top_p, generator))
-            pos += 1 + accepted
-            if policy is not None and draft:
-                policy.update(len(draft), accepted)
-                stats.drafted_tokens += len(draft)
-                stats.accepted_tokens += accepted
     finally:
+        stats.drafted_tokens, stats.accepted_tokens = seq.drafted, seq.accepted
         _finish_stats(engine, stats, engine.counters() - before, t_decode)
+
+
+@dataclass
+class Sequence:
+    """One generation's decoding state, as decode_step takes it. `history`: the prompt and every token emitted; its
+    last token is decided but not yet in the KV cache (`cache`; None: the engine's own), whose first `pos`
+    positions are filled. decode_step leaves the next tokens in `decided` for the caller to emit."""
+
+    history: list[int]
+    pos: int
+    cache: object | None
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+    max_tokens: int
+    policy: DraftPolicy | None = None
+    prompt_len: int = -1
+    decided: list[int] = field(default_factory=list)
+    drafted: int = 0
+    accepted: int = 0
+
+    def __post_init__(self):
+        if self.prompt_len < 0:
+            self.prompt_len = self.pos
+
+    def draft(self, base: int) -> list[int]:
+        """Draft tokens for the next pass (none without a policy, or where it says they do not pay)."""
+        if self.policy is None:
+            return []
+        left = self.max_tokens - (len(self.history) - self.prompt_len)  # tokens still allowed after the last
+        found = lookup(self.history, min(MAX_DRAFT, left))
+        return found[:self.policy.length(len(found), base)] if found else []
+
+
+def decode_step(engine: Engine, seqs: list[Sequence]) -> float:
+    """The decode step, for one sequence or a batch, with or without drafts: each sequence's last token and its
+    drafts go through one forward pass together (every weight read once for all of them); the drafts the model
+    agrees with are kept, then the model's own next token (a correction, or the token after the last draft).
+    Rejected drafts' KV entries are overwritten by the next pass at the same positions: no rollback copy.
+    Returns the pass's seconds."""
+    feeds, drafts, width = [], [], 0
+    for s in seqs:
+        d = s.draft(width)
+        drafts.append(d)
+        feeds.append((torch.tensor([s.history[-1]] + d), s.pos, s.cache))
+        width += 1 + len(d)
+    t0 = time.perf_counter()
+    outs = engine.forward_batch(feeds)
+    took = time.perf_counter() - t0
+    engine.pass_costs.record(width, took)
+    for s, d, out in zip(seqs, drafts, outs):
+        s.decided, accepted = [], 0
+        for j, token in enumerate(d):
+            s.decided.append(verify(out[j], token, s.temperature, s.top_p, s.generator))
+            if s.decided[-1] != token:
+                break
+            accepted += 1
+        if accepted == len(d):  # every draft agreed: the pass also gives the token after them
+            s.decided.append(sample(out[len(d)], s.temperature, s.top_p, s.generator))
+        s.pos += 1 + accepted
+        if d and s.policy is not None:
+            s.policy.update(len(d), accepted)
+            s.drafted += len(d)
+            s.accepted += accepted
+    return took
+
+
+@dataclass
+class BatchStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_steps: int = 0  # forward passes after the prompts', each for every sequence still running
+    decode_ms: float = 0.0
+    tokens_per_pass: float = 0.0  # tokens the decode passes produced, all sequences together, per pass
+    bytes_read_per_pass: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def generate_batch(engine: Engine, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int | None = None,
+                   stop: set[int] | None = None) -> tuple[list[list[int]], BatchStats]:
+    """Several prompts decoded together: each is prefilled alone into a KV cache of its own, then every decode step
+    is one pass over the weights for all sequences still running (a finished one leaves the batch, as a request
+    leaves vLLM's or llama.cpp's running batch). Under a budget that pass reads the FFN once for all of them.
+    Greedy output per prompt is what generating it alone gives (exact arithmetic; tests/test_batch.py).
+    Returns each prompt's generated ids and the batch's statistics. (The planner counts one KV cache of
+    --context; the caches of a batch are each prompt + max_tokens long.)"""
+    if not prompts or any(not p for p in prompts):
+        raise InaflashError("empty prompt")
+    check_sampling(max_tokens, temperature, top_p, seed)
+    stop = stop_ids(engine) if stop is None else stop
+    stats = BatchStats(prompt_tokens=sum(len(p) for p in prompts))
+    policy = engine.options.speculation == "lookup"
+    seqs, out = [], [[] for _ in prompts]
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        cache = engine.new_cache(len(prompt) + max_tokens)
+        generator = torch.Generator().manual_seed(seed + i) if seed is not None else None
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            logits = engine.forward_batch([(torch.tensor(prompt[start:start + PREFILL_CHUNK]), start, cache)],
+                                          last_only=True)[0][-1]
+        s = Sequence(list(prompt), len(prompt), cache, temperature, top_p, generator, max_tokens,
+                     DraftPolicy(engine.pass_costs) if policy else None)
+        s.decided = [sample(logits, temperature, top_p, generator)]
+        seqs.append((i, s))
+    stats.prefill_ms = (time.perf_counter() - t0) * 1e3
+    before = engine.counters()
+    running = seqs
+    while running:
+        still = []
+        for i, s in running:
+            for token in s.decided:
+                out[i].append(token)
+                s.history.append(token)
+                if token in stop or len(out[i]) >= max_tokens:
+                    break
+            else:
+                still.append((i, s))
+        running = still
+        if running:
+            stats.decode_ms += decode_step(engine, [s for _, s in running]) * 1e3
+            stats.decode_steps += 1
+    stats.generated_tokens = sum(len(o) for o in out)
+    produced = stats.generated_tokens - len(prompts)  # the first token of each came from its prompt's pass
+    stats.tokens_per_pass = produced / stats.decode_steps if stats.decode_steps else 0.0
+    stats.bytes_read_per_pass = (engine.counters() - before).io.bytes / max(stats.decode_steps, 1)
+    return out, stats
 
 
 def check_sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:

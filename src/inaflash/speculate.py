@@ -79,14 +79,16 @@ class DraftPolicy:
     drafted: int = 0
     accepted: int = 0
 
-    def length(self, available: int) -> int:
+    def length(self, available: int, base: int = 0) -> int:
         """The draft length with the most expected tokens per unit of cost (0: plain decoding), at most
-        `available` (what the drafter found, the tokens left, the context left)."""
+        `available` (what the drafter found, the tokens left, the context left). `base`: tokens the same pass
+        already carries for other sequences (a batch): a draft's cost is what it adds to that pass."""
         r = min(max(self.accept_rate, 0.0), 0.99)
         best, best_k = 1.0, 0  # plain decoding: one token per 1-token pass
+        plain = self.costs.ratio(base + 1)
         for k in range(1, min(available, MAX_DRAFT) + 1):
             expected = (1 - r ** (k + 1)) / (1 - r)
-            value = expected / self.costs.ratio(1 + k)
+            value = expected / (self.costs.ratio(base + 1 + k) / plain)
             if value > best * 1.02:  # a margin over the model's noise
                 best, best_k = value, k
         return best_k

@@ -30,32 +30,52 @@ class Llama:
         self.cache = self.cos = self.sin = None
 
     def setup_caches(self, max_seq: int) -> None:
-        """A fresh KV cache and RoPE tables for `max_seq` positions."""
-        cfg, hd = self.cfg, self.cfg.head_dim
+        """A fresh KV cache (the model's own, for forward() without one) and RoPE tables for `max_seq` positions."""
         self.cache = None  # the old cache is freed before the new one is allocated
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-        freqs = torch.outer(torch.arange(max_seq).float(), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
-        self.cache = KVCache(cfg.num_layers, max_seq, cfg.num_kv_heads, hd)
+        self.cache = self.new_cache(max_seq)
+
+    def new_cache(self, max_seq: int) -> KVCache:
+        """A KV cache of one more sequence (batched decoding: each sequence has its own); RoPE tables grow to fit."""
+        cfg, hd = self.cfg, self.cfg.head_dim
+        if self.cos is None or self.cos.shape[0] < max_seq:
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+            freqs = torch.outer(torch.arange(max_seq).float(), inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        return KVCache(cfg.num_layers, max_seq, cfg.num_kv_heads, hd)
 
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         return rope(x, self.cos[pos:pos + x.shape[0]], self.sin[pos:pos + x.shape[0]])
 
-    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False, cache: KVCache | None = None):
         """Logits [T, vocab] (float32) for token ids [T] at positions pos..pos+T-1, filling the KV cache."""
-        cfg, T = self.cfg, ids.shape[0]
+        return self.forward_batch([(ids, pos, cache)], last_only)[0]
+
+    def forward_batch(self, segments: list, last_only: bool = False) -> list[torch.Tensor]:
+        """One pass over the weights for several sequences: segments [(ids [T_i], pos_i, cache_i or None for the
+        model's own)] -> logits [T_i, vocab] each. Every matrix (and the FFN, read once under a budget) takes all
+        tokens together; attention is each sequence's own, over its own KV cache."""
+        cfg = self.cfg
         H, KVH, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
-        x = self.embed[ids].float()
+        spans, at = [], 0
+        for ids, _, _ in segments:
+            spans.append((at, at + ids.shape[0]))
+            at += ids.shape[0]
+        x = self.embed[torch.cat([ids for ids, _, _ in segments])].float()
         self.ffn.begin_forward()
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L["ln1"], eps)
-            q = self._rope(linear(h, L["q"], L["qb"]).view(T, H, hd), pos)
-            k = self._rope(linear(h, L["k"], L["kb"]).view(T, KVH, hd), pos)
-            v = linear(h, L["v"], L["vb"]).view(T, KVH, hd)
-            k_all, v_all = self.cache.update(i, pos, k, v)
-            x = x + linear(attend(q, k_all, v_all, pos), L["o"], L["ob"])
+            q, k, v = linear(h, L["q"], L["qb"]), linear(h, L["k"], L["kb"]), linear(h, L["v"], L["vb"])
+            out = []
+            for (_, pos, cache), (a, b) in zip(segments, spans):
+                T = b - a
+                k_all, v_all = (cache or self.cache).update(i, pos, self._rope(k[a:b].view(T, KVH, hd), pos),
+                                                            v[a:b].view(T, KVH, hd))
+                out.append(attend(self._rope(q[a:b].view(T, H, hd), pos), k_all, v_all, pos))
+            x = x + linear(out[0] if len(out) == 1 else torch.cat(out), L["o"], L["ob"])
             x = x + self.ffn(i, rms_norm(x, L["ln2"], eps))
         if last_only:
-            x = x[-1:]
-        return linear(rms_norm(x, self.norm, eps), self.head)
+            x = x[torch.tensor([b - 1 for _, b in spans])]
+            spans = [(j, j + 1) for j in range(len(spans))]
+        logits = linear(rms_norm(x, self.norm, eps), self.head)
+        return [logits[a:b] for a, b in spans]

@@ -35,25 +35,41 @@ class OPT:
         self.cache = None
 
     def setup_caches(self, max_seq: int) -> None:
-        """A fresh KV cache for `max_seq` positions (positions are learned: no tables to make)."""
+        """A fresh KV cache (the model's own) for `max_seq` positions (positions are learned: no tables to make)."""
         self.cache = None  # the old cache is freed before the new one is allocated
-        self.cache = KVCache(self.cfg.num_layers, max_seq, self.cfg.num_heads, self.cfg.head_dim)
+        self.cache = self.new_cache(max_seq)
 
-    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
-        cfg, T = self.cfg, ids.shape[0]
+    def new_cache(self, max_seq: int) -> KVCache:
+        return KVCache(self.cfg.num_layers, max_seq, self.cfg.num_heads, self.cfg.head_dim)
+
+    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False, cache: KVCache | None = None):
+        return self.forward_batch([(ids, pos, cache)], last_only)[0]
+
+    def forward_batch(self, segments: list, last_only: bool = False) -> list[torch.Tensor]:
+        """As Llama.forward_batch: one pass for several sequences, each attending over its own KV cache."""
+        cfg = self.cfg
         H, hd, d, eps = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.norm_eps
 
         def ln(t, wb):
             return F.layer_norm(t, (d,), wb[0], wb[1], eps)
 
-        x = self.embed[ids].float() + self.positions[pos + POSITION_OFFSET:pos + POSITION_OFFSET + T].float()
+        spans, at = [], 0
+        for ids, _, _ in segments:
+            spans.append((at, at + ids.shape[0]))
+            at += ids.shape[0]
+        x = self.embed[torch.cat([ids for ids, _, _ in segments])].float() + torch.cat(
+            [self.positions[pos + POSITION_OFFSET:pos + POSITION_OFFSET + ids.shape[0]] for ids, pos, _ in segments]
+        ).float()
         self.ffn.begin_forward()
         for i, L in enumerate(self.layers):
             h = ln(x, L["ln1"]) if cfg.pre_norm else x
-            q = linear(h, L["q"], L["qb"]).view(T, H, hd)
-            k_all, v_all = self.cache.update(
-                i, pos, linear(h, L["k"], L["kb"]).view(T, H, hd), linear(h, L["v"], L["vb"]).view(T, H, hd))
-            x = x + linear(attend(q, k_all, v_all, pos), L["o"], L["ob"])
+            q, k, v = linear(h, L["q"], L["qb"]), linear(h, L["k"], L["kb"]), linear(h, L["v"], L["vb"])
+            out = []
+            for (_, pos, cache), (a, b) in zip(segments, spans):
+                T = b - a
+                k_all, v_all = (cache or self.cache).update(i, pos, k[a:b].view(T, H, hd), v[a:b].view(T, H, hd))
+                out.append(attend(q[a:b].view(T, H, hd), k_all, v_all, pos))
+            x = x + linear(out[0] if len(out) == 1 else torch.cat(out), L["o"], L["ob"])
             if not cfg.pre_norm:
                 x = ln(x, L["ln1"])
             h = ln(x, L["ln2"]) if cfg.pre_norm else x
@@ -61,7 +77,9 @@ class OPT:
             if not cfg.pre_norm:
                 x = ln(x, L["ln2"])
         if last_only:
-            x = x[-1:]
+            x = x[torch.tensor([b - 1 for _, b in spans])]
+            spans = [(j, j + 1) for j in range(len(spans))]
         if self.final_ln is not None:
             x = ln(x, self.final_ln)
-        return linear(x, self.head)
+        logits = linear(x, self.head)
+        return [logits[a:b] for a, b in spans]
