@@ -394,3 +394,29 @@ def test_int8_matrix_from_unaligned_file_bytes(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
     assert float(r.stdout.split()[-1]) < 0.015  # int8 activations against the float product
+
+
+def test_the_library_is_built_portable_and_loaded_only_where_the_cpu_runs_it(monkeypatch):
+    """setup.py builds for x86-64-v3, not this machine's CPU: no AVX-512 instruction in the library (a build on an
+    AVX-512 machine died with SIGILL on an AVX2-only one); a CPU without AVX2/FMA/F16C/BMI2 gets no library (torch's
+    path) instead of a crash."""
+    import platform
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from inaflash import native
+
+    if native.LIB is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("no native library on this machine")
+    path = next(Path(native.__file__).parent.glob("_kernels*.so"))
+    dump = subprocess.run(["objdump", "-d", str(path)], capture_output=True, text=True)
+    if dump.returncode != 0:
+        pytest.skip("objdump is not available")
+    # AVX-512's marks: zmm registers, the upper 16 of xmm/ymm, mask registers (a -march=native build here had 855)
+    evex = re.findall(r"zmm|[xy]mm(?:1[6-9]|2[0-9]|3[01])|\{%k[0-7]\}|kmov", dump.stdout)
+    assert not evex, evex[:5]
+    monkeypatch.setattr(native, "cpu_flags", lambda: {"sse2", "sse4_2", "avx"})  # an old CPU
+    assert native._load() is None
+    monkeypatch.setattr(native, "cpu_flags", lambda: set(native.REQUIRED_FLAGS))
+    assert native._load() is not None

@@ -14,9 +14,28 @@ import tempfile
 from pathlib import Path
 
 
+# what setup.py builds for (-march=x86-64-v3) and the kernels use: a CPU without them would die on the first call
+REQUIRED_FLAGS = ("avx2", "fma", "f16c", "bmi2", "sse4_2")
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags (Linux /proc/cpuinfo); None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def _load():
     if os.environ.get("INAFLASH_KERNEL", "").lower() == "torch":
         return None
+    flags = cpu_flags()
+    if flags is not None and not set(REQUIRED_FLAGS) <= flags:
+        return None  # an older x86-64 CPU: torch's path (warn_if_missing says so)
     found = sorted(Path(__file__).parent.glob("_kernels*.so"))
     if not found:
         return None

@@ -144,6 +144,7 @@ def move_rows(rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
 def warn_if_missing() -> None:
     """Say once per engine when the FFN falls back to torch without having been asked to."""
     if LIB is None and os.environ.get("INAFLASH_KERNEL", "").lower() != "torch":
-        warnings.warn("inaflash's native FFN kernel is not built (no compiler or no AVX2 at install): computing "
-                      "with torch, several times slower; reinstall with  pip install -e .  where gcc is present",
+        warnings.warn("inaflash's native FFN kernel is not in use (not built: no compiler at install; or this CPU "
+                      "lacks AVX2/FMA/F16C/BMI2): computing with torch, several times slower; reinstall with  "
+                      "pip install -e .  where gcc is present",
                       RuntimeWarning, stacklevel=3)
