@@ -2,7 +2,7 @@
 greedy text on 5 prompts (32 tokens each) and held-out perplexity scored token by token (the 1-token path the kernel
 serves in decoding; `inaflash eval` scores 256-token chunks, which take the GEMM path).
 
-    python bench/kernel_quality.py STORE [TOKENS]      (README: "What quantized activations cost")
+    python bench/kernel_quality.py STORE [TOKENS]      (docs/measurements.md: "What quantized activations cost")
 """
 import math
 import os

@@ -292,7 +292,7 @@ EPOCHS, MIN_STEPS = 6, 16
 
 def default_rank(hidden: int) -> int:
     """hidden/8, at most 64: Qwen2.5-1.5B's rank 192 trained in 12.2 s per layer here (its 28 layers: 5.7 min of a
-    16-minute calibration); its stores' predictors, the ones measured in the README, are rank 64."""
+    16-minute calibration); its stores' predictors, the ones measured in docs/measurements.md, are rank 64."""
     return max(16, min(64, (hidden // 8 + 7) // 8 * 8))
 
 

@@ -4,7 +4,7 @@
 
 /* CRC-32C (Castagnoli; the checksum of ext4, btrfs and iSCSI) of store data, checked as it is read (store/checksum.py).
  * SSE4.2 has an instruction for it: 8 bytes per instruction, latency 3 cycles, throughput 1, so three independent
- * pages are hashed at once to keep the unit busy (one chain: ~8 GB/s here; three: see the README). Returns -1
+ * pages are hashed at once to keep the unit busy (one chain: ~8 GB/s here; three: see docs/measurements.md). Returns -1
  * where the CPU has no SSE4.2 (Python then uses google-crc32c). */
 #ifdef __SSE4_2__
 #include <nmmintrin.h>

@@ -4,7 +4,7 @@
  * MB read (~65 ms per token for naive mode's 722 MB on Qwen2.5-1.5B, on the two cores that also compute). Buffers
  * registered once with a ring stay pinned, and IORING_OP_READ_FIXED skips the pinning: fio on a store's file, 4 MiB
  * O_DIRECT reads, ~0.011 ms of system CPU per MB with fixed buffers against ~0.085 without; in naive mode the
- * process's system CPU fell from 54-55 to 16-22 ms per token (README).
+ * process's system CPU fell from 54-55 to 16-22 ms per token (docs/measurements.md).
  *
  * The caller (reader.py) keeps preadv as its fallback: any failure here (no io_uring in the kernel or the container,
  * a locked-memory limit refusing the registration, a failed read) returns a negative errno, and that thread reads

@@ -3,7 +3,7 @@
 Built by `pip install -e .` (setup.py; -O3 -march=native -fopenmp) into inaflash/_kernels*.so (loaded by native.py)
 and called through ctypes (which releases the GIL, so the I/O threads keep reading meanwhile). Where it was not built
 (no compiler, a CPU without AVX2/FMA/F16C) or INAFLASH_KERNEL=torch is set, `available()` is False and the FFN
-providers decode bundles and multiply with torch instead (several times slower; see README).
+providers decode bundles and multiply with torch instead (several times slower; see docs/measurements.md).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class _Layout(ctypes.Structure):
 
 # int8/int4 bundles: gate/up dot products against activations quantized to int8 per weight group (llama.cpp's Q8
 # activations; integer multiply-adds). INAFLASH_KERNEL=exact keeps float activations: exact to float32 rounding,
-# 36% slower on Qwen2.5's int4 store (README).
+# 36% slower on Qwen2.5's int4 store (docs/measurements.md).
 QUANTIZED_ACTIVATIONS = os.environ.get("INAFLASH_KERNEL", "").lower() != "exact"
 
 

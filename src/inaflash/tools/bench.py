@@ -74,7 +74,7 @@ CONFIGS = [
 
 # The child of a `beside_reads` row: reads the file whole in 4 MiB pieces, over and over, bypassing the page cache
 # where the file system allows; prints the bytes it has read after its first pass and on SIGTERM. (In this VM a
-# reader of 2.2 GB/s slowed dram's compute 1.8x: naive's compute is to be compared with this row's; README.)
+# reader of 2.2 GB/s slowed dram's compute 1.8x: naive's compute is to be compared with this row's; docs/measurements.md.)
 READ_LOOP = """
 import mmap, os, signal, sys
 piece, total = 4 << 20, 0
