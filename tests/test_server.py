@@ -183,19 +183,19 @@ def test_shutdown_cancels_a_generation_in_flight_within_bounded_time(model):
 
 
 def test_a_stream_that_fails_sends_an_error_event_then_done(live, model, monkeypatch):
-    real, calls = model.engine.forward, []
+    real, calls = model.engine.forward_batch, []
 
-    def failing(ids, pos, last_only=False):
-        calls.append(pos)
-        if len(calls) == 4:  # prefill and two tokens went out, then the disk goes away
+    def failing(segments, last_only=False):  # decode steps (the prompt's pass is forward's)
+        calls.append(len(segments))
+        if len(calls) == 3:  # the prompt's token and two decode steps went out, then the disk goes away
             raise OSError(5, "Input/output error")
-        return real(ids, pos, last_only)
+        return real(segments, last_only)
 
-    monkeypatch.setattr(model.engine, "forward", failing)
+    monkeypatch.setattr(model.engine, "forward_batch", failing)
     body = {"model": model.name, "messages": CHAT, "max_tokens": 16, "temperature": 0, "stream": True}
     with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-    monkeypatch.setattr(model.engine, "forward", real)
+    monkeypatch.setattr(model.engine, "forward_batch", real)
     assert lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2][6:])["error"]
     assert error["type"] == "server_error" and "Input/output error" in error["message"]
@@ -421,3 +421,68 @@ def test_sigterm_with_a_stream_in_flight_ends_it_and_exits_within_the_grace_peri
     assert len(events) < 3000
     assert proc.returncode == 0 and took < grace + 3, (proc.returncode, took)
     assert "closed" in proc.stdout.read()
+
+
+def test_parallel_requests_share_passes_and_answer_as_each_alone(smollm2_store_f32):
+    """`serve --parallel 4` on a float32 store: four concurrent requests (streamed and not, different prompts and
+    lengths) get each the text it gets alone; the batch's steps carried several sequences at once; a client that
+    leaves mid-stream frees its place; /metrics says so."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time", "Rivers of Europe:"]
+    with inaflash.load(smollm2_store_f32, mode="dram", parallel=4, speculation="off") as m:
+        alone = LiveServer(m, parallel=1)
+        try:
+            want = [httpx.post(alone.url + "/v1/completions", json={"model": m.name, "prompt": p, "max_tokens": 16 + 4 * i,
+                                                                   "temperature": 0}, timeout=120).json()
+                    ["choices"][0]["text"] for i, p in enumerate(prompts)]
+        finally:
+            alone.stop()
+        live = LiveServer(m, parallel=4, max_queue=4)
+        try:
+            def ask(i):
+                body = {"model": m.name, "prompt": prompts[i], "max_tokens": 16 + 4 * i, "temperature": 0,
+                        "stream": i % 2 == 1}
+                if not body["stream"]:
+                    return httpx.post(live.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+                text = ""
+                with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=120) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            text += json.loads(line[6:])["choices"][0]["text"]
+                return text
+
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(ask, range(4)))
+            metrics = httpx.get(live.url + "/metrics", timeout=30).json()
+            # a client that hangs up mid-stream leaves the batch; the next request is served
+            with httpx.stream("POST", live.url + "/v1/completions", json={
+                    "model": m.name, "prompt": prompts[0], "max_tokens": 500, "temperature": 0, "stream": True},
+                    timeout=120) as r:
+                next(line for line in r.iter_lines() if line.startswith("data: "))
+            again = httpx.post(live.url + "/v1/completions", json={"model": m.name, "prompt": prompts[0],
+                                                                   "max_tokens": 16, "temperature": 0}, timeout=120)
+            deadline = time.time() + 30
+            while live.state.batcher.running and time.time() < deadline:
+                time.sleep(0.05)
+            left = len(live.state.batcher.running)
+        finally:
+            live.stop()
+    assert got == want
+    assert metrics["parallel"] == 4 and metrics["batch_shared_steps"] > 0, metrics
+    assert again.status_code == 200 and again.json()["choices"][0]["text"] == want[0]
+    assert left == 0
+
+
+def test_load_on_a_batching_server_gives_no_5xx_and_stops_on_sigterm():
+    """The same load against `--parallel 3`: answers valid, 400 or 429, abandoned work leaves the batch (the server
+    idles right after the last client), and SIGTERM ends every open stream with an error event then [DONE]."""
+    from inaflash.tools.loadtest import loadtest
+
+    with inaflash.load(mode="dram", parallel=3) as m:
+        r = loadtest(m, clients=6, requests=30, abandon_every=4, seed=5, max_queue=2, parallel=3)
+    assert r["server_errors"] == 0 and r["stream_errors"] == 0 and r["unfinished_streams"] == 0, r
+    assert r["invalid_not_400"] == 0 and set(r["statuses"]) <= {"200", "400", "429", "abandoned"}, r
+    assert r["idle_after_s"] is not None and r["idle_after_s"] < 15 and r["health_status"] == 200, r
+    t = r["sigterm"]
+    assert t["exit_s"] is not None and t["exit_s"] < t["grace_s"] and t["ended_with_error_then_done"] >= 3, t

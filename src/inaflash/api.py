@@ -31,9 +31,10 @@ class Model:
         return self.engine.context if self.engine.bounded else self.engine.config.max_position_embeddings
 
     def start(self, prompt_ids: list[int], max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-              seed: int | None = None, stop: list[str] | None = None) -> Generation:
-        """A generation from token ids: iterate it for text pieces (see generate.Generation)."""
-        return Generation(self.engine, prompt_ids, max_tokens, temperature, top_p, seed, stop)
+              seed: int | None = None, stop: list[str] | None = None, batcher=None) -> Generation:
+        """A generation from token ids: iterate it for text pieces (see generate.Generation); with a
+        generate.Batcher, as one sequence of its running batch (the server's --parallel)."""
+        return Generation(self.engine, prompt_ids, max_tokens, temperature, top_p, seed, stop, batcher)
 
     def start_prompt(self, prompt: str, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                      seed: int | None = None, stop: list[str] | None = None, raw: bool = False) -> Generation:

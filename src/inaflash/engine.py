@@ -58,7 +58,7 @@ class Engine:
         if mode == "auto":
             budget = None if memory is None else parse_memory(memory, store)
             self.choice = choose_mode(store, budget, self.context, sparsity, window, cache_format,
-                                      context_given=context is not None)
+                                      context_given=context is not None, sequences=o.parallel)
             mode, memory, self.context = self.choice.mode, self.choice.budget, self.choice.context
         self.mode = mode
         # checksums: every page read from flash and every resident tensor checked against the store's checksums
@@ -81,7 +81,7 @@ class Engine:
                 budget = None if memory is None else parse_memory(memory, store)
                 predictor_bytes = sparsity.predictor_bytes if o.use_predictor else 0
                 self.plan = plan_memory(store, budget, self.context, predictor_bytes, window,
-                                        active_neurons_per_token(store, sparsity), cache_format)
+                                        active_neurons_per_token(store, sparsity), cache_format, o.parallel)
                 hot = hot_neurons(store, sparsity, self.plan.cache_capacity, self.plan.window, o.compute,
                                   max_gap) if o.hot_neurons and o.use_predictor else None
                 if hot is not None:
@@ -93,7 +93,7 @@ class Engine:
             else:
                 # every mode plans within --memory or is refused with its minimum (naive used to take 52% more)
                 budget = None if memory is None else parse_memory(memory, store)
-                self.plan = plan_dense(store, mode, budget, self.context)
+                self.plan = plan_dense(store, mode, budget, self.context, o.parallel)
                 if mode == "dram":
                     self.ffn = ResidentFFN(store, self.reader)
                 elif mode == "hybrid":

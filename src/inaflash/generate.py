@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -315,6 +316,172 @@ def generate_batch(engine: Engine, prompts: list[list[int]], max_tokens: int, te
     return out, stats
 
 
+class Batcher:
+    """Continuous batching over one engine (the server's --parallel N): a thread runs decode steps over every
+    running sequence; a request joins between steps (its prompt prefilled alone into a KV cache of its own) and
+    leaves when it ends or is cancelled, as requests join and leave vLLM's running batch or llama.cpp's server
+    slots. The model runner only runs steps: `decode_step`, the same one a single generation runs."""
+
+    def __init__(self, engine: Engine, parallel: int):
+        self.engine, self.parallel = engine, parallel
+        self.inbox: queue.Queue = queue.Queue()
+        self.running: list[_Slot] = []
+        self.closed = False
+        self.steps = self.shared_steps = 0  # decode steps, and those that carried 2+ sequences
+        self.thread = threading.Thread(target=self._run, name="inaflash-batch", daemon=True)
+        self.thread.start()
+
+    def stream(self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, stop: set[int] | None = None, stats: GenerationStats | None = None,
+               cancelled: Callable[[], bool] | None = None) -> Iterator[int]:
+        """stream_ids' contract, through the running batch: token ids as the steps produce them; closing it (or
+        `cancelled()`) takes the sequence out at the next step."""
+        if not prompt_ids:
+            raise InaflashError("empty prompt")
+        check_sampling(max_tokens, temperature, top_p, seed)
+        self.engine._check_length(len(prompt_ids) + max_tokens)
+        slot = _Slot(list(prompt_ids), max_tokens, temperature, top_p,
+                     torch.Generator().manual_seed(seed) if seed is not None else None,
+                     stop_ids(self.engine) if stop is None else stop, GenerationStats() if stats is None else stats,
+                     cancelled or (lambda: False))
+        slot.stats.prompt_tokens = len(prompt_ids)
+        if self.closed:
+            raise InaflashError("the model is shutting down")
+        self.inbox.put(slot)
+        try:
+            while True:
+                item = slot.out.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            slot.left = True  # the consumer is gone: the sequence leaves at the next step
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.closed = True
+        self.inbox.put(None)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self.closed:
+            try:
+                self._admit()
+                self._deliver()
+                if self.running:
+                    seqs = [s.seq for s in self.running]
+                    before = self.engine.counters()
+                    took = decode_step(self.engine, seqs)
+                    read = (self.engine.counters() - before).io.bytes
+                    self.steps += 1
+                    self.shared_steps += len(seqs) > 1
+                    for s in self.running:
+                        s.decode_s += took
+                        s.read_bytes += read
+                        s.stats.decode_steps += 1
+            except BaseException as e:  # a damaged store, a bug: every running sequence hears of it, none hangs
+                for s in self.running:
+                    s.out.put(e)
+                self.running = []
+        for s in self.running:  # closed: whoever still waits is told it ended
+            s.finish()
+        self.running = []
+        while not self.inbox.empty():
+            slot = self.inbox.get_nowait()
+            if slot is not None:
+                slot.out.put(None)
+
+    def _admit(self) -> None:
+        while len(self.running) < self.parallel:
+            try:
+                slot = self.inbox.get(block=not self.running, timeout=None)
+            except queue.Empty:
+                return
+            if slot is None:  # close()
+                self.closed = True
+                return
+            if slot.left or slot.cancelled():
+                slot.out.put(None)
+                continue
+            try:
+                self._prefill(slot)
+            except _Left:
+                slot.out.put(None)
+                continue
+            except BaseException as e:
+                slot.out.put(e)
+                continue
+            self.running.append(slot)
+
+    def _prefill(self, slot: _Slot) -> None:
+        ids, engine = slot.prompt, self.engine
+        cache = engine.new_cache(len(ids) + slot.max_tokens)
+        t0 = time.perf_counter()
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            if slot.cancelled() or slot.left:
+                raise _Left()
+            logits = engine.forward_batch([(torch.tensor(ids[start:start + PREFILL_CHUNK]), start, cache)],
+                                          last_only=True)[0][-1]
+        slot.stats.prefill_ms = (time.perf_counter() - t0) * 1e3
+        policy = DraftPolicy(engine.pass_costs) if engine.options.speculation == "lookup" else None
+        slot.seq = Sequence(list(ids), len(ids), cache, slot.temperature, slot.top_p, slot.generator,
+                            slot.max_tokens, policy)
+        slot.seq.decided = [sample(logits, slot.temperature, slot.top_p, slot.generator)]
+
+    def _deliver(self) -> None:
+        """Hand each sequence's decided tokens to its consumer; those that end (stop token, max_tokens, cancelled,
+        consumer gone) leave the batch."""
+        still = []
+        for s in self.running:
+            done = s.left or s.cancelled()
+            for token in ([] if done else s.seq.decided):
+                s.stats.generated_tokens += 1
+                s.seq.history.append(token)
+                s.out.put(token)
+                if token in s.stop or s.stats.generated_tokens >= s.max_tokens or s.cancelled():
+                    done = True
+                    break
+            if done:
+                s.finish()
+            else:
+                still.append(s)
+        self.running = still
+
+
+class _Left(Exception):
+    """A request cancelled or abandoned during its prefill."""
+
+
+@dataclass
+class _Slot:
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+    stop: set[int]
+    stats: GenerationStats
+    cancelled: Callable[[], bool]
+    out: queue.Queue = field(default_factory=queue.Queue)
+    seq: Sequence | None = None
+    left: bool = False
+    decode_s: float = 0.0
+    read_bytes: int = 0
+
+    def finish(self) -> None:
+        s, produced = self.stats, max(self.stats.generated_tokens - 1, 0)
+        steps = max(produced, 1)
+        s.ms_per_token = self.decode_s * 1e3 / steps  # each pass it waited for, over the tokens it got
+        s.compute_ms_per_token = s.ms_per_token
+        s.bytes_read_per_token = self.read_bytes / steps  # the passes' reads, shared with the batch
+        s.tokens_per_pass = produced / s.decode_steps if s.decode_steps else 0.0
+        if self.seq is not None:
+            s.drafted_tokens, s.accepted_tokens = self.seq.drafted, self.seq.accepted
+        s.peak_rss_bytes = peak_rss_bytes()
+        self.out.put(None)
+
+
 def check_sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
     """The sampling options, checked before anything is loaded (the CLI) and again per generation."""
     if max_tokens < 1:
@@ -363,6 +530,9 @@ def generate_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, tempera
     return out, stats
 
 
+_DECODE_LOCK = threading.Lock()
+
+
 class Generation:
     """A generation in progress: iterate it for text pieces as they are decoded; afterwards `text`, `token_ids`,
     `stats` and `finish_reason` ("stop": end of sequence or a stop string; "length": max_tokens) are set.
@@ -370,7 +540,8 @@ class Generation:
     `close()` (or breaking out of the loop) cancels it: the engine is free again right away."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], max_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None):
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                 batcher: Batcher | None = None):
         self.engine, self.stop = engine, [s for s in (stop or []) if s]
         self.stats = GenerationStats()
         self.token_ids: list[int] = []
@@ -378,8 +549,10 @@ class Generation:
         self.finish_reason: str | None = None
         self._eos = stop_ids(engine)
         self.cancelled = threading.Event()  # set from any thread: the generation ends at the next check
-        self._tokens = stream_ids(engine, prompt_ids, max_tokens, temperature, top_p, seed, self._eos, self.stats,
-                                  self.cancelled.is_set)
+        # alone (stream_ids: the engine's own KV cache), or as one sequence of a running batch
+        source = batcher.stream if batcher is not None else lambda *a: stream_ids(engine, *a)
+        self._tokens = source(prompt_ids, max_tokens, temperature, top_p, seed, self._eos, self.stats,
+                              self.cancelled.is_set)
 
     def __iter__(self) -> Iterator[str]:
         tok, sent = self.engine.tokenizer, 0
@@ -387,7 +560,8 @@ class Generation:
         try:
             for token in self._tokens:
                 self.token_ids.append(token)
-                text = tok.decode(self.token_ids, skip_special_tokens=True)
+                with _DECODE_LOCK:  # batched generations decode text on threads of their own: one tokenizer
+                    text = tok.decode(self.token_ids, skip_special_tokens=True)
                 if text.endswith("\ufffd"):
                     continue
                 hits = [i for i in (text.find(s, max(0, sent - len(s))) for s in self.stop) if i >= 0]

@@ -33,6 +33,7 @@ class Options:
     context: int | None = None  # tokens the KV cache is planned for (default engine.DEFAULT_CONTEXT)
     checksums: bool = True  # check every read against the store's checksums (README: the cost)
     speculation: str = "lookup"  # draft tokens verified in one pass (speculate.py); "off": one token a pass
+    parallel: int = 1  # sequences decoded together (the server's batch): each its KV cache, planned in --memory
     # sparse mode
     window: int = 4  # keep the neurons of the last `window` tokens cached (0: no reuse)
     use_predictor: bool = True  # False: the true active set (an oracle that holds the FFN: measuring only)
@@ -58,7 +59,8 @@ class Options:
                                          or not 0 < self.density <= 1):
             raise InaflashError(f"density must be a fraction in (0, 1], not {self.density!r}")
         for name, value, low in (("window", self.window, 0), ("context", self.context, 2),
-                                 ("io_threads", self.io_threads, 1), ("max_gap", self.max_gap, -1)):
+                                 ("io_threads", self.io_threads, 1), ("max_gap", self.max_gap, -1),
+                                 ("parallel", self.parallel, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise InaflashError(f"{name} must be an integer >= {low}, not {value!r}")
 

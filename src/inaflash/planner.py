@@ -70,9 +70,10 @@ class MemoryPlan:
             + self.working_bytes
 
 
-def kv_bytes(store: FlashStore, context: int) -> int:
+def kv_bytes(store: FlashStore, context: int, sequences: int = 1) -> int:
+    """KV caches of `context` tokens for `sequences` sequences decoded together (--parallel: each its own)."""
     c = store.config
-    return 2 * c.num_layers * context * c.num_kv_heads * c.head_dim * 4
+    return 2 * c.num_layers * context * c.num_kv_heads * c.head_dim * 4 * sequences
 
 
 # Per engine, whatever the model: the reader threads' stacks and rings, glibc's per-thread arenas, the kernel's
@@ -97,7 +98,7 @@ def working_bytes(store: FlashStore, context: int) -> int:
 
 
 def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_bytes: int, window: int,
-                active_neurons: int, cache_format: str = "store") -> MemoryPlan:
+                active_neurons: int, cache_format: str = "store", sequences: int = 1) -> MemoryPlan:
     """`active_neurons`: neurons one token needs in the busiest layer (from calibration); caches that cannot hold
     them all (a tight budget) work in rounds, at the cost of re-reading (see MAX_STREAM_ROUNDS)."""
     from .ffn.cache import NeuronCache
@@ -105,7 +106,7 @@ def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_b
     c = store.config
     n, per_neuron = c.intermediate_size, NeuronCache.slot_bytes(store, cache_format)
     staging = 2 * min(max(e.span for e in store.layers), STAGING_BYTES)  # two buffers (see SparseFlashFFN)
-    kv, work = kv_bytes(store, context), working_bytes(store, context)
+    kv, work = kv_bytes(store, context, sequences), working_bytes(store, context)
     fixed = store.resident_bytes + predictor_bytes + kv + staging + work
     if budget is None:
         capacity = n
@@ -218,38 +219,39 @@ def active_neurons_per_token(store: FlashStore, sparsity) -> int:
     return math.ceil(max(layer.get(key, 0.5) for layer in layers) * n)
 
 
-def streaming_bytes(store: FlashStore, context: int) -> int:
+def streaming_bytes(store: FlashStore, context: int, sequences: int = 1) -> int:
     """What streaming every layer's FFN needs: the resident part, the two read buffers, the KV cache for `context`
     tokens and the working memory of a pass (naive mode's plan)."""
     from .ffn.dense import NaiveFlashFFN
 
-    return store.resident_bytes + NaiveFlashFFN.dram_bytes(store) + kv_bytes(store, context) \
+    return store.resident_bytes + NaiveFlashFFN.dram_bytes(store) + kv_bytes(store, context, sequences) \
         + working_bytes(store, context)
 
 
-def dram_bytes(store: FlashStore, context: int) -> int:
+def dram_bytes(store: FlashStore, context: int, sequences: int = 1) -> int:
     """dram mode's plan: the whole model, its KV cache and the working memory of a pass."""
     from .ffn.dense import BundleMath
 
-    return model_bytes(store) + kv_bytes(store, context) + working_bytes(store, context) + \
+    return model_bytes(store) + kv_bytes(store, context, sequences) + working_bytes(store, context) + \
         BundleMath.decode_bytes(store)
 
 
-def plan_dense(store: FlashStore, mode: str, budget: int | None, context: int) -> MemoryPlan:
+def plan_dense(store: FlashStore, mode: str, budget: int | None, context: int, sequences: int = 1) -> MemoryPlan:
     """dram, naive or hybrid within `budget` (None: no budget; hybrid then holds every layer): what each part
     holds, or an error naming the minimum. naive and hybrid hold the two whole-layer read buffers (dram reads
     nothing per token); hybrid holds as many layers' FFN as fit beside them."""
     from .ffn.dense import BundleMath, NaiveFlashFFN
 
     n, layer = store.config.num_layers, max(e.nbytes for e in store.layers)
-    kv, work = kv_bytes(store, context), working_bytes(store, context)
+    kv, work = kv_bytes(store, context, sequences), working_bytes(store, context)
     buffers = BundleMath.decode_bytes(store) if mode == "dram" else NaiveFlashFFN.dram_bytes(store)
     fixed = store.resident_bytes + kv + work + buffers
     least = fixed + (store.ffn_bytes if mode == "dram" else 0)
     if budget is not None and budget < least:
         raise InaflashError(
             f"memory budget {budget / 1e6:.1f} MB is too small for {mode} mode: it needs at least {least / 1e6:.1f} MB "
-            f"(resident {store.resident_bytes / 1e6:.1f} + KV cache for {context} tokens {kv / 1e6:.1f} + "
+            f"(resident {store.resident_bytes / 1e6:.1f} + KV cache for {context} tokens"
+            f"{f' x {sequences} sequences' if sequences > 1 else ''} {kv / 1e6:.1f} + "
             + (f"FFN {store.ffn_bytes / 1e6:.1f} + decoding {buffers / 1e6:.1f}" if mode == "dram"
                else f"streaming buffers {buffers / 1e6:.1f}")
             + f" + working {work / 1e6:.1f} MB)")
@@ -260,9 +262,9 @@ def plan_dense(store: FlashStore, mode: str, budget: int | None, context: int) -
                       ffn, work, ffn_layers=layers)
 
 
-def plan_hybrid(store: FlashStore, budget: int | None, context: int) -> int:
+def plan_hybrid(store: FlashStore, budget: int | None, context: int, sequences: int = 1) -> int:
     """Hybrid mode: how many layers' FFN fit in DRAM next to what streaming needs (all of them without a budget)."""
-    return plan_dense(store, "hybrid", budget, context).ffn_layers
+    return plan_dense(store, "hybrid", budget, context, sequences).ffn_layers
 
 
 @dataclass
@@ -299,7 +301,7 @@ MIN_AUTO_CONTEXT = 256  # auto shrinks a default context (not one asked for) dow
 
 
 def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, window: int,
-                cache_format: str = "store", context_given: bool = True) -> Choice:
+                cache_format: str = "store", context_given: bool = True, sequences: int = 1) -> Choice:
     """`--mode auto`: the fastest mode whose plan fits `budget` (None: 80% of the DRAM available now).
     dram if the whole model fits; else sparse if the store's calibration passed its quality gate (calibrate.py:
     within the bounds on the validation text), the caches fit, and the neurons it computes per token are fewer bytes
@@ -310,7 +312,7 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
     135)."""
     given = budget is not None
     budget = budget if given else int(0.8 * available_bytes())
-    whole = dram_bytes(store, context)
+    whole = dram_bytes(store, context, sequences)
     where = f"--memory {budget / 1e6:.0f} MB" if given else f"80% of the {budget / 0.8e6:.0f} MB available"
     if whole <= budget:
         return Choice("dram", f"the whole model ({whole / 1e6:.0f} MB with its KV cache) fits in {where}", budget,
@@ -325,7 +327,7 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
     if why_not_sparse is None:
         try:
             plan = plan_memory(store, budget, context, sparsity.predictor_bytes, window,
-                               active_neurons_per_token(store, sparsity), cache_format)
+                               active_neurons_per_token(store, sparsity), cache_format, sequences)
             hot = hot_neurons(store, sparsity, plan.cache_capacity, plan.window, "cached", load_max_gap())
             expected = None if hot is None else hot[1] * store.bundle_bytes
             sparse = Choice("sparse", f"the model needs {whole / 1e6:.0f} MB, over {where}; its calibration passed the "
@@ -334,7 +336,7 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
         except InaflashError as e:
             why_not_sparse = f"sparse does not fit ({e})"
     try:
-        layers = plan_hybrid(store, budget, context)
+        layers = plan_hybrid(store, budget, context, sequences)
         shrunk = ""
     except InaflashError:
         if sparse is not None:
@@ -343,7 +345,7 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
         lo, hi = MIN_AUTO_CONTEXT, context
         while lo <= hi:
             mid = (lo + hi) // 2
-            if streaming_bytes(store, mid) <= budget:
+            if streaming_bytes(store, mid, sequences) <= budget:
                 fits, lo = mid, mid + 1
             else:
                 hi = mid - 1
@@ -351,11 +353,11 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
             least = context if context_given else MIN_AUTO_CONTEXT
             raise InaflashError(
                 f"memory budget {budget / 1e6:.1f} MB is too small for this model in any mode: the smallest plan "
-                f"(naive: every layer's FFN streamed) needs at least {streaming_bytes(store, least) / 1e6:.1f} MB "
+                f"(naive: every layer's FFN streamed) needs at least {streaming_bytes(store, least, sequences) / 1e6:.1f} MB "
                 f"(resident {store.resident_bytes / 1e6:.1f}, buffers, and KV cache and working memory for {least} "
                 "tokens)") from None
         context = fits
-        layers = plan_hybrid(store, budget, context)
+        layers = plan_hybrid(store, budget, context, sequences)
         shrunk = f"; KV cache planned for {context} tokens (prompt + answer; more needs more --memory or --context)"
     if sparse is not None:
         # Sparse is chosen where it is expected to read less than hybrid streams (else hybrid: exact, and as fast):

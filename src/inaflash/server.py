@@ -1,6 +1,8 @@
 """`inaflash serve`: an OpenAI-compatible HTTP API over one model (FastAPI + uvicorn).
 
-One generation runs at a time, on one worker thread; other requests wait in a bounded queue (over the bound: 429).
+With --parallel 1 (default) one generation runs at a time, on one worker thread; with --parallel N up to N run as one
+batch (generate.Batcher: every decode step is one pass over the weights for all of them; requests join and leave
+between steps). Other requests wait in a bounded queue (over the bound: 429).
 A streamed generation whose client goes away is cancelled between two tokens, so the next request starts at once.
 User errors get OpenAI-style error bodies ({"error": {"message", "type", "param", "code"}}) with 400/401/404/429.
 SIGTERM/SIGINT stop it within a grace period: generations are cancelled at once, open streams end with an error event
@@ -28,7 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 
 from .api import Model
 from .errors import InaflashError, StoreError
-from .generate import Generation, chat_template_ids, check_text
+from .generate import Batcher, Generation, chat_template_ids, check_text
 
 DEFAULT_GRACE_S = 10.0  # SIGTERM -> exit; systemd's and Kubernetes' defaults wait 90 and 30 s before SIGKILL
 DEFAULT_MAX_TOKENS = 512  # when a request names none (capped by what the context leaves)
@@ -151,14 +153,20 @@ class Metrics:
 
 
 class Server:
-    def __init__(self, model: Model, api_key: str | None = None, max_queue: int = 8):
+    def __init__(self, model: Model, api_key: str | None = None, max_queue: int = 8, parallel: int = 1):
         self.model, self.api_key, self.max_queue = model, api_key, max_queue
+        self.parallel = parallel
+        if parallel > model.engine.options.parallel:
+            raise InaflashError(f"--parallel {parallel} needs a model loaded for it (load(..., parallel="
+                                f"{parallel})): the planner counts one KV cache per sequence")
+        self.batcher = Batcher(model.engine, parallel) if parallel > 1 else None
         # requests are tokenized on the event loop while the worker decodes: Rust tokenizers must not be shared
         self.tokenizer = copy.deepcopy(model.engine.tokenizer)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inaflash-generate")
+        # each running generation's text on a thread of its own (its tokens come from the batch, or it decodes alone)
+        self.worker = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="inaflash-generate")
         # tokenization off the event loop, one request at a time (the tokenizer copy is not shared across threads)
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inaflash-tokenize")
-        self.lock: asyncio.Lock | None = None  # created on the server's event loop
+        self.lock: asyncio.Semaphore | None = None  # `parallel` running generations; created on the event loop
         self.pending = 0  # admitted requests: the one generating + those waiting
         self.admitted: set[Generation] = set()  # what shutdown() cancels
         self.stopping = threading.Event()  # set by stop(): new requests 503, stopped generations say why
@@ -168,7 +176,7 @@ class Server:
     def admit(self) -> None:
         if self.stopping.is_set():
             raise APIError(503, "server is shutting down", "server_error", code="server_shutting_down")
-        if self.pending >= self.max_queue + 1:
+        if self.pending >= self.max_queue + self.parallel:
             self.metrics.rejected += 1
             raise APIError(429, f"server busy: {self.pending} requests already running or queued "
                                 f"(--max-queue {self.max_queue}); retry later", "rate_limit_error",
@@ -189,7 +197,7 @@ class Server:
             raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) fills the context of {self.model.context}",
                            param="messages", code="context_length_exceeded")
         return self.model.start(prompt_ids, wanted or min(DEFAULT_MAX_TOKENS, room), float(req.temperature),
-                                float(req.top_p), req.seed, req.stops())
+                                float(req.top_p), req.seed, req.stops(), self.batcher)
 
     async def run(self, gen: Generation) -> None:
         """Non-streamed: wait for the slot, generate on the worker thread."""
@@ -223,6 +231,8 @@ class Server:
         waiter = threading.Thread(target=self.worker.shutdown, daemon=True)  # joins the running one
         waiter.start()
         waiter.join(timeout)
+        if self.batcher is not None:
+            self.batcher.close(timeout)
         return not waiter.is_alive()
 
     async def pieces(self, gen: Generation):
@@ -265,9 +275,9 @@ class Server:
             self.pending -= 1
             self.admitted.discard(gen)
 
-    def _lock(self) -> asyncio.Lock:
+    def _lock(self) -> asyncio.Semaphore:
         if self.lock is None:
-            self.lock = asyncio.Lock()
+            self.lock = asyncio.Semaphore(self.parallel)
         return self.lock
 
 
@@ -293,8 +303,8 @@ class BodyCap:
         await self.app(scope, receive, send)
 
 
-def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> FastAPI:
-    server = Server(model, api_key, max_queue)
+def create_app(model: Model, api_key: str | None = None, max_queue: int = 8, parallel: int = 1) -> FastAPI:
+    server = Server(model, api_key, max_queue, parallel)
     app = FastAPI(title="inaflash", description="OpenAI-compatible API over an inaflash model")
     app.state.server = server
 
@@ -353,7 +363,10 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8) -> 
     @app.get("/metrics", dependencies=auth)
     async def metrics():
         m = server.metrics
+        b = server.batcher
         return {"model": model.name, "mode": model.engine.mode, "pending": server.pending, "requests": m.requests,
+                "parallel": server.parallel, "batch_steps": b.steps if b else None,
+                "batch_shared_steps": b.shared_steps if b else None,
                 "completed": m.completed, "cancelled": m.cancelled, "rejected": m.rejected,
                 "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens, "last_generation": m.last}
 
@@ -460,9 +473,9 @@ def uvicorn_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, grac
 
 
 def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_queue: int = 8, grace: float = DEFAULT_GRACE_S) -> None:
+          max_queue: int = 8, grace: float = DEFAULT_GRACE_S, parallel: int = 1) -> None:
     """Serve until SIGTERM/SIGINT, then exit within `grace` seconds (uvicorn_server)."""
-    app = create_app(model, api_key, max_queue)
+    app = create_app(model, api_key, max_queue, parallel)
     state = app.state.server
     try:
         uvicorn_server(app, host, port, grace).run()

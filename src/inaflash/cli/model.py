@@ -64,17 +64,22 @@ def serve(
     api_key: Optional[str] = typer.Option(None, envvar="INAFLASH_API_KEY",
                                           help="Require `Authorization: Bearer KEY` on /v1/* and /metrics."),
     max_queue: int = typer.Option(8, min=0, help="Requests that may wait while one generates; more get HTTP 429."),
+    parallel: int = typer.Option(1, "--parallel", min=1, max=64,
+                                 help="Requests decoded together: every step is one pass over the weights for all "
+                                      "of them (each its own KV cache, counted in --memory)."),
     grace: float = typer.Option(10.0, "--grace-period", min=0.0,
                                 help="Seconds SIGTERM/SIGINT waits for open connections to close; generations stop "
                                      "at once and streams end with an error event."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions (both with
     stream: true), /v1/models, /health, /metrics."""
+    from dataclasses import replace
+
     from ..server import serve as run_server
 
-    with open_model(model, options) as m:
+    with open_model(model, replace(options, parallel=parallel)) as m:
         print(f"inaflash: serving {m.name!r} ({m.engine.mode}) on http://{host}:{port}/v1", file=sys.stderr)
-        run_server(m, host=host, port=port, api_key=api_key, max_queue=max_queue, grace=grace)
+        run_server(m, host=host, port=port, api_key=api_key, max_queue=max_queue, grace=grace, parallel=parallel)
 
 
 @app.command()

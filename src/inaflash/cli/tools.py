@@ -188,6 +188,7 @@ def loadtest(
     abandon_every: int = typer.Option(8, min=2, help="Every Nth request's client hangs up early."),
     seed: int = typer.Option(0, min=0, help="Seed of the request mix and of each request's sampling."),
     max_queue: int = typer.Option(8, min=0, help="The server's --max-queue."),
+    parallel: int = typer.Option(1, "--parallel", min=1, max=64, help="The server's --parallel."),
     out: Path = typer.Option(Path("bench/results"), help="Where the JSON and markdown go."),
 ):
     """Load-test the server over loopback: concurrent clients, abandoned requests, invalid bodies, then SIGTERM with
@@ -196,9 +197,11 @@ def loadtest(
 
     from ..tools.loadtest import loadtest as run_load, markdown
 
-    with open_model(model, options) as m:
+    from dataclasses import replace
+
+    with open_model(model, replace(options, parallel=parallel)) as m:
         result = run_load(m, clients=clients, requests=requests, abandon_every=abandon_every, seed=seed,
-                          max_queue=max_queue)
+                          max_queue=max_queue, parallel=parallel)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{time.strftime('%Y-%m-%d')}-loadtest-{m.name}-{clients}x{requests}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))

@@ -141,7 +141,7 @@ async def _sigterm_phase(url: str, name: str, streams: int, stop, max_tokens: in
 
 
 def loadtest(model, clients: int = 32, requests: int = 200, abandon_every: int = 8, seed: int = 0,
-             max_queue: int = 8, grace: float = 10.0) -> dict:
+             max_queue: int = 8, grace: float = 10.0, parallel: int = 1) -> dict:
     """Run the load against a server for `model` (an api.Model) on a free loopback port; the report as a dict."""
     import socket
 
@@ -154,7 +154,7 @@ def loadtest(model, clients: int = 32, requests: int = 200, abandon_every: int =
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(model, max_queue=max_queue)
+    app = create_app(model, max_queue=max_queue, parallel=parallel)
     server = uvicorn_server(app, "127.0.0.1", port, grace, log_level="error")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -186,7 +186,7 @@ def loadtest(model, clients: int = 32, requests: int = 200, abandon_every: int =
             server.handle_exit(signal.SIGTERM, None)
 
         # long streams (as long as the context allows: a request over it is a 400 that never streams)
-        term = asyncio.run(_sigterm_phase(url, model.name, min(clients, max_queue + 1), stop,
+        term = asyncio.run(_sigterm_phase(url, model.name, min(clients, max_queue + parallel), stop,
                                           min(2000, model.context - 64)))
         thread.join(timeout=grace + 30)
         sigterm = {"streams": len(term), "statuses": sorted({str(r.get("status")) for r in term}),
@@ -202,7 +202,7 @@ def loadtest(model, clients: int = 32, requests: int = 200, abandon_every: int =
     served = [r for r in rows if r.get("status") == 200 and not r["abandoned"]]
     return {
         "clients": clients, "requests": requests, "abandon_every": abandon_every, "seed": seed,
-        "max_queue": max_queue, "mode": model.engine.mode, "model": model.name, "wall_s": wall,
+        "max_queue": max_queue, "parallel": parallel, "mode": model.engine.mode, "model": model.name, "wall_s": wall,
         "statuses": statuses, "rejected_429_then_retried": sum(r["rejected_429"] for r in rows), "server_errors": sum(1 for r in rows if isinstance(r.get("status"), int)
                                                    and r["status"] >= 500),
         "stream_errors": sum(1 for r in rows if "stream_error" in r),
@@ -230,7 +230,8 @@ def markdown(r: dict) -> str:
     mb = {k: v / 1e6 for k, v in r["rss_bytes"].items()}
     lines = [f"# Server load test: {r['model']} ({r['mode']}), {r['clients']} clients, {r['requests']} requests",
              "", f"`inaflash loadtest --clients {r['clients']} --requests {r['requests']} --abandon-every "
-                 f"{r['abandon_every']} --seed {r['seed']} --max-queue {r['max_queue']}`; wall {r['wall_s']:.1f} s",
+                 f"{r['abandon_every']} --seed {r['seed']} --max-queue {r['max_queue']} --parallel {r['parallel']}`; wall "
+                 f"{r['wall_s']:.1f} s",
              "", f"- statuses: {json.dumps(r['statuses'])} (5xx: {r['server_errors']}; stream error events: "
                  f"{r['stream_errors']}; served streams without [DONE]: {r['unfinished_streams']}; invalid bodies "
                  f"not answered 400: {r['invalid_not_400']}; 429s retried by the clients: "
