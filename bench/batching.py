@@ -8,7 +8,6 @@ Writes bench/results/<date>-batching-<model>-<mode>.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -17,6 +16,8 @@ import inaflash
 from inaflash.generate import encode_prompt, generate_batch
 from inaflash.tools.report import free_stem
 
+from common import command, model_args
+
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a hash table works.",
            "What are the benefits of regular exercise?", "Describe the water cycle.",
            "Give advice to someone learning to cook.", "Why is the sky blue?", "How do vaccines work?",
@@ -24,12 +25,7 @@ PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a hash
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("store", nargs="?")
-    ap.add_argument("--mode", default="naive")
-    ap.add_argument("--memory", default=None)
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--tokens", type=int, default=48)
+    ap = model_args(__doc__, context=256, tokens=48)
     ap.add_argument("--widths", default="1,2,4,8")
     a = ap.parse_args()
     model = inaflash.load(a.store, mode=a.mode, memory=a.memory, context=a.context, speculation="off")
@@ -55,8 +51,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = free_stem(out_dir, f"{time.strftime('%Y-%m-%d')}-batching-{model.name}-{engine.mode}")
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    cmd = f"python bench/batching.py {a.store or ''} --mode {a.mode}" + (f" --memory {a.memory}" if a.memory else "") \
-        + f" --context {a.context} --tokens {a.tokens} --widths {a.widths}"
+    cmd = command("batching.py", a, f"--widths {a.widths}")
     lines = [f"# Batched decoding: {model.name}, {engine.mode} ({result['date']})", "", f"`{cmd}`; greedy, speculation "
              "off, one engine, widths run one after another.", "",
              "| sequences | passes | tokens/pass | ms/pass | MB read/pass | aggregate tok/s | vs one |",

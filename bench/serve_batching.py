@@ -8,7 +8,6 @@ Writes bench/results/<date>-serve-batching-<model>-<mode>.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import socket
@@ -21,6 +20,8 @@ import inaflash
 from inaflash.server import create_app, uvicorn_server
 from inaflash.tools.loadtest import percentiles
 from inaflash.tools.report import free_stem
+
+from common import command, model_args
 
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a hash table works.",
            "What are the benefits of regular exercise?", "Describe the water cycle.",
@@ -50,12 +51,7 @@ async def streams(url: str, name: str, n: int, tokens: int) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("store", nargs="?")
-    ap.add_argument("--mode", default="naive")
-    ap.add_argument("--memory", default=None)
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--tokens", type=int, default=48)
+    ap = model_args(__doc__, context=256, tokens=48)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--clients", default="1,2,4,8")
     a = ap.parse_args()
@@ -97,8 +93,7 @@ def main() -> None:
     out_dir = Path("bench/results")
     stem = free_stem(out_dir, f"{time.strftime('%Y-%m-%d')}-serve-batching-{model.name}-{model.engine.mode}")
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    cmd = (f"python bench/serve_batching.py {a.store or ''} --mode {a.mode}" + (f" --memory {a.memory}" if a.memory
-           else "") + f" --context {a.context} --tokens {a.tokens} --parallel {a.parallel} --clients {a.clients}")
+    cmd = command("serve_batching.py", a, f"--parallel {a.parallel}", f"--clients {a.clients}")
     lines = [f"# Server with --parallel {a.parallel}: {model.name}, {model.engine.mode} ({result['date']})", "",
              f"`{cmd}`; concurrent streamed chat requests, greedy, speculation off; decode tokens/s from the first "
              f"token of any stream to the last token of all.", "",

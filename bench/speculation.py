@@ -10,7 +10,6 @@ runs plain then speculative in the same engine (the same reads, the same page ca
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 import inaflash
 from inaflash.generate import Generation, encode_prompt
 from inaflash.tools.report import free_stem
+
+from common import command, model_args
 
 CODE = [
     "Rename the variable `total` to `acc` in this function and show the whole function:\n\n"
@@ -56,12 +57,7 @@ def run(engine, prompt: str, tokens: int, speculation: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("store", nargs="?")
-    ap.add_argument("--mode", default="naive")
-    ap.add_argument("--memory", default=None)
-    ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--tokens", type=int, default=96)
+    ap = model_args(__doc__, context=512, tokens=96)
     ap.add_argument("--repeat", type=int, default=1)
     a = ap.parse_args()
     model = inaflash.load(a.store, mode=a.mode, memory=a.memory, context=a.context)
@@ -95,8 +91,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = free_stem(out, f"{time.strftime('%Y-%m-%d')}-speculation-{model.name}-{engine.mode}")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    cmd = f"python bench/speculation.py {a.store or ''} --mode {a.mode}" + (f" --memory {a.memory}" if a.memory else "") \
-        + f" --context {a.context} --tokens {a.tokens} --repeat {a.repeat}"
+    cmd = command("speculation.py", a, f"--repeat {a.repeat}")
     lines = [f"# Speculation (prompt lookup) vs plain decoding: {model.name}, {engine.mode} ({result['date']})", "",
              f"`{cmd}`; greedy; each prompt plain then speculative in one engine. Geometric-mean speed-up of decode "
              f"tokens/s: code edits {summary['code']:.2f}x, open-ended {summary['open']:.2f}x.", "",
