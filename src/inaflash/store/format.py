@@ -344,10 +344,13 @@ class FlashStore:
 
 @functools.lru_cache(maxsize=4)
 def _load_tokenizer(path: str):
-    """Shared by every engine on the same store. tokenizer.json loads as is (PreTrainedTokenizerFast): the same ids
-    and chat template as AutoTokenizer here, with less memory (Qwen2.5's: 78 vs 136 MB of RSS after trimming)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+    """Shared by every engine on the same store. tokenizer.json loads with `tokenizers` and the chat template renders
+    with jinja2 (store/tokenizer.py), without transformers: the same ids and text (tests/test_tokenizer.py). A store
+    without tokenizer.json falls back to transformers' AutoTokenizer."""
     if (Path(path) / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(path)
+        from .tokenizer import Tokenizer
+
+        return Tokenizer(path)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path)
