@@ -8,8 +8,8 @@ from setuptools import Extension, setup
 # Built for x86-64-v3 (AVX2, FMA, F16C, BMI2; every x86-64 CPU since 2013-2015), not -march=native: a library built
 # on an AVX-512 machine then ran nowhere else (SIGILL), and on this AVX-512 CPU the -march=native build measured the
 # same kernel speed (Qwen-shaped layer, one token: float 12.0-12.7 vs 11.8-13.2, int8 19.5-20.8 vs 19.4-21.2, int4
-# 25.4-27.2 vs 25.6-26.0 G weights/s, alternated twice): the kernels are AVX2 intrinsics either way. native.py loads
-# it only where the CPU has those extensions.
+# 25.4-27.2 vs 25.6-26.0 G weights/s, alternated twice: bench/march_ab.py): the kernels are AVX2 intrinsics either
+# way. native.py loads it only where the CPU has those extensions.
 MARCH = "-march=x86-64-v3" if platform.machine().lower() in ("x86_64", "amd64") else "-march=native"
 setup(ext_modules=[Extension("inaflash._kernels", ["src/inaflash/kernels.c", "src/inaflash/crc32c.c",
                                                     "src/inaflash/ops.c", "src/inaflash/uring.c"],

@@ -48,7 +48,7 @@ RUN_OPTIONS = {
                      "needs calibrate).")),
     "memory": (Optional[str], typer.Option(
         None, help="DRAM for the model's data, e.g. 50% (of the weights), 300MiB, 4GB (default: 80% of what is "
-                   "available). The Python runtime itself (~300 MB) is not in it.")),
+                   "available). The Python runtime itself (~280 MB) is not in it.")),
     "context": (Optional[int], typer.Option(
         None, min=2, help="Tokens of context to plan the KV cache for (default 1024, capped by the model).")),
     "speculation": (str, typer.Option(
