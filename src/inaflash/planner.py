@@ -77,8 +77,9 @@ def kv_bytes(store: FlashStore, context: int, sequences: int = 1) -> int:
 
 
 # Per engine, whatever the model: the reader threads' stacks and rings, glibc's per-thread arenas, the kernel's
-# OpenMP threads. Measured: every mode of SmolLM2 held 2-5.4 MB of peak RSS beyond its parts without this.
-SCRATCH_BYTES = 6 << 20
+# OpenMP threads. Measured: every mode of SmolLM2 held 2-5.4 MB of peak RSS beyond its parts without this (on an
+# AVX-512 Xeon; torch's kernels and their scratch differ by CPU): twice the most seen.
+SCRATCH_BYTES = 10 << 20
 
 
 def working_bytes(store: FlashStore, context: int) -> int:
@@ -87,7 +88,7 @@ def working_bytes(store: FlashStore, context: int) -> int:
     head and token over the context, the last token's logits, and a float16 attention matrix converted to float32
     for a pass of many tokens (ops.linear); and SCRATCH_BYTES. Measured against it (tests/test_memory.py): SmolLM2
     in naive and hybrid held 10-18 MB beyond its resident part, KV cache, buffers and resident layers over a
-    121-token prompt and 120 tokens (this formula at 256 tokens of context: 18.9 MB)."""
+    121-token prompt and 120 tokens (this formula at 256 tokens of context: 23.0 MB)."""
     c, T = store.config, PREFILL_CHUNK
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     hidden = T * (4 * c.hidden_size + 2 * q + 2 * kv) * 4
