@@ -375,11 +375,11 @@ def test_cancel_reaches_the_prefill(tiny_store, monkeypatch):
         ref = list(g.stream_ids(e, prompt, 4, stop=set()))
         cancel, calls, real = threading.Event(), [], e.forward
 
-        def forward(ids, pos, last_only=False):
+        def forward(ids, pos, last_only=False, cache=None):
             calls.append((len(ids), pos))
             if len(calls) == 2:
                 cancel.set()  # the client leaves during the second chunk
-            return real(ids, pos, last_only)
+            return real(ids, pos, last_only, cache)
 
         monkeypatch.setattr(e, "forward", forward)
         assert list(g.stream_ids(e, prompt, 4, stop=set(), cancelled=cancel.is_set)) == []

@@ -42,8 +42,8 @@ class Engine:
         pin_mmap_threshold()
         warn_if_missing()
         self.store, self.config = store, store.config
-        # the tokenizer is runtime, not model data: it does not grow with --memory (transformers' import and
-        # SmolLM2's tokenizer: ~85 MB of RSS), so it loads before the runtime is read
+        # the tokenizer is runtime, not model data: it does not grow with --memory (SmolLM2's: ~30 MB of RSS), so
+        # it loads before the runtime is read
         self.tokenizer = store.tokenizer()
         warm_up()  # torch's kernels allocate on first use (~11 MB): runtime too, not the plan's
         release_free_heap()
@@ -55,11 +55,11 @@ class Engine:
         self.choice = None
         self.pass_costs = PassCosts()  # seconds of a forward pass by its width, as they run (speculation's costs)
         sparsity = load_sparsity(store) if mode in ("auto", "sparse") else None  # read once (predictors included)
+        budget = None if memory is None else parse_memory(memory, store)
         if mode == "auto":
-            budget = None if memory is None else parse_memory(memory, store)
             self.choice = choose_mode(store, budget, self.context, sparsity, window, cache_format,
                                       context_given=context is not None, sequences=o.parallel)
-            mode, memory, self.context = self.choice.mode, self.choice.budget, self.choice.context
+            mode, budget, self.context = self.choice.mode, self.choice.budget, self.choice.context
         self.mode = mode
         # checksums: every page read from flash and every resident tensor checked against the store's checksums
         # (README: the cost, measured); off only when asked, and then said
@@ -78,7 +78,6 @@ class Engine:
                                         f"inaflash calibrate {store.path}")
                 if o.density is not None:
                     sparsity = sparsity.at_density(o.density)
-                budget = None if memory is None else parse_memory(memory, store)
                 predictor_bytes = sparsity.predictor_bytes if o.use_predictor else 0
                 self.plan = plan_memory(store, budget, self.context, predictor_bytes, window,
                                         active_neurons_per_token(store, sparsity), cache_format, o.parallel)
@@ -92,7 +91,6 @@ class Engine:
                                           cache_format=cache_format, pins=self.plan.pinned)
             else:
                 # every mode plans within --memory or is refused with its minimum (naive used to take 52% more)
-                budget = None if memory is None else parse_memory(memory, store)
                 self.plan = plan_dense(store, mode, budget, self.context, o.parallel)
                 if mode == "dram":
                     self.ffn = ResidentFFN(store, self.reader)
@@ -113,7 +111,7 @@ class Engine:
             self.max_seq = 0
             release_free_heap()
             # a plan within a budget holds a KV cache of self.context tokens, no more
-            self.bounded = mode == "sparse" or memory is not None
+            self.bounded = mode == "sparse" or budget is not None
         except BaseException:
             self.close()
             raise
@@ -149,8 +147,9 @@ class Engine:
         return self.model.new_cache(max_seq)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
-        return self.model.forward(ids, pos, last_only=last_only)
+    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = False, cache=None) -> torch.Tensor:
+        """Logits for ids at pos.., into `cache` (new_cache's) or, None, the engine's own (reset's)."""
+        return self.model.forward(ids, pos, last_only=last_only, cache=cache)
 
     @torch.inference_mode()
     def forward_batch(self, segments: list, last_only: bool = False) -> list[torch.Tensor]:

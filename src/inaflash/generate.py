@@ -161,15 +161,10 @@ def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperatu
     stats.prompt_tokens = len(prompt_ids)
 
     t0 = time.perf_counter()
-    for start in range(0, len(prompt_ids), PREFILL_CHUNK):
-        if cancelled is not None and cancelled():
-            return
-        logits = engine.forward(torch.tensor(prompt_ids[start:start + PREFILL_CHUNK]), start, last_only=True)[-1]
+    seq = start_sequence(engine, prompt_ids, None, temperature, top_p, generator, max_tokens, cancelled)
+    if seq is None:
+        return
     stats.prefill_ms = (time.perf_counter() - t0) * 1e3
-
-    seq = Sequence(list(prompt_ids), len(prompt_ids), None, temperature, top_p, generator, max_tokens,
-                   DraftPolicy(engine.pass_costs) if engine.options.speculation == "lookup" else None)
-    seq.decided = [sample(logits, temperature, top_p, generator)]
     before, t_decode = engine.counters(), 0.0
     try:
         while True:
@@ -184,6 +179,22 @@ def stream_ids(engine: Engine, prompt_ids: list[int], max_tokens: int, temperatu
     finally:
         stats.drafted_tokens, stats.accepted_tokens = seq.drafted, seq.accepted
         _finish_stats(engine, stats, engine.counters() - before, t_decode)
+
+
+def start_sequence(engine: Engine, prompt_ids: list[int], cache, temperature: float, top_p: float,
+                   generator: torch.Generator | None, max_tokens: int,
+                   cancelled: Callable[[], bool] | None = None) -> Sequence | None:
+    """A sequence's prompt through the model into `cache` (None: the engine's own) in chunks of PREFILL_CHUNK, then
+    its first token decided: ready for decode_step. None where `cancelled()` turned true between two chunks."""
+    for start in range(0, len(prompt_ids), PREFILL_CHUNK):
+        if cancelled is not None and cancelled():
+            return None
+        logits = engine.forward(torch.tensor(prompt_ids[start:start + PREFILL_CHUNK]), start, last_only=True,
+                                cache=cache)[-1]
+    policy = DraftPolicy(engine.pass_costs) if engine.options.speculation == "lookup" else None
+    seq = Sequence(list(prompt_ids), len(prompt_ids), cache, temperature, top_p, generator, max_tokens, policy)
+    seq.decided = [sample(logits, temperature, top_p, generator)]
+    return seq
 
 
 @dataclass
@@ -272,26 +283,19 @@ def generate_batch(engine: Engine, prompts: list[list[int]], max_tokens: int, te
     is one pass over the weights for all sequences still running (a finished one leaves the batch, as a request
     leaves vLLM's or llama.cpp's running batch). Under a budget that pass reads the FFN once for all of them.
     Greedy output per prompt is what generating it alone gives (exact arithmetic; tests/test_batch.py).
-    Returns each prompt's generated ids and the batch's statistics. (The planner counts one KV cache of
-    --context; the caches of a batch are each prompt + max_tokens long.)"""
+    Returns each prompt's generated ids and the batch's statistics. (The planner counts Options.parallel KV caches
+    of --context; a batch of more prompts holds more than its plan.)"""
     if not prompts or any(not p for p in prompts):
         raise InaflashError("empty prompt")
     check_sampling(max_tokens, temperature, top_p, seed)
     stop = stop_ids(engine) if stop is None else stop
     stats = BatchStats(prompt_tokens=sum(len(p) for p in prompts))
-    policy = engine.options.speculation == "lookup"
     seqs, out = [], [[] for _ in prompts]
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        cache = engine.new_cache(len(prompt) + max_tokens)
         generator = torch.Generator().manual_seed(seed + i) if seed is not None else None
-        for start in range(0, len(prompt), PREFILL_CHUNK):
-            logits = engine.forward_batch([(torch.tensor(prompt[start:start + PREFILL_CHUNK]), start, cache)],
-                                          last_only=True)[0][-1]
-        s = Sequence(list(prompt), len(prompt), cache, temperature, top_p, generator, max_tokens,
-                     DraftPolicy(engine.pass_costs) if policy else None)
-        s.decided = [sample(logits, temperature, top_p, generator)]
-        seqs.append((i, s))
+        seqs.append((i, start_sequence(engine, prompt, engine.new_cache(len(prompt) + max_tokens), temperature,
+                                       top_p, generator, max_tokens)))
     stats.prefill_ms = (time.perf_counter() - t0) * 1e3
     before = engine.counters()
     running = seqs
@@ -405,29 +409,19 @@ class Batcher:
                 slot.out.put(None)
                 continue
             try:
-                self._prefill(slot)
-            except _Left:
-                slot.out.put(None)
-                continue
+                t0 = time.perf_counter()
+                slot.seq = start_sequence(self.engine, slot.prompt,
+                                          self.engine.new_cache(len(slot.prompt) + slot.max_tokens), slot.temperature,
+                                          slot.top_p, slot.generator, slot.max_tokens,
+                                          lambda: slot.cancelled() or slot.left)
+                slot.stats.prefill_ms = (time.perf_counter() - t0) * 1e3
             except BaseException as e:
                 slot.out.put(e)
                 continue
+            if slot.seq is None:  # cancelled or abandoned during its prefill
+                slot.out.put(None)
+                continue
             self.running.append(slot)
-
-    def _prefill(self, slot: _Slot) -> None:
-        ids, engine = slot.prompt, self.engine
-        cache = engine.new_cache(len(ids) + slot.max_tokens)
-        t0 = time.perf_counter()
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            if slot.cancelled() or slot.left:
-                raise _Left()
-            logits = engine.forward_batch([(torch.tensor(ids[start:start + PREFILL_CHUNK]), start, cache)],
-                                          last_only=True)[0][-1]
-        slot.stats.prefill_ms = (time.perf_counter() - t0) * 1e3
-        policy = DraftPolicy(engine.pass_costs) if engine.options.speculation == "lookup" else None
-        slot.seq = Sequence(list(ids), len(ids), cache, slot.temperature, slot.top_p, slot.generator,
-                            slot.max_tokens, policy)
-        slot.seq.decided = [sample(logits, slot.temperature, slot.top_p, slot.generator)]
 
     def _deliver(self) -> None:
         """Hand each sequence's decided tokens to its consumer; those that end (stop token, max_tokens, cancelled,
@@ -447,10 +441,6 @@ class Batcher:
             else:
                 still.append(s)
         self.running = still
-
-
-class _Left(Exception):
-    """A request cancelled or abandoned during its prefill."""
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The budget covers the model's data (what grows with the model); the Python/torch runtime itself is not in it. A
 whole-process limit (a container, a cgroup) needs the runtime plus the plan: the runtime (Python, torch with its
-kernels warmed up, the tokenizer) is ~290 MB for SmolLM2 here (`runtime_rss_bytes`), reported per generation next to
+kernels warmed up, the tokenizer) is ~280 MB for SmolLM2 here (`runtime_rss_bytes`), reported per generation next to
 `budget_bytes`, `planned_bytes` and `peak_rss_bytes`. Every mode plans within the budget or is refused with its
 minimum: the resident part, the KV cache, read buffers, resident FFN layers or neuron caches, and the working memory
 of one prefill chunk (working_bytes).
@@ -221,20 +221,14 @@ def active_neurons_per_token(store: FlashStore, sparsity) -> int:
 
 
 def streaming_bytes(store: FlashStore, context: int, sequences: int = 1) -> int:
-    """What streaming every layer's FFN needs: the resident part, the two read buffers, the KV cache for `context`
-    tokens and the working memory of a pass (naive mode's plan)."""
-    from .ffn.dense import NaiveFlashFFN
-
-    return store.resident_bytes + NaiveFlashFFN.dram_bytes(store) + kv_bytes(store, context, sequences) \
-        + working_bytes(store, context)
+    """What streaming every layer's FFN needs (naive mode's plan): the resident part, the two read buffers, the KV
+    cache for `context` tokens and the working memory of a pass."""
+    return plan_dense(store, "naive", None, context, sequences).planned_bytes
 
 
 def dram_bytes(store: FlashStore, context: int, sequences: int = 1) -> int:
     """dram mode's plan: the whole model, its KV cache and the working memory of a pass."""
-    from .ffn.dense import BundleMath
-
-    return model_bytes(store) + kv_bytes(store, context, sequences) + working_bytes(store, context) + \
-        BundleMath.decode_bytes(store)
+    return plan_dense(store, "dram", None, context, sequences).planned_bytes
 
 
 def plan_dense(store: FlashStore, mode: str, budget: int | None, context: int, sequences: int = 1) -> MemoryPlan:

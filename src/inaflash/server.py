@@ -68,7 +68,9 @@ class Message(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, stream_options, ...)
+    # clients send fields we do not use (user, ...): kept in model_extra, where check_supported looks for those that
+    # ask for something not served
+    model_config = ConfigDict(extra="allow")
     model: StrictStr
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
@@ -372,7 +374,7 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8, par
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(req: ChatRequest, request: Request):
-        check_supported(await request.json())
+        check_supported(req.model_extra or {})
         messages = [m.model_dump() for m in req.messages]
         if not server.tokenizer.chat_template:
             raise APIError(400, f"model {model.name} has no chat template: use /v1/completions")
@@ -381,7 +383,7 @@ def create_app(model: Model, api_key: str | None = None, max_queue: int = 8, par
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(req: CompletionRequest, request: Request):
-        check_supported(await request.json())
+        check_supported(req.model_extra or {})
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")

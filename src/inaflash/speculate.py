@@ -2,10 +2,10 @@
 
 Under a budget a pass over k tokens reads the same bytes as a pass over one (Qwen2.5-1.5B, hybrid at 530 MB: 8
 tokens cost 1.18x one token), so every draft token the model agrees with is a token for (almost) nothing. The
-verification lives in generate.stream_ids (one decode step for all of it); here are the drafter and the policy that
+verification lives in generate.decode_step (one decode step for all of it); here are the drafter and the policy that
 chooses how many tokens to draft.
 
-- PromptLookup: prompt lookup / n-gram drafting (no model, no memory): where the last few tokens appeared earlier
+- lookup: prompt lookup / n-gram drafting (no model, no memory): where the last few tokens appeared earlier
   in the prompt or the text so far, propose what followed them there. Code edits and quoting repeat their input.
 - DraftPolicy: how many tokens to draft, by a cost model: the expected tokens one pass yields at draft length k,
   (1 - r^(k+1)) / (1 - r) for a per-request acceptance rate r, over the measured cost of a (1 + k)-token pass

@@ -26,6 +26,20 @@ class KVCache:
         return self.k[layer, :end], self.v[layer, :end]
 
 
+def token_spans(segments: list) -> list[tuple[int, int]]:
+    """Where each sequence's tokens lie among a batch's concatenated tokens: segments [(ids, pos, cache)]."""
+    spans, at = [], 0
+    for ids, _, _ in segments:
+        spans.append((at, at + ids.shape[0]))
+        at += ids.shape[0]
+    return spans
+
+
+def last_of_each(x: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Each sequence's last row of x, and the spans of those rows (a prompt's pass needs only its last logits)."""
+    return x[torch.tensor([b - 1 for _, b in spans])], [(j, j + 1) for j in range(len(spans))]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
     """q [T, H, hd] at positions pos.., k/v [S, KVH, hd] for positions 0..S-1 -> [T, H * hd], causal."""
     T, H, hd = q.shape

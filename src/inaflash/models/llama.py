@@ -6,7 +6,7 @@ import torch
 
 from ..config import ModelConfig
 from ..ops import linear, rms_norm, rope
-from .common import KVCache, attend
+from .common import KVCache, attend, last_of_each, token_spans
 
 
 class Llama:
@@ -57,10 +57,7 @@ class Llama:
         tokens together; attention is each sequence's own, over its own KV cache."""
         cfg = self.cfg
         H, KVH, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
-        spans, at = [], 0
-        for ids, _, _ in segments:
-            spans.append((at, at + ids.shape[0]))
-            at += ids.shape[0]
+        spans = token_spans(segments)
         x = self.embed[torch.cat([ids for ids, _, _ in segments])].float()
         self.ffn.begin_forward()
         for i, L in enumerate(self.layers):
@@ -75,7 +72,6 @@ class Llama:
             x = x + linear(out[0] if len(out) == 1 else torch.cat(out), L["o"], L["ob"])
             x = x + self.ffn(i, rms_norm(x, L["ln2"], eps))
         if last_only:
-            x = x[torch.tensor([b - 1 for _, b in spans])]
-            spans = [(j, j + 1) for j in range(len(spans))]
+            x, spans = last_of_each(x, spans)
         logits = linear(rms_norm(x, self.norm, eps), self.head)
         return [logits[a:b] for a, b in spans]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..ops import linear
-from .common import KVCache, attend
+from .common import KVCache, attend, last_of_each, token_spans
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq legacy)
 
@@ -53,10 +53,7 @@ class OPT:
         def ln(t, wb):
             return F.layer_norm(t, (d,), wb[0], wb[1], eps)
 
-        spans, at = [], 0
-        for ids, _, _ in segments:
-            spans.append((at, at + ids.shape[0]))
-            at += ids.shape[0]
+        spans = token_spans(segments)
         x = self.embed[torch.cat([ids for ids, _, _ in segments])].float() + torch.cat(
             [self.positions[pos + POSITION_OFFSET:pos + POSITION_OFFSET + ids.shape[0]] for ids, pos, _ in segments]
         ).float()
@@ -77,8 +74,7 @@ class OPT:
             if not cfg.pre_norm:
                 x = ln(x, L["ln2"])
         if last_only:
-            x = x[torch.tensor([b - 1 for _, b in spans])]
-            spans = [(j, j + 1) for j in range(len(spans))]
+            x, spans = last_of_each(x, spans)
         if self.final_ln is not None:
             x = ln(x, self.final_ln)
         logits = linear(x, self.head)

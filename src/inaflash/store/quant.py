@@ -350,10 +350,11 @@ class Int8Matrix:
                        out.data_ptr(), torch.get_num_threads()) == 0:
             return out
         for i in range(0, rows, self.BLOCK):
-            out[:, i:i + self.BLOCK] = x @ self[torch.arange(i, min(rows, i + self.BLOCK))].T
+            out[:, i:i + self.BLOCK] = x @ self[i:i + self.BLOCK].T
         return out
 
-    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+    def __getitem__(self, ids: torch.Tensor | slice) -> torch.Tensor:
+        """Rows `ids` (token ids, or a slice of rows) dequantized to float32."""
         return self.codes[ids].float() * self.scales[ids].float()[..., None]
 
 
