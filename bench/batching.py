@@ -14,14 +14,12 @@ from pathlib import Path
 
 import inaflash
 from inaflash.generate import encode_prompt, generate_batch
+from inaflash.tools.decoding import STREAM_PROMPTS
 from inaflash.tools.report import free_stem
 
 from common import command, model_args
 
-PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a hash table works.",
-           "What are the benefits of regular exercise?", "Describe the water cycle.",
-           "Give advice to someone learning to cook.", "Why is the sky blue?", "How do vaccines work?",
-           "Summarize the plot of a detective novel you invent."]
+PROMPTS = STREAM_PROMPTS
 
 
 def main() -> None:

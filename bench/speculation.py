@@ -3,7 +3,7 @@ tokens per pass, drafts accepted, and whether the token ids are identical.
 
     python bench/speculation.py [STORE] --mode naive --memory 80% --tokens 96
 
-Two prompt sets of my own: code edits (the answer largely repeats the prompt) and open-ended questions. Each prompt
+The two prompt sets of `inaflash bench --decoding`: code edits (the answer largely repeats the prompt) and open-ended questions. Each prompt
 runs plain then speculative in the same engine (the same reads, the same page cache state: O_DIRECT), repeated
 `--repeat` times; medians. Writes bench/results/<date>-speculation-<model>-<mode>.json and .md.
 """
@@ -17,29 +17,10 @@ from pathlib import Path
 
 import inaflash
 from inaflash.generate import Generation, encode_prompt
+from inaflash.tools.decoding import CODE, OPEN  # the prompt sets of `inaflash bench --decoding`
 from inaflash.tools.report import free_stem
 
 from common import command, model_args
-
-CODE = [
-    "Rename the variable `total` to `acc` in this function and show the whole function:\n\n"
-    "def sum_list(items):\n    total = 0\n    for item in items:\n        total = total + item\n    return total\n",
-    "Add type hints to this function and show it:\n\ndef scale(values, factor):\n    result = []\n"
-    "    for v in values:\n        result.append(v * factor)\n    return result\n",
-    "Rewrite this loop as a list comprehension and show the function:\n\ndef squares(n):\n    out = []\n"
-    "    for i in range(n):\n        out.append(i * i)\n    return out\n",
-    "Fix the typo `lenght` in this code and show it all:\n\ndef longest(words):\n    best = ''\n    for w in words:\n"
-    "        if len(w) > len(best):\n            best = w\n    lenght = len(best)\n    return best, lenght\n",
-    "Translate this Python function to JavaScript:\n\ndef greet(name):\n    if name:\n        return 'Hello, ' + name\n"
-    "    return 'Hello, world'\n",
-]
-OPEN = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a hash table works.",
-    "What are the benefits of regular exercise?",
-    "Describe the water cycle.",
-    "Give advice to someone learning to cook.",
-]
 
 
 def run(engine, prompt: str, tokens: int, speculation: str) -> dict:

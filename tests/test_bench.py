@@ -207,3 +207,64 @@ def test_a_second_run_keeps_the_first_runs_files(tmp_path):
     second = write_results({**result, "date": "second"}, tmp_path)[0]
     assert first != second and second.name.endswith("-run2.json")
     assert json.loads(first.read_text())["date"] == "first" and json.loads(second.read_text())["date"] == "second"
+
+
+def test_decoding_rows_measure_speculation_and_streams_under_a_limit():
+    """`inaflash bench --decoding` under a whole-process limit on the default model (a budget below it: streamed
+    layers): every prompt of both sets runs in both speculation settings, within the limit; each stream width
+    decodes width x tokens in passes that read the same bytes whatever the width; the summary's ratios are the
+    per-prompt rates'."""
+    import statistics
+
+    from inaflash.loader import resolve_store
+    from inaflash.tools.decoding import CODE, OPEN, WIDTHS, decoding, markdown
+
+    try:
+        own_memory_cgroup()
+    except CgroupUnavailable as e:
+        pytest.skip(f"no cgroup here: {e}")
+    store = resolve_store(None, progress=False)
+    limit, n = 560 << 20, 4
+    d = decoding(store, limit, n, dict(mode="auto"), progress=False)
+    runs = d["runs"]
+    for name in ("inaflash-off", "inaflash-lookup", "inaflash-streams"):
+        run = runs[name]
+        assert run["status"] == "ok", run
+        assert run["max_usage_bytes"] <= limit
+        assert run["runtime_bytes"] + run["budget_bytes"] < limit and run["chosen_mode"] != "dram", run
+    for name in ("inaflash-off", "inaflash-lookup"):
+        prompts = runs[name]["prompts"]
+        assert [p["i"] for p in prompts] == list(range(len(CODE) + len(OPEN)))
+        for p in prompts:
+            assert 1 <= p["generated_tokens"] == len(p["ids"]) <= n and p["accepted_tokens"] <= p["drafted_tokens"]
+            assert p["bytes_read_per_token"] > 0
+    assert all(p["drafted_tokens"] == 0 for p in runs["inaflash-off"]["prompts"])
+    streams = runs["inaflash-streams"]["streams"]
+    assert [s["streams"] for s in streams] == list(WIDTHS)
+    for s in streams:  # one token per stream per pass, every pass reading the streamed layers once for all
+        assert s["generated_tokens"] == s["streams"] * n and s["decode_steps"] == n - 1
+        assert s["tokens_per_pass"] == s["streams"] and s["pass_ms_p50"] <= s["pass_ms_p99"]
+        assert s["bytes_read_per_pass"] == streams[0]["bytes_read_per_pass"] > 0
+    rows = d["per_prompt"]
+    code = [r["inaflash-lookup_tok_s"] / r["inaflash-off_tok_s"] for r in rows if r["set"] == "code"]
+    assert d["summary"]["speculative_speedup_code"] == pytest.approx(statistics.geometric_mean(code))
+    assert d["summary"]["batched_speedup_8"] == pytest.approx(streams[-1]["aggregate_tok_s"] /
+                                                              streams[0]["aggregate_tok_s"])
+    for name in ("llama.cpp-mmap", "llama.cpp-mmap-lookup"):  # measured, or saying why not
+        assert runs[name]["status"] == "ok" or runs[name].get("reason"), runs[name]
+    md = "\n".join(markdown(d))
+    assert md.count("\n| code |") == len(CODE) and md.count("\n| open |") == len(OPEN)
+
+
+def test_pass_costs_per_mode_read_the_same_bytes_whatever_the_width(tmp_path):
+    from inaflash.tools.decoding import pass_costs
+
+    make_tiny("llama", tmp_path / "hf")
+    store = FlashStore(write_store(open_source(tmp_path / "hf"), tmp_path / "store", dtype="float32", progress=False))
+    rows = pass_costs(store, 1 << 40, [3, 17, 42, 5, 88, 9, 61, 2], widths=(1, 2, 5), repeat=2, progress=False)
+    by = {r["mode"]: r for r in rows}
+    assert set(by) == {"dram", "naive", "hybrid"} and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert r["ratio"][1] == 1.0 and all(ms > 0 for ms in r["ms"].values())
+    assert set(by["naive"]["mb_read"].values()) == {store.ffn_read_bytes / 1e6}
+    assert set(by["dram"]["mb_read"].values()) == {0.0}

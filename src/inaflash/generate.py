@@ -134,9 +134,14 @@ def _tokenizer(engine: Engine):
 
 
 def stop_ids(engine: Engine) -> set[int]:
-    ids = set(engine.config.eos_token_ids)
-    if engine.tokenizer is not None and engine.tokenizer.eos_token_id is not None:
-        ids.add(engine.tokenizer.eos_token_id)
+    return eos_ids(engine.config, engine.tokenizer)
+
+
+def eos_ids(config, tokenizer) -> set[int]:
+    """The ids generation stops at: the config's end-of-sequence ids and the tokenizer's."""
+    ids = set(config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
     return ids
 
 
@@ -271,6 +276,8 @@ class BatchStats:
     decode_ms: float = 0.0
     tokens_per_pass: float = 0.0  # tokens the decode passes produced, all sequences together, per pass
     bytes_read_per_pass: float = 0.0
+    pass_ms_p50: float = 0.0  # a pass's time: the per-token latency of every sequence in it
+    pass_ms_p99: float = 0.0
 
     def to_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -297,7 +304,7 @@ def generate_batch(engine: Engine, prompts: list[list[int]], max_tokens: int, te
         seqs.append((i, start_sequence(engine, prompt, engine.new_cache(len(prompt) + max_tokens), temperature,
                                        top_p, generator, max_tokens)))
     stats.prefill_ms = (time.perf_counter() - t0) * 1e3
-    before = engine.counters()
+    before, passes = engine.counters(), []
     running = seqs
     while running:
         still = []
@@ -311,8 +318,12 @@ def generate_batch(engine: Engine, prompts: list[list[int]], max_tokens: int, te
                 still.append((i, s))
         running = still
         if running:
-            stats.decode_ms += decode_step(engine, [s for _, s in running]) * 1e3
+            passes.append(decode_step(engine, [s for _, s in running]) * 1e3)
             stats.decode_steps += 1
+    stats.decode_ms = sum(passes)
+    if passes:
+        q = torch.tensor(passes, dtype=torch.float64).quantile(torch.tensor([0.5, 0.99], dtype=torch.float64))
+        stats.pass_ms_p50, stats.pass_ms_p99 = q.tolist()
     stats.generated_tokens = sum(len(o) for o in out)
     produced = stats.generated_tokens - len(prompts)  # the first token of each came from its prompt's pass
     stats.tokens_per_pass = produced / stats.decode_steps if stats.decode_steps else 0.0

@@ -150,6 +150,11 @@ def bench(
     out_dir: Path = typer.Option(Path("bench/results"), help="Where <date>-<model>.json/.md/.png go."),
     cache_format: str = CACHE_FORMAT,
     density: Optional[float] = DENSITY,
+    decoding: bool = typer.Option(False, help="Also measure more tokens per pass: the cost of a k-token pass per "
+                                              "mode, and under each --limit speculation (code edits, open-ended "
+                                              "prompts) against llama.cpp with and without its lookup decoding, and "
+                                              "1/2/4/8 concurrent streams (long: ~10 prompts per configuration)."),
+    decoding_tokens: int = typer.Option(64, min=2, help="Tokens per prompt in the --decoding rows."),
 ):
     """Reproduce the paper's ablation (naive -> +predictor -> +windowing -> +bundling) and per-token latency
     split (I/O, predictor, memory management, compute) on this machine, next to dram, hybrid and the baselines."""
@@ -158,7 +163,8 @@ def bench(
 
     result = run_bench(model, memory=memory, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
                        configs=config, baselines=baselines, limit=limit, out_dir=out_dir,
-                       max_seconds=max_seconds, cache_format=cache_format, density=density)
+                       max_seconds=max_seconds, cache_format=cache_format, density=density, decoding=decoding,
+                       decoding_tokens=decoding_tokens)
     print(markdown(result))
 
 

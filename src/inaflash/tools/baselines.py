@@ -100,11 +100,12 @@ def _rate(stdout: str) -> dict:
             "ms_per_token": decode_s * 1e3 / (len(times) - 1), **prefill}
 
 
-def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, gen_tokens: int) -> dict:
+def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, gen_tokens: int,
+         timeout: float = TIMEOUT_S) -> dict:
     row = {"name": name, "limit_bytes": limit}
     evict_from_page_cache(model_file)
     try:
-        run = run_limited([sys.executable, "-c", script, *args], limit, TIMEOUT_S, name=f"inaflash-{name}")
+        run = run_limited([sys.executable, "-c", script, *args], limit, timeout, name=f"inaflash-{name}")
     except CgroupUnavailable as e:
         return {**row, "status": "unavailable", "reason": f"no memory limit possible: {e}"}
     row.update(_rate(run.stdout), max_usage_bytes=run.max_usage_bytes, seconds=run.seconds, stdout=run.stdout)
@@ -112,7 +113,7 @@ def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, 
         row.update(status="killed", reason=f"out of memory under the {limit / 1e6:.0f} MB limit "
                                            f"(after {row.get('tokens', 0)} tokens)")
     elif run.returncode != 0 and row.get("tokens", 0) < gen_tokens:
-        cause = "timeout" if run.seconds >= TIMEOUT_S else f"exit {run.returncode}"
+        cause = "timeout" if run.seconds >= timeout else f"exit {run.returncode}"
         tail = run.stderr.strip().splitlines()[-1:] or [""]
         row.update(status="partial" if row.get("tokens_per_s") else "failed",
                    reason=f"{cause} after {row.get('tokens', 0)} tokens: {tail[0][:200]}")

@@ -247,10 +247,13 @@ def summarize(runs: list[dict]) -> dict:
 def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 128, gen_tokens: int = 256,
           repeat: int = 1, configs: list[str] | None = None, baselines: bool = True, limit: str | None = None,
           out_dir: str | Path = RESULTS, max_seconds: float = 120.0, prompt_ids: list[int] | None = None,
-          progress: bool = True, cache_format: str = "store", density: float | None = None) -> dict:
+          progress: bool = True, cache_format: str = "store", density: float | None = None,
+          decoding: bool = False, decoding_tokens: int = 64) -> dict:
     """prompt_ids: use these instead of `prompt_tokens` of real text (a model without a tokenizer).
     cache_format: the sparse rows' neuron cache ("store": bundles as stored, or "int8"). density: the sparse rows'
-    selected fraction per token (None: the calibrated threshold)."""
+    selected fraction per token (None: the calibrated threshold). decoding: also measure more tokens per pass
+    (tools/decoding.py: the k-token pass cost per mode; under each limit, speculation on two prompt sets against
+    llama.cpp with and without its lookup decoding, and 1/2/4/8 concurrent streams), `decoding_tokens` per prompt."""
     from ..engine import Engine
     from ..planner import parse_memory
     from ..paths import load_max_gap, profile_path
@@ -301,6 +304,10 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
         "calibration": {k: store.manifest["sparsity"].get(k) for k in ("target_sparsity", "rank", "window", "quality")},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "rows": rows,
     }
+    if decoding:
+        from .decoding import pass_costs
+
+        result["pass_costs"] = pass_costs(store, budget, prompt[:64], progress=progress)
     if baselines:
         from .baselines import run_baselines, run_inaflash_limited, run_llama_cpp_unlimited
 
@@ -315,6 +322,12 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
                 store, prompt, gen_tokens, limit_bytes, dict(mode="auto", window=DEFAULT_WINDOW,
                                                              cache_format=cache_format, max_gap=max_gap,
                                                              speculation="off")))
+            if decoding:
+                from .decoding import decoding as run_decoding
+
+                result.setdefault("decoding", []).append(run_decoding(
+                    store, limit_bytes, decoding_tokens, dict(mode="auto", window=DEFAULT_WINDOW,
+                                                              cache_format=cache_format, max_gap=max_gap), progress))
     result["summary"] = key_ratios(result)
     write_results(result, Path(out_dir))
     return result

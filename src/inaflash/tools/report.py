@@ -38,6 +38,15 @@ def key_ratios(result: dict) -> dict:
     for name in ("naive", "auto"):  # what checking every read costs: checked over unchecked ms/token, minus 1
         r = ratio(name, f"{name}-unchecked")
         out[f"checksum_cost_{name}"] = None if r is None else r - 1
+    for i, d in enumerate(result.get("decoding", [])):  # more tokens per pass: the first limit's unsuffixed
+        mb = f"{d['limit_bytes'] / 1e6:.0f}MB"
+        for k, v in d["summary"].items():
+            if k.startswith("speedup_over_llamacpp"):  # inaflash with speculation over llama.cpp, per prompt set
+                out[f"limited_{k}_{mb}"] = v
+            elif i == 0:
+                out[k] = v
+        code = d["summary"].get("speedup_over_llamacpp_lookup_code")
+        out[f"limited_speedup_over_llamacpp_lookup_{mb}"] = code  # on code edits, where lookup drafts pay
     gate = (result.get("calibration") or {}).get("quality") or {}
     for k in ("ppl_increase", "top1_agreement", "greedy_prefix"):  # sparse's quality gate (what auto trusts)
         if k in gate:
@@ -133,13 +142,19 @@ def markdown(result: dict, png_name: str | None = None) -> str:
                          f"{b.get('tokens_per_s', 0) or 0:.2f} | {_ms(b.get('ms_per_token'))} | "
                          f"{_mb(b.get('max_usage_bytes'))} |")
     s = result.get("summary", {})
-    parts = [f"{k} = {v:.3g}" for k, v in s.items() if v is not None]
     gate = result.get("calibration", {}).get("quality")
     if gate:
         lines += ["", f"The store's sparse quality gate (calibration's validation text; `--mode auto` runs sparse only "
                       f"if it passed): {'passed' if gate.get('ok') else 'failed: ' + str(gate.get('failed'))}; "
                       f"perplexity {gate['ppl_increase']:+.2%}, top-1 agreement {gate['top1_agreement']:.3f}, "
                       f"greedy prefix {gate['greedy_prefix']:.1f} of 32."]
+    if result.get("pass_costs") or result.get("decoding"):
+        from .decoding import markdown as decoding_markdown, pass_cost_markdown
+
+        lines += pass_cost_markdown(result.get("pass_costs", []))
+        for d in result.get("decoding", []):
+            lines += decoding_markdown(d)
+    parts = [f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in s.items() if v is not None]
     lines += ["", "Key ratios: " + ("; ".join(parts) if parts else "n/a"), ""]
     if png_name:
         lines += [f"![ms/token by configuration]({png_name})", ""]
