@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -20,7 +21,8 @@ PROBE = r"""
 import json, sys
 from inaflash.tools.probe import compute_roofline
 r = compute_roofline(shapes=[(1536, 8960)], fractions=[1.0], seconds_per_cell=1.5, progress=False)
-print(json.dumps({row["format"]: round(row["g_weights_per_s"], 2) for row in r["rows"]}))
+print(json.dumps({row["format"]: round(row["g_weights_per_s"], 2) for row in r["rows"]
+                  if row["what"] == "FFN bundles" and row["tokens"] == 1}))
 """
 
 
@@ -28,7 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    installed = next(SRC.glob("_kernels*.so"))
+    installed = next(SRC.glob("_kernels.*so"))
     original = installed.read_bytes()
     out = Path(tempfile.mkdtemp())
     builds = {}
@@ -41,7 +43,8 @@ def main() -> None:
         for r in range(a.rounds):
             for march, lib in builds.items():
                 installed.write_bytes(lib.read_bytes())
-                res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
+                res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
+                                     env={**os.environ, "INAFLASH_KERNEL": "avx2"})  # the library built here
                 print(f"round {r + 1}, -march={march}: G weights/s {json.loads(res.stdout.splitlines()[-1])}",
                       flush=True)
     finally:

@@ -397,9 +397,9 @@ def test_int8_matrix_from_unaligned_file_bytes(tmp_path):
 
 
 def test_the_library_is_built_portable_and_loaded_only_where_the_cpu_runs_it(monkeypatch):
-    """setup.py builds for x86-64-v3, not this machine's CPU: no AVX-512 instruction in the library (a build on an
-    AVX-512 machine died with SIGILL on an AVX2-only one); a CPU without AVX2/FMA/F16C/BMI2 gets no library (torch's
-    path) instead of a crash."""
+    """setup.py builds for x86-64-v3, not this machine's CPU: no AVX-512 instruction in the AVX2 library nor the
+    AVX-VNNI one (a build on an AVX-512 machine died with SIGILL on an AVX2-only one); a CPU without
+    AVX2/FMA/F16C/BMI2 gets no library (torch's path) instead of a crash; a CPU with VNNI gets its variant."""
     import platform
     import re
     import subprocess
@@ -409,14 +409,64 @@ def test_the_library_is_built_portable_and_loaded_only_where_the_cpu_runs_it(mon
 
     if native.LIB is None or platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("no native library on this machine")
-    path = next(Path(native.__file__).parent.glob("_kernels*.so"))
-    dump = subprocess.run(["objdump", "-d", str(path)], capture_output=True, text=True)
-    if dump.returncode != 0:
-        pytest.skip("objdump is not available")
-    # AVX-512's marks: zmm registers, the upper 16 of xmm/ymm, mask registers (a -march=native build here had 855)
-    evex = re.findall(r"zmm|[xy]mm(?:1[6-9]|2[0-9]|3[01])|\{%k[0-7]\}|kmov", dump.stdout)
-    assert not evex, evex[:5]
+    here = Path(native.__file__).parent
+    for name in ("_kernels", "_kernels_avxvnni"):
+        for path in here.glob(f"{name}.*so"):
+            dump = subprocess.run(["objdump", "-d", str(path)], capture_output=True, text=True)
+            if dump.returncode != 0:
+                pytest.skip("objdump is not available")
+            # AVX-512's marks: zmm registers, the upper 16 of xmm/ymm, mask registers (a -march=native build had 855)
+            evex = re.findall(r"zmm|[xy]mm(?:1[6-9]|2[0-9]|3[01])|\{%k[0-7]\}|kmov", dump.stdout)
+            assert not evex, (path.name, evex[:5])
     monkeypatch.setattr(native, "cpu_flags", lambda: {"sse2", "sse4_2", "avx"})  # an old CPU
-    assert native._load() is None
+    assert native._load() == (None, None)
     monkeypatch.setattr(native, "cpu_flags", lambda: set(native.REQUIRED_FLAGS))
-    assert native._load() is not None
+    assert native._load()[1] == "avx2"
+    for name, needs, label in native.VARIANTS[:-1]:
+        if any(here.glob(f"{name}.*so")):
+            monkeypatch.setattr(native, "cpu_flags", lambda: set(native.REQUIRED_FLAGS) | set(needs))
+            assert native._load()[1] == label
+
+
+# every variant's integer dot products are the AVX2 build's exactly (kernels.c: DOT_U8S8, DOT_S16)
+VARIANT_OUTPUTS = r"""
+import hashlib, sys, torch
+from inaflash import native
+from inaflash.ffn.kernels import BundleFFN
+from inaflash.store import quant
+print(native.VARIANT)
+h = hashlib.sha256()
+for fmt in ("int8", "int4"):
+    for d, n in ((256, 300), (1536, 520)):
+        fields = {"gate": (0, d), "up": (d, 2 * d), "down": (2 * d, 3 * d)}
+        bundles = torch.randn(n, 3 * d, generator=torch.Generator().manual_seed(d)) * 0.05
+        raw = quant.encode(fmt, bundles, fields)[0]
+        kernel = BundleFFN(fmt, fields, torch.float16, raw.shape[1], d, "silu", True)
+        for T in (1, 3, 9):
+            h.update(kernel(torch.randn(T, d, generator=torch.Generator().manual_seed(T)), raw, n).numpy().tobytes())
+w = torch.randn(300, 1536, generator=torch.Generator().manual_seed(1))
+x = torch.randn(5, 1536, generator=torch.Generator().manual_seed(2))
+h.update(quant.Int8Matrix(*quant.Int8Matrix.quantize(w)).linear(x).numpy().tobytes())
+h.update(quant.Int4Matrix(quant.Int4Matrix.quantize(w)).linear(x).numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_every_kernel_variant_computes_what_the_avx2_build_does():
+    import os
+    import subprocess
+    import sys
+
+    from inaflash import native
+
+    out = {}
+    for label in native.LABELS:
+        env = {**os.environ, "INAFLASH_KERNEL": label}
+        r = subprocess.run([sys.executable, "-c", VARIANT_OUTPUTS], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        loaded, digest = r.stdout.split()
+        if loaded == label:  # built, and this CPU runs it
+            out[label] = digest
+    if len(out) < 2:
+        pytest.skip(f"only {list(out)} runs here")
+    assert len(set(out.values())) == 1, out

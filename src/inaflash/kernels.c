@@ -65,6 +65,10 @@ static inline void crc_upto(crc_job *c, int64_t end_byte, int all) {
 #endif
 
 int inaflash_kernel_version(void) { return 2; }  /* 2: bundle_ffn hashes pages (crcs) */
+#ifndef INAFLASH_VNNI
+#define INAFLASH_VNNI 0
+#endif
+int inaflash_kernel_variant(void) { return INAFLASH_VNNI; }  /* 0: AVX2, 1: AVX-VNNI, 2: AVX512-VNNI (ymm) */
 
 static inline float half_at(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return _cvtsh_ss(h); }
 
@@ -186,21 +190,40 @@ static inline __attribute__((always_inline)) void field_dot(const bundle_layout 
     for (int t = 0; t < tb; t++) res[t] = hsum(tot[t]) + mins[t];
 }
 
+/* The integer dot products: acc + the sums of 4 adjacent products of unsigned bytes u and signed bytes s per int32
+   lane (DOT_U8S8), and of 2 adjacent int16 products (DOT_S16). With VNNI one instruction each (vpdpbusd, vpdpwssd);
+   without it two or three (maddubs then madd by 1: equal results, since no pair of products here reaches int16's
+   saturation: 2 * 127 * 127 < 32767, int4 codes <= 15). The library is built once per variant (setup.py) and
+   native.py loads the one this CPU runs. */
+#if INAFLASH_VNNI == 1  /* AVX-VNNI (VEX): Alder Lake and later Intel, Zen 5 */
+#define DOT_U8S8(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#define DOT_S16(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#elif INAFLASH_VNNI == 2  /* AVX512-VNNI on 256-bit vectors (EVEX): Cascade Lake, Ice Lake, Zen 4 */
+#define DOT_U8S8(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#define DOT_S16(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#else
+#define DOT_U8S8(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#define DOT_S16(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
+
 /* 32 int8 codes against int8 activations, as 8 int32 partial sums: one unsigned x signed multiply-add, the codes
    entering as |w| with x's sign flipped where w < 0 (as llama.cpp does) */
 static inline __attribute__((always_inline)) __m256i block_q8(const uint8_t *field, int64_t j, const int8_t *xq) {
     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j));
     __m256i w = _mm256_loadu_si256((const __m256i *)(field + j));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w)),
-                             _mm256_set1_epi16(1));
+    return DOT_U8S8(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
 }
 
 /* int4, 64 codes (two groups of 32, 32 bytes; lo/hi: their low and high nibbles) against int8 activations x0, x1
    stored per 64 as [evens of the first 32, evens of the second 32, odds of the first, odds of the second] (the order
    low and high nibbles come out in): 8 int32 partial sums, lanes 0-3 of the first group, 4-7 of the second */
 static inline __attribute__((always_inline)) __m256i q4_dot64_split(__m256i lo, __m256i hi, __m256i x0, __m256i x1) {
+#if INAFLASH_VNNI
+    return DOT_U8S8(DOT_U8S8(_mm256_setzero_si256(), lo, x0), hi, x1);
+#else
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)),
                              _mm256_set1_epi16(1));
+#endif
 }
 
 /* the same from the 32 code bytes v: low and high nibbles split here */
@@ -470,8 +493,8 @@ static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layo
             const __m256i P[4] = {_mm256_unpacklo_epi8(xl, yl), _mm256_unpackhi_epi8(xl, yl),
                                   _mm256_unpacklo_epi8(xh, yh), _mm256_unpackhi_epi8(xh, yh)};
             for (int i = 0; i < 4; i++) {
-                acc[2 * i] = _mm256_add_epi32(acc[2 * i], _mm256_madd_epi16(_mm256_unpacklo_epi8(P[i], zero), w));
-                acc[2 * i + 1] = _mm256_add_epi32(acc[2 * i + 1], _mm256_madd_epi16(_mm256_unpackhi_epi8(P[i], zero), w));
+                acc[2 * i] = DOT_S16(acc[2 * i], _mm256_unpacklo_epi8(P[i], zero), w);
+                acc[2 * i + 1] = DOT_S16(acc[2 * i + 1], _mm256_unpackhi_epi8(P[i], zero), w);
             }
         }
         /* lanes summed: acc[0], acc[1] -> j = 0, 2, .., 14; acc[2], acc[3] -> 16, .., 30; odds from acc[4..7] */
@@ -591,7 +614,7 @@ static void rows_all_tokens(const bundle_layout *L, int q, const uint8_t *base, 
 static void quantize_acts(const float *x, int64_t T, int64_t d, int64_t gq, int perm, int8_t *q, float *qs,
                           float *xsum) {
     const int64_t ng = d / gq;
-    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i ones8 = _mm256_set1_epi8(1);
     const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     for (int64_t t = 0; t < T; t++)
@@ -607,7 +630,7 @@ static void quantize_acts(const float *x, int64_t T, int64_t d, int64_t gq, int 
                 const __m256 vs[4] = {_mm256_loadu_ps(v + i), _mm256_loadu_ps(v + i + 8), _mm256_loadu_ps(v + i + 16),
                                       _mm256_loadu_ps(v + i + 24)};
                 __m256i c = pack_int8(vs, inv);
-                total = _mm256_add_epi32(total, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, c), ones16));
+                total = DOT_U8S8(total, ones8, c);
                 if (!perm) { _mm256_storeu_si256((__m256i *)(q + t * d + j0 + i), c); continue; }
                 b[((j0 + i) / 32) & 1] = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(c, split), 0xD8);
                 if (((j0 + i) / 32) & 1) {  /* a whole 64: [evens, odds] of each half, reassembled */

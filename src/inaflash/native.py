@@ -4,6 +4,10 @@ for both.
 
 Absent (no compiler, a CPU without AVX2/FMA/F16C) or INAFLASH_KERNEL=torch: LIB is None and both fall back to
 libraries (torch, google-crc32c), slower.
+
+The library is built in variants (setup.py) and the one this CPU runs is loaded: with AVX-VNNI, with AVX512-VNNI
+(256-bit vectors), or the x86-64-v3 (AVX2) build. INAFLASH_KERNEL=avx2 (or avx-vnni, avx512-vnni) takes that build
+only, where the CPU runs it (for comparisons). VARIANT names the one loaded.
 """
 
 from __future__ import annotations
@@ -30,28 +34,51 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
+# variants, best first: (library name, the CPU flags it needs beyond REQUIRED_FLAGS, its name)
+VARIANTS = (("_kernels_avxvnni", ("avx_vnni",), "avx-vnni"),
+            ("_kernels_avx512vnni", ("avx512f", "avx512vl", "avx512bw", "avx512_vnni"), "avx512-vnni"),
+            ("_kernels", (), "avx2"))
+
+
+LABELS = [label for _, _, label in VARIANTS]
+
+
+def _choose(flags: set[str] | None, forced: str) -> list[tuple[Path, str]]:
+    """The libraries this CPU can run, best first (`forced`: a variant's name, that one only)."""
+    here = Path(__file__).parent
+    out = []
+    for name, needs, label in VARIANTS:
+        if forced in LABELS and label != forced:
+            continue
+        if needs and (flags is None or not set(needs) <= flags):
+            continue
+        out += [(path, label) for path in sorted(here.glob(f"{name}.*so"))]
+    return out
+
+
 def _load():
-    if os.environ.get("INAFLASH_KERNEL", "").lower() == "torch":
-        return None
+    forced = os.environ.get("INAFLASH_KERNEL", "").lower()
+    if forced == "torch":
+        return None, None
     flags = cpu_flags()
     if flags is not None and not set(REQUIRED_FLAGS) <= flags:
-        return None  # an older x86-64 CPU: torch's path (warn_if_missing says so)
-    found = sorted(Path(__file__).parent.glob("_kernels*.so"))
-    if not found:
-        return None
-    # load a private copy: rebuilding the package (pip install -e .) then never rewrites a library that a running
-    # process has mapped (which kills it with SIGBUS)
-    with tempfile.NamedTemporaryFile(prefix="inaflash-kernels-", suffix=".so", delete=False) as copy:
-        copy.write(found[0].read_bytes())
-    try:
-        lib = ctypes.CDLL(copy.name)
-    finally:
-        os.unlink(copy.name)
-    # 0: built without AVX2/FMA/F16C; below 2: built from an older kernels.c (other signatures): not used
-    return lib if lib.inaflash_kernel_version() >= 2 else None
+        return None, None  # an older x86-64 CPU: torch's path (warn_if_missing says so)
+    for path, label in _choose(flags, forced):
+        # load a private copy: rebuilding the package (pip install -e .) then never rewrites a library that a
+        # running process has mapped (which kills it with SIGBUS)
+        with tempfile.NamedTemporaryFile(prefix="inaflash-kernels-", suffix=".so", delete=False) as copy:
+            copy.write(path.read_bytes())
+        try:
+            lib = ctypes.CDLL(copy.name)
+        finally:
+            os.unlink(copy.name)
+        # 0: built without AVX2/FMA/F16C; below 2: built from an older kernels.c (other signatures): not used
+        if lib.inaflash_kernel_version() >= 2:
+            return lib, label
+    return None, None
 
 
-LIB = _load()
+LIB, VARIANT = _load()
 
 
 def function(name: str, *argtypes, restype=ctypes.c_int):

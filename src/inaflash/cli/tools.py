@@ -100,13 +100,17 @@ def probe(
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = out_dir / f"{time.strftime('%Y-%m-%d')}-compute"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        lines = [f"# inaflash probe --compute ({result['date']}, {result['threads']} threads)", "",
+        lines = [f"# inaflash probe --compute ({result['date']}, {result['threads']} threads, kernel variant "
+                 f"{result['variant'] or 'none: torch'})", "",
                  f"Memory bandwidth (256 MiB copy, read + write): {result['copy_gb_per_s']:.1f} GB/s", "",
-                 "FFN kernel, one token, over a layer's first fraction of neurons (a cache's live block), weights "
-                 "streamed from DRAM (copies of the layer in rotation, 128 MiB in all):", "",
-                 "| hidden x neurons | format | fraction | ms | G weights/s | GB/s of bundles |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['hidden']} x {r['neurons']} | {r['format']} | {r['fraction']:.0%} | {r['ms']:.3f} | "
-                  f"{r['g_weights_per_s']:.1f} | {r['gb_per_s']:.1f} |" for r in result["rows"]]
+                 "FFN kernel over a layer's first fraction of neurons (a cache's live block), weights streamed from "
+                 "DRAM (copies of the layer in rotation, 128 MiB in all); resident matrices (attention, head) "
+                 "times 1 and 8 tokens. G weights/s counts each weight once per token:", "",
+                 "| what | shape | format | tokens | fraction | ms | G weights/s | GB/s of bundles |",
+                 "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['what']} | {r['hidden']} x {r['neurons']} | {r['format']} | {r['tokens']} | "
+                  f"{r['fraction']:.0%} | {r['ms']:.3f} | {r['g_weights_per_s']:.1f} | "
+                  f"{'-' if r['gb_per_s'] is None else format(r['gb_per_s'], '.1f')} |" for r in result["rows"]]
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return

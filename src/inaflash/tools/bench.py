@@ -141,8 +141,9 @@ def reset_peak_rss() -> None:
         pass
 
 
-def prepare_stores(model, progress: bool):
-    """The bundled store (calibrated here if it is not yet) and its unbundled twin with the same calibration."""
+def prepare_stores(model, progress: bool, sparse: bool = True):
+    """The bundled store (calibrated here if it is not yet and `sparse` rows will run) and its unbundled twin with
+    the same calibration."""
     from ..calibrate import calibrate, copy_sparsity
     from ..loader import resolve_store
     from ..store.format import FlashStore
@@ -150,6 +151,8 @@ def prepare_stores(model, progress: bool):
     store = resolve_store(model, progress=progress)
     if store.layout != "bundled":
         raise InaflashError(f"bench needs a bundled store; {store.path} is {store.layout}")
+    if not sparse:
+        return store, None, "no sparse row was asked for"
     if store.manifest.get("sparsity") is None:
         print(f"inaflash: calibrating {store.path} for sparse mode (once)", file=sys.stderr)
         calibrate(store.path, progress=progress)
@@ -263,7 +266,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
     if configs is not None and len(chosen) != len(configs):
         known = ", ".join(c.name for c in CONFIGS)
         raise InaflashError(f"unknown configuration in {configs}; choose from {known}")
-    store, unbundled, unbundled_reason = prepare_stores(model, progress)
+    store, unbundled, unbundled_reason = prepare_stores(model, progress, any(c.mode == "sparse" for c in chosen))
     budget = parse_memory(memory, store)
     if prompt_ids is None:
         with Engine(store, mode="naive", context=8) as probe_engine:
@@ -301,7 +304,8 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
         "ffn_compute": ffn_compute(store),
         "embeddings_on_flash": store.embed is not None,
         "repeat": repeat, "max_seconds_per_run": max_seconds, "max_gap": max_gap, "probe_profile": str(profile_path()) if profile else None,
-        "calibration": {k: store.manifest["sparsity"].get(k) for k in ("target_sparsity", "rank", "window", "quality")},
+        "calibration": {k: (store.manifest.get("sparsity") or {}).get(k)
+                        for k in ("target_sparsity", "rank", "window", "quality")},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "rows": rows,
     }
     if decoding:

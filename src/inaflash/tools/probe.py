@@ -144,14 +144,20 @@ COMPUTE_ROTATE_BYTES = 128 << 20  # cycle over copies of a layer adding up to th
                                   # layers stream from DRAM (one 26 MB layer reused stays in a 32 MB L3: ~30% faster)
 
 
+COMPUTE_TOKENS = [1, 8]  # one token (decode), and a pass over 8 (a prefill chunk's piece, speculation, a batch)
+RESIDENT_SHAPE = (8960, 1536)  # rows x columns of a resident matrix measured (int8, int4): a Qwen2.5 layer's worth
+
+
 def compute_roofline(shapes: list[tuple[int, int]] | None = None, fractions: list[float] | None = None,
                      seconds_per_cell: float = 0.3, progress: bool = True) -> dict:
-    """The FFN kernel's speed (G weights/s, one token) per bundle format over a layer's first `fraction` of
-    neurons (a cache's live block), each call on another copy of the layer so the weights come from DRAM; and this
+    """The FFN kernel's speed (G weights/s) per bundle format over a layer's first `fraction` of neurons (a cache's
+    live block; one token), and over whole layers for 8 tokens, each call on another copy of the layer so the
+    weights come from DRAM; the resident int8/int4 matrices' (attention, head) for 1 and 8 tokens; and this
     machine's memory bandwidth (a 256 MiB copy): the compute roofline to put next to the disk's. Random weights:
     speed does not depend on their values."""
     import torch
 
+    from .. import native
     from ..store import quant
     from ..ffn.kernels import BundleFFN, available
 
@@ -160,29 +166,41 @@ def compute_roofline(shapes: list[tuple[int, int]] | None = None, fractions: lis
     b = torch.empty_like(a)
     b.copy_(a)
     copy_s = _median_time(lambda: b.copy_(a), 1.0)
-    cells = [(s, f, fr) for s in shapes for f in COMPUTE_FORMATS for fr in fractions]
-    bar = tqdm(total=len(cells), desc="compute", unit="cell", disable=not progress)
+    cells = [(s, f, t, fr) for s in shapes for f in COMPUTE_FORMATS for t in COMPUTE_TOKENS
+             for fr in (fractions if t == 1 else [1.0])]
+    bar = tqdm(total=len(cells) + 2 * len(COMPUTE_TOKENS), desc="compute", unit="cell", disable=not progress)
     for d, n in shapes:
         fields = {"gate": (0, d), "up": (d, 2 * d), "down": (2 * d, 3 * d)}
         bundles = torch.randn(n, 3 * d, generator=torch.Generator().manual_seed(0)) * 0.05
-        x = torch.randn(1, d)
         for fmt in COMPUTE_FORMATS:
             raw = bundles.half().view(torch.uint8).view(n, -1) if fmt == "float" else \
                 quant.encode(fmt, bundles, fields)[0]
             kernel = BundleFFN(fmt, fields, torch.float16, raw.shape[1], d, "silu")
             copies = [raw.clone() for _ in range(max(2, -(-COMPUTE_ROTATE_BYTES // raw.numel())))]
-            for fr in fractions:
-                m = max(1, int(n * fr))
+            for _, _, tokens, fr in [c for c in cells if c[0] == (d, n) and c[1] == fmt]:
+                m, x = max(1, int(n * fr)), torch.randn(tokens, d)
                 if kernel.ok:  # each call on the next copy, then the next slice of m neurons: 128 MiB between repeats
                     blocks = [c[k * m:(k + 1) * m] for k in range(n // m) for c in copies]
                     turn = iter(range(1 << 62))
                     t = _median_time(lambda: kernel(x, blocks[next(turn) % len(blocks)], m), seconds_per_cell)
-                    rows.append({"hidden": d, "neurons": n, "format": fmt, "fraction": fr, "ms": t * 1e3,
-                                 "g_weights_per_s": 3 * d * m / t / 1e9, "gb_per_s": m * raw.shape[1] / t / 1e9})
+                    rows.append({"what": "FFN bundles", "hidden": d, "neurons": n, "format": fmt, "tokens": tokens,
+                                 "fraction": fr, "ms": t * 1e3, "g_weights_per_s": tokens * 3 * d * m / t / 1e9,
+                                 "gb_per_s": m * raw.shape[1] / t / 1e9})
                 bar.update()
+    r, c = RESIDENT_SHAPE
+    w = torch.randn(r, c, generator=torch.Generator().manual_seed(1)) * 0.05
+    for fmt, matrix in (("int8", quant.Int8Matrix(*quant.Int8Matrix.quantize(w))),
+                        ("int4", quant.Int4Matrix(quant.Int4Matrix.quantize(w)))):
+        for tokens in COMPUTE_TOKENS:
+            x = torch.randn(tokens, c)
+            t = _median_time(lambda: matrix.linear(x), seconds_per_cell)
+            rows.append({"what": "resident matrix", "hidden": c, "neurons": r, "format": fmt, "tokens": tokens,
+                         "fraction": 1.0, "ms": t * 1e3, "g_weights_per_s": tokens * r * c / t / 1e9,
+                         "gb_per_s": None})
+            bar.update()
     bar.close()
-    return {"kernel": available(), "threads": torch.get_num_threads(), "copy_gb_per_s": 2 * a.numel() / copy_s / 1e9,
-            "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {"kernel": available(), "variant": native.VARIANT, "threads": torch.get_num_threads(),
+            "copy_gb_per_s": 2 * a.numel() / copy_s / 1e9, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _median_time(fn, seconds: float) -> float:
