@@ -1,5 +1,5 @@
-"""What the resident part's format costs in quality: stores of one model that differ only in --resident-format
-(attention, head, a tied embedding), each run in dram mode against the first as reference: held-out perplexity (The
+"""What a store's formats cost in quality: stores of one model that differ in --resident-format (attention, head, a
+tied embedding) or --ffn-format (with --dkm: palettes learned by differentiable k-means), each run in dram mode against the first as reference: held-out perplexity (The
 Devil's Dictionary, 256-token chunks), top-1 agreement at every scored position, greedy prefix agreement over 32
 tokens on 10 prompts of my own (5 raw, 5 chat: bench/selection.py's), and one decode step's time.
 
@@ -33,20 +33,23 @@ def measure(path: str, tokens: int) -> dict:
         for p in prompts:
             greedy.append(generate_ids(engine, p, 32, temperature=0.0, stop=set())[0])
         seconds = time.perf_counter() - t0
-        return {"store": path, "resident_format": store.resident_format,
+        ffn = store.ffn_format + ("+dkm" if store.manifest["ffn"].get("fit") else "")
+        return {"store": path, "resident_format": store.resident_format, "ffn_format": ffn,
+                "ffn_mb": store.ffn_bytes / 1e6,
                 "resident_mb": store.resident_bytes / 1e6, "ppl": ppl,
                 "predictions": torch.cat([torch.as_tensor(p).reshape(-1) for p in predictions]),
                 "greedy": greedy, "greedy_s": seconds}
 
 
 def markdown(rows: list[dict], command: str, tokens: int) -> list[str]:
-    lines = [f"# Resident format and quality (`{command}`)", "",
+    lines = [f"# Store formats and quality (`{command}`)", "",
              f"Reference: the first row. Held-out: {tokens} tokens of The Devil's Dictionary in 256-token chunks; "
              "greedy: 10 prompts (5 raw, 5 chat) x 32 tokens, dram mode.", "",
-             "| store | resident format | resident MB | ppl | ppl increase | top-1 agreement | greedy prefix (mean of 10) "
-             "| per prompt | 10 generations s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| store | FFN format | FFN MB | resident format | resident MB | ppl | ppl increase | top-1 agreement | "
+             "greedy prefix (mean of 10) | per prompt | 10 generations s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['store']} | {r['resident_format']} | {r['resident_mb']} | {r['ppl']} | "
+        lines.append(f"| {r['store']} | {r['ffn_format']} | {r['ffn_mb']} | {r['resident_format']} | "
+                     f"{r['resident_mb']} | {r['ppl']} | "
                      f"{r['ppl_increase'] * 100:+.2f}% | {r['top1_agreement']:.3f} | {r['greedy_prefix']:.1f} | "
                      f"{r['greedy_prefixes']} | {r['generation_s']} |")
     return lines
@@ -63,7 +66,8 @@ def main() -> None:
     rows = []
     for r in runs:
         rows.append({
-            "store": r["store"], "resident_format": r["resident_format"], "resident_mb": round(r["resident_mb"], 1),
+            "store": r["store"], "ffn_format": r["ffn_format"], "ffn_mb": round(r["ffn_mb"], 1),
+            "resident_format": r["resident_format"], "resident_mb": round(r["resident_mb"], 1),
             "ppl": round(r["ppl"], 3), "ppl_increase": r["ppl"] / ref["ppl"] - 1,
             "top1_agreement": (r["predictions"] == ref["predictions"]).float().mean().item(),
             "greedy_prefix": sum(agreement(a, b) for a, b in zip(r["greedy"], ref["greedy"])) / len(r["greedy"]),

@@ -116,6 +116,11 @@ def convert(
                                         + "."),
     embeddings: str = typer.Option("flash", help="flash: an untied input embedding is read from flash one row per "
                                                  "token; dram: held in memory. (A tied one is the head: in DRAM.)"),
+    dkm: bool = typer.Option(False, "--dkm", help="palette3/palette4: learn each layer's palette by differentiable "
+                                                  "k-means against the layer's output on calibration text (pydoc's "
+                                                  "topics), instead of plain k-means; resumable per layer."),
+    dkm_steps: int = typer.Option(60, min=1, help="--dkm: optimizer steps per layer."),
+    dkm_tokens: int = typer.Option(2048, min=64, help="--dkm: calibration tokens recorded per layer."),
 ):
     """Convert a model into a flash store (resident part + bundled FFN file)."""
     from ..store.convert import write_store
@@ -124,9 +129,25 @@ def convert(
 
     if embeddings not in ("flash", "dram"):
         raise InaflashError(f"--embeddings must be flash or dram, not {embeddings!r}")
+    encoder = None
+    if dkm:
+        from ..store.dkm import DKMEncoder, recorded_calibration_inputs
+        from ..store.quant import PALETTE_BITS
+
+        if ffn_format not in PALETTE_BITS:
+            raise InaflashError(f"--dkm learns palettes: pass --ffn-format {' or '.join(PALETTE_BITS)}, "
+                                f"not {ffn_format}")
+        inputs, calibration = recorded_calibration_inputs(src, dkm_tokens)
+        encoder = DKMEncoder(ffn_format, inputs, out.parent / f".{out.name}.dkm", steps=dkm_steps,
+                             calibration=calibration)
     write_store(open_source(src), out, dtype=dtype, overwrite=overwrite,
                 layout="unbundled" if unbundled else "bundled", ffn_format=ffn_format,
-                resident_format=resident_format, embeddings_on_flash=embeddings == "flash")
+                resident_format=resident_format, embeddings_on_flash=embeddings == "flash", encoder=encoder)
+    if encoder is not None:
+        r = encoder.reports
+        print(f"dkm: {len(r)} layers in {sum(x['seconds'] for x in r if 'seconds' in x):.0f} s; calibration loss "
+              f"(relative squared error of each layer's output) k-means {sum(x['kmeans_loss'] for x in r) / len(r):.4f}"
+              f" -> dkm {sum(x['dkm_loss'] for x in r) / len(r):.4f} (mean over layers)")
     store = FlashStore(out)
     on_flash = f", embedding on flash {store.embed['rows'] * store.embed['row_bytes'] / 1e6:.1f} MB" \
         if store.embed else ""

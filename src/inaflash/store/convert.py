@@ -104,11 +104,13 @@ def _layer_bytes(cfg: ModelConfig, bundles: torch.Tensor, layout: str, ffn_forma
 
 def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool = False,
                 progress: bool = True, layout: str = "bundled", ffn_format: str = "float",
-                resident_format: str = "float", embeddings_on_flash: bool = True) -> Path:
+                resident_format: str = "float", embeddings_on_flash: bool = True, encoder=None) -> Path:
     """Convert `source` (a sources.ModelSource) into a store at `out`, atomically.
 
     `embeddings_on_flash`: an untied input embedding goes to embed.bin (one row read per token) instead of DRAM;
-    a tied one is the output head, which every token needs whole, so it stays resident either way."""
+    a tied one is the output head, which every token needs whole, so it stays resident either way.
+    `encoder(layer, bundles, fields) -> (raw, codebooks)`: fits the compressed FFN format in place of quant.encode
+    (store/dkm.py's DKMEncoder); its `reports` go into the manifest and its `work` folder is removed at the end."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -153,7 +155,8 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
                 if ffn_format == "float":
                     parts = _layer_bytes(cfg, bundles.to(tdtype), layout, ffn_format)
                 else:
-                    raw, books = quant.encode(ffn_format, bundles, fields)
+                    raw, books = (encoder(layer, bundles, fields) if encoder is not None
+                                  else quant.encode(ffn_format, bundles, fields))
                     parts = [_tensor_bytes(raw)]
                     palettes.update({f"{layer}.{k}": v for k, v in books.items()})
                 for data in parts:
@@ -198,6 +201,7 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
                 "bundle_width": width, "bundle_bytes": bundle_bytes, "neurons": cfg.intermediate_size,
                 "layers": layers,
                 **({"blocks": field_blocks(cfg, tdtype.itemsize)} if layout == "unbundled" else {}),
+                **({"fit": {**encoder.settings, "layers": encoder.reports}} if encoder is not None else {}),
             },
             resident={"format": resident_format, "embed": embed},
             hf_config=json.loads(json.dumps(source.hf_config, default=str)),
@@ -206,6 +210,8 @@ def write_store(source, out: str | Path, dtype: str = "float16", overwrite: bool
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
+        if encoder is not None:
+            shutil.rmtree(encoder.work, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

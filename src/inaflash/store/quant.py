@@ -229,29 +229,42 @@ def encode(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]]
             scales.append(scale)
         out[:, _layout(fmt, fields)[0]:] = torch.cat(scales + mins, 1).view(torch.uint8)
         return out, {}
-    bits, books, pos, scales, lows = PALETTE_BITS[fmt], {}, 0, [], []
+    books, idx, scales, lows = {}, {}, {}, {}
     for name in palettized(fields):
         a, b = fields[name]
         xg = x[:, a:b].reshape(n, -1, PALETTE_GROUP)
-        low = _minimum(xg)
-        scale = _scales(xg - low.float()[..., None], 1)  # rounded up: normalized weights stay within [0, 1]
-        normalized = ((xg - low.float()[..., None]) / scale.float()[..., None]).reshape(n, b - a)
-        lows.append(low)
-        books[name] = kmeans_1d(normalized, 1 << bits, init=torch.linspace(0, 1, 1 << bits)).half()
-        idx = nearest(normalized, books[name])
-        packed = _pack4(idx) if bits == 4 else _pack3(idx)
+        lows[name] = _minimum(xg)
+        scales[name] = _scales(xg - lows[name].float()[..., None], 1)  # rounded up: normalized within [0, 1]
+        normalized = ((xg - lows[name].float()[..., None]) / scales[name].float()[..., None]).reshape(n, b - a)
+        k = 1 << PALETTE_BITS[fmt]
+        books[name] = kmeans_1d(normalized, k, init=torch.linspace(0, 1, k)).half()
+        idx[name] = nearest(normalized, books[name])
+    return pack_palette(fmt, x, fields, idx, scales, lows), books
+
+
+def pack_palette(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]], idx: dict, scales: dict,
+                 lows: dict) -> torch.Tensor:
+    """A palette layer's bytes from its fit (k-means in encode, or store/dkm.py): per palettized field each weight's
+    level index [n, width of the field] and its groups' float16 scale and minimum [n, groups]; the other fields'
+    float16 values from `bundles`."""
+    n, width = bundles.shape
+    out = torch.zeros(n, bundle_bytes(fmt, width, fields), dtype=torch.uint8)
+    pos = 0
+    for name in palettized(fields):
+        packed = _pack4(idx[name]) if PALETTE_BITS[fmt] == 4 else _pack3(idx[name])
         out[:, pos:pos + packed.shape[1]] = packed
         pos += packed.shape[1]
-        scales.append(scale)
     pos, ngroups = _layout(fmt, fields)
     if scales:
-        out[:, pos:pos + 4 * ngroups] = torch.cat(scales + lows, 1).view(torch.uint8)
+        names = palettized(fields)
+        out[:, pos:pos + 4 * ngroups] = torch.cat([scales[k] for k in names] + [lows[k] for k in names],
+                                                  1).view(torch.uint8)
     pos += 4 * ngroups
     for name, (a, b) in fields.items():
-        if name not in books:
-            out[:, pos:pos + 2 * (b - a)] = x[:, a:b].half().contiguous().view(torch.uint8)
+        if name not in scales:
+            out[:, pos:pos + 2 * (b - a)] = bundles[:, a:b].half().contiguous().view(torch.uint8)
             pos += 2 * (b - a)
-    return out, books
+    return out
 
 
 def decode(fmt: str, raw: torch.Tensor, fields: dict[str, tuple[int, int]], width: int, dtype: torch.dtype,
