@@ -250,8 +250,11 @@ def test_decoding_rows_measure_speculation_and_streams_under_a_limit():
     assert d["summary"]["speculative_speedup_code"] == pytest.approx(statistics.geometric_mean(code))
     assert d["summary"]["batched_speedup_8"] == pytest.approx(streams[-1]["aggregate_tok_s"] /
                                                               streams[0]["aggregate_tok_s"])
-    for name in ("llama.cpp-mmap", "llama.cpp-mmap-lookup"):  # measured, or saying why not
+    for name in ("llama.cpp-mmap", "llama.cpp-mmap-lookup"):  # measured on every prompt, or saying why not
         assert runs[name]["status"] == "ok" or runs[name].get("reason"), runs[name]
+        if runs[name]["status"] == "ok":
+            assert [p["i"] for p in runs[name]["prompts"]] == list(range(len(CODE) + len(OPEN)))
+            assert all(1 <= p["generated_tokens"] <= n for p in runs[name]["prompts"])
     md = "\n".join(markdown(d))
     assert md.count("\n| code |") == len(CODE) and md.count("\n| open |") == len(OPEN)
 

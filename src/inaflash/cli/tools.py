@@ -144,7 +144,8 @@ def bench(
     repeat: int = typer.Option(1, min=1, help="Rounds; every configuration runs once per round (interleaved)."),
     config: Optional[list[str]] = typer.Option(None, help="Only these configurations (repeatable): dram, naive, "
                                                           "hybrid, +predictor, +windowing, +bundling, +coalescing, "
-                                                          "full, full-window-only, auto, ..."),
+                                                          "full, full-window-only, auto, ...; none: no rows (only "
+                                                          "the baselines or --decoding)."),
     baselines: bool = typer.Option(True, help="Also run llama.cpp-mmap, transformers-offload and inaflash's default "
                                               "(--mode auto) each in a child process under a cgroup memory limit."),
     limit: Optional[str] = typer.Option(None, help="The baselines' whole-process memory limit(s), comma-separated, "

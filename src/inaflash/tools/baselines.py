@@ -101,7 +101,7 @@ def _rate(stdout: str) -> dict:
 
 
 def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, gen_tokens: int,
-         timeout: float = TIMEOUT_S) -> dict:
+         timeout: float = TIMEOUT_S, keep_stdout: bool = False) -> dict:
     row = {"name": name, "limit_bytes": limit}
     evict_from_page_cache(model_file)
     try:
@@ -119,7 +119,7 @@ def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, 
                    reason=f"{cause} after {row.get('tokens', 0)} tokens: {tail[0][:200]}")
     else:
         row["status"] = "ok"
-    if not name.startswith("inaflash"):
+    if not (keep_stdout or name.startswith("inaflash")):
         row.pop("stdout")
     return row
 

@@ -262,6 +262,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
     from ..paths import load_max_gap, profile_path
     from .probe import throughput
 
+    configs = [] if configs == ["none"] else configs  # `--config none`: only the baselines / --decoding
     chosen = [c for c in CONFIGS if configs is None or c.name in configs]
     if configs is not None and len(chosen) != len(configs):
         known = ", ".join(c.name for c in CONFIGS)
@@ -313,12 +314,15 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
 
         result["pass_costs"] = pass_costs(store, budget, prompt[:64], progress=progress)
     if baselines:
-        from .baselines import run_baselines, run_inaflash_limited, run_llama_cpp_unlimited
+        from .baselines import run_llama_cpp_unlimited
 
         result["llama_cpp_unlimited"] = run_llama_cpp_unlimited(store, prompt, gen_tokens)
         result["baselines"] = []
-        for one in (limit.split(",") if limit else [memory]):
-            limit_bytes = parse_memory(one.strip(), store)
+    for one in (limit.split(",") if limit else [memory]) if baselines or decoding else []:
+        limit_bytes = parse_memory(one.strip(), store)
+        if baselines:
+            from .baselines import run_baselines, run_inaflash_limited
+
             result["baselines"] += run_baselines(store, prompt, gen_tokens, limit_bytes, progress)
             # inaflash's default (--mode auto) under the same whole-process limit, runtime included; one token a
             # pass, as the llama.cpp baseline decodes
@@ -326,12 +330,12 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
                 store, prompt, gen_tokens, limit_bytes, dict(mode="auto", window=DEFAULT_WINDOW,
                                                              cache_format=cache_format, max_gap=max_gap,
                                                              speculation="off")))
-            if decoding:
-                from .decoding import decoding as run_decoding
+        if decoding:
+            from .decoding import decoding as run_decoding
 
-                result.setdefault("decoding", []).append(run_decoding(
-                    store, limit_bytes, decoding_tokens, dict(mode="auto", window=DEFAULT_WINDOW,
-                                                              cache_format=cache_format, max_gap=max_gap), progress))
+            result.setdefault("decoding", []).append(run_decoding(
+                store, limit_bytes, decoding_tokens, dict(mode="auto", window=DEFAULT_WINDOW,
+                                                          cache_format=cache_format, max_gap=max_gap), progress))
     result["summary"] = key_ratios(result)
     write_results(result, Path(out_dir))
     return result

@@ -80,9 +80,9 @@ LLAMA_CPP_DECODE = r"""
 import json, sys, time
 from llama_cpp import Llama
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-path, prompts, n, stop, draft = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), set(json.loads(sys.argv[4])),
-                                 int(sys.argv[5]))
-llm = Llama(model_path=path, n_ctx=1024, n_threads=2, use_mmap=True, verbose=False,
+path, prompts, n, stop, draft, n_ctx = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]),
+                                        set(json.loads(sys.argv[4])), int(sys.argv[5]), int(sys.argv[6]))
+llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=2, use_mmap=True, verbose=False,
             draft_model=LlamaPromptLookupDecoding(num_pred_tokens=draft) if draft else None)
 print(json.dumps({"event": "loaded", "t": time.perf_counter()}), flush=True)
 for i, ids in enumerate(prompts):
@@ -144,7 +144,7 @@ def pass_costs(store, budget: int, prompt: list[int], widths=PASS_WIDTHS, repeat
 def _limited(name: str, script: str, args: list[str], limit: int, files, tokens: int) -> dict:
     for f in files:
         evict_from_page_cache(f)
-    row = _run(name, script, args, limit, files[0], tokens, timeout=TIMEOUT_S)
+    row = _run(name, script, args, limit, files[0], tokens, timeout=TIMEOUT_S, keep_stdout=True)
     stdout = row.pop("stdout", "")
     for key in ("tokens", "tokens_per_s", "ms_per_token", "prefill_ms"):  # _rate's: per-token events are not sent
         row.pop(key, None)
@@ -193,6 +193,10 @@ def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool =
          json.dumps({**options, "speculation": "off", "parallel": max(WIDTHS)}), json.dumps(list(WIDTHS))],
         limit, files, gen_tokens)
     source = Path(store.manifest.get("source", {}).get("path", ""))
+    # llama.cpp's context no larger than the longest prompt and its tokens need: its lookup decoding keeps logits for
+    # every position of the context (logits_all), 1024 x Qwen2.5's 151936 floats = 622 MB, which a 900 MB limit
+    # cannot hold (killed before its first token), where 256 positions take 156 MB
+    n_ctx = -(-(max(map(len, prompts)) + gen_tokens + LOOKUP_DRAFT + 2) // 64) * 64
     for name, draft in (("llama.cpp-mmap", 0), ("llama.cpp-mmap-lookup", LOOKUP_DRAFT)):
         if source.suffix != ".gguf" or not source.exists():
             runs[name] = {"name": name, "status": "unavailable", "reason": f"no source GGUF ({source})"}
@@ -202,7 +206,7 @@ def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool =
             say(f"{name}, {len(prompts)} prompts")
             runs[name] = _limited(name, LLAMA_CPP_DECODE, [str(source), json.dumps(prompts), str(gen_tokens),
                                                            json.dumps(sorted(eos_ids(store.config, tok))),
-                                                           str(draft)], limit, [source], gen_tokens)
+                                                           str(draft), str(n_ctx)], limit, [source], gen_tokens)
     return {"limit_bytes": limit, "gen_tokens": gen_tokens, "sets": {k: len(v) for k, v in sets.items()},
             "prompt_tokens": [len(p) for p in prompts], "lookup_draft_llamacpp": LOOKUP_DRAFT,
             "runs": runs, "per_prompt": per_prompt(runs, sets), "summary": summary(runs, sets)}
@@ -275,8 +279,9 @@ def markdown(d: dict) -> list[str]:
     lines = ["", f"## More tokens per pass under a {mb:.0f} MB whole-process limit", "",
              f"Greedy, up to {d['gen_tokens']} tokens per prompt (stopping at end of turn), each configuration one "
              f"child process under the limit running every prompt; inaflash's default (--mode auto) with speculation "
-             f"off and with prompt lookup; llama.cpp-mmap plain and with LlamaPromptLookupDecoding(num_pred_tokens="
-             f"{d['lookup_draft_llamacpp']}). Decode tokens/s (after the first token).", "",
+             f"off and with prompt lookup; llama.cpp-mmap (llama-cpp-python, n_ctx {d.get('llamacpp_n_ctx')}) plain and "
+             f"with LlamaPromptLookupDecoding(num_pred_tokens={d['lookup_draft_llamacpp']}). Decode tokens/s (after "
+             "the first token).", "",
              "| configuration | status | mode | runtime MB | budget MB |", "|---|---|---|---|---|"]
     for name, run in d["runs"].items():
         lines.append(f"| {name} | {run.get('status')}{': ' + run['reason'] if run.get('reason') else ''} | "

@@ -72,9 +72,12 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path, Path | None]
     stem = free_stem(out_dir, f"{time.strftime('%Y-%m-%d')}-{Path(result['model']).stem}{formats}-mem{memory}")
     json_path, md_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"
     json_path.write_text(json.dumps(result, indent=1))
-    md_path.write_text(markdown(result, png_path.name))
+    if not any(r.get("status") == "ok" for r in result["rows"]):
+        png_path = None  # `--config none`: no rows to plot
+    md_path.write_text(markdown(result, png_path.name if png_path else None))
     try:
-        plot(result, png_path)
+        if png_path:
+            plot(result, png_path)
     except ImportError:
         png_path = None
     return json_path, md_path, png_path
@@ -106,6 +109,8 @@ def markdown(result: dict, png_name: str | None = None) -> str:
         "reads/token | KiB/read | MB/s blocked | probe MB/s | hit rate | prefill ms | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if not result["rows"]:
+        lines = lines[:-2] + ["(no configuration rows: `--config none`)"]
     for r in result["rows"]:
         if r.get("status") != "ok":
             lines.append(f"| {r['name']} | {r['what']} | {r['status']}: {r.get('reason', '')} |" + " |" * 13)
