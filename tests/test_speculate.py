@@ -28,6 +28,7 @@ def test_policy_drafts_where_a_wide_pass_is_cheap_and_not_where_it_costs_its_wid
     assert DraftPolicy(streaming, accept_rate=0.05).length(8) == 0  # not even one token at 5%
     assert DraftPolicy(dram, accept_rate=0.5).length(8) == 0
     assert DraftPolicy(streaming, accept_rate=0.7).length(2) == 2  # no more than was found
+    assert DraftPolicy(PassCosts()).length(8) >= 1  # before any wide pass ran: it explores (else it never learns)
     p = DraftPolicy(streaming, accept_rate=0.9)
     for _ in range(30):
         p.update(4, 0)  # drafts keep failing: the rate falls, drafting stops

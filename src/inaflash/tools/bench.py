@@ -251,7 +251,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
           repeat: int = 1, configs: list[str] | None = None, baselines: bool = True, limit: str | None = None,
           out_dir: str | Path = RESULTS, max_seconds: float = 120.0, prompt_ids: list[int] | None = None,
           progress: bool = True, cache_format: str = "store", density: float | None = None,
-          decoding: bool = False, decoding_tokens: int = 64) -> dict:
+          decoding: bool = False, decoding_tokens: int = 64, decoding_streams: bool = True) -> dict:
     """prompt_ids: use these instead of `prompt_tokens` of real text (a model without a tokenizer).
     cache_format: the sparse rows' neuron cache ("store": bundles as stored, or "int8"). density: the sparse rows'
     selected fraction per token (None: the calibrated threshold). decoding: also measure more tokens per pass
@@ -309,7 +309,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
                         for k in ("target_sparsity", "rank", "window", "quality")},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "rows": rows,
     }
-    if decoding:
+    if decoding and decoding_streams:
         from .decoding import pass_costs
 
         result["pass_costs"] = pass_costs(store, budget, prompt[:64], progress=progress)
@@ -335,7 +335,8 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
 
             result.setdefault("decoding", []).append(run_decoding(
                 store, limit_bytes, decoding_tokens, dict(mode="auto", window=DEFAULT_WINDOW,
-                                                          cache_format=cache_format, max_gap=max_gap), progress))
+                                                          cache_format=cache_format, max_gap=max_gap), progress,
+                decoding_streams))
     result["summary"] = key_ratios(result)
     write_results(result, Path(out_dir))
     return result

@@ -55,6 +55,7 @@ from inaflash.engine import Engine
 from inaflash.generate import GenerationStats, generate_batch, stream_ids
 from inaflash.memory import release_free_heap, rss_bytes
 from inaflash.store.format import FlashStore
+from inaflash.options import Options
 path, prompts, n, limit, margin, options, widths = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]),
     int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7]))
 store = FlashStore(path)
@@ -66,11 +67,14 @@ print(json.dumps({"event": "budget", "runtime_bytes": runtime, "budget_bytes": b
 with Engine(store, memory=budget, context=max(map(len, prompts)) + n + 1, **options) as engine:
     print(json.dumps({"event": "loaded", "t": time.perf_counter(), "chosen_mode": engine.mode,
                       "planned_bytes": engine.plan.planned_bytes if engine.plan else None}), flush=True)
-    if not widths:
+    if not widths:  # each prompt with speculation off and on, in turns (off first on even prompts)
         for i, ids in enumerate(prompts):
-            stats = GenerationStats()
-            out = list(stream_ids(engine, ids, n, temperature=0.0, stats=stats))
-            print(json.dumps({"event": "prompt", "i": i, "ids": out, **stats.to_dict()}), flush=True)
+            for spec in (("off", "lookup") if i % 2 == 0 else ("lookup", "off")):
+                engine.options = Options.of(engine.options, speculation=spec)
+                stats = GenerationStats()
+                out = list(stream_ids(engine, ids, n, temperature=0.0, stats=stats))
+                print(json.dumps({"event": "prompt", "i": i, "spec": spec, "ids": out, **stats.to_dict()}),
+                      flush=True)
     for w in widths:
         out, s = generate_batch(engine, prompts[:w], n, stop=set())
         print(json.dumps({"event": "streams", "streams": w, **s.to_dict()}), flush=True)
@@ -82,7 +86,7 @@ from llama_cpp import Llama
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 path, prompts, n, stop, draft, n_ctx = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]),
                                         set(json.loads(sys.argv[4])), int(sys.argv[5]), int(sys.argv[6]))
-llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=2, use_mmap=True, verbose=False,
+llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=64, n_threads=2, use_mmap=True, verbose=False,
             draft_model=LlamaPromptLookupDecoding(num_pred_tokens=draft) if draft else None)
 print(json.dumps({"event": "loaded", "t": time.perf_counter()}), flush=True)
 for i, ids in enumerate(prompts):
@@ -158,8 +162,9 @@ def _limited(name: str, script: str, args: list[str], limit: int, files, tokens:
     return row
 
 
-def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool = True) -> dict:
-    """The speculation and streams rows under one whole-process limit (children), with the same prompts for all."""
+def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool = True, streams: bool = True) -> dict:
+    """The speculation and (`streams`) the streams rows under one whole-process limit (children), with the same
+    prompts for all."""
     import importlib.util
     from pathlib import Path
 
@@ -179,23 +184,26 @@ def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool =
         if progress:
             print(f"inaflash: {what} under {limit / 1e6:.0f} MB", file=sys.stderr)
 
+    # one child runs every prompt with speculation off and on in turns: two children one after the other met the
+    # disk in different states (the second ran 5-10% slower with the same work: bench/results/2026-12-05-*-run2.md)
+    say(f"inaflash, speculation off and lookup in turns, {len(prompts)} prompts")
+    both = _limited("inaflash-speculation", INAFLASH_DECODE,
+                    [str(store.path), json.dumps(prompts), str(gen_tokens), str(limit), str(INAFLASH_MARGIN),
+                     json.dumps(options), "[]"], limit, files, gen_tokens)
     for spec in ("off", "lookup"):
-        say(f"inaflash, speculation {spec}, {len(prompts)} prompts")
-        runs[f"inaflash-{spec}"] = _limited(
-            f"inaflash-speculation-{spec}", INAFLASH_DECODE,
-            [str(store.path), json.dumps(prompts), str(gen_tokens), str(limit), str(INAFLASH_MARGIN),
-             json.dumps({**options, "speculation": spec}), "[]"], limit, files, gen_tokens)
-    say(f"inaflash, {'/'.join(map(str, WIDTHS))} streams")
-    streams = [encode(p) for p in STREAM_PROMPTS[:max(WIDTHS)]]
-    runs["inaflash-streams"] = _limited(
-        "inaflash-streams", INAFLASH_DECODE,
-        [str(store.path), json.dumps(streams), str(gen_tokens), str(limit), str(INAFLASH_MARGIN),
-         json.dumps({**options, "speculation": "off", "parallel": max(WIDTHS)}), json.dumps(list(WIDTHS))],
-        limit, files, gen_tokens)
+        runs[f"inaflash-{spec}"] = {**both, "name": f"inaflash-{spec}",
+                                    "prompts": [p for p in both["prompts"] if p.get("spec") == spec]}
+    if streams:
+        say(f"inaflash, {'/'.join(map(str, WIDTHS))} streams")
+        runs["inaflash-streams"] = _limited(
+            "inaflash-streams", INAFLASH_DECODE,
+            [str(store.path), json.dumps([encode(p) for p in STREAM_PROMPTS[:max(WIDTHS)]]), str(gen_tokens),
+             str(limit), str(INAFLASH_MARGIN), json.dumps({**options, "speculation": "off", "parallel": max(WIDTHS)}),
+             json.dumps(list(WIDTHS))], limit, files, gen_tokens)
     source = Path(store.manifest.get("source", {}).get("path", ""))
-    # llama.cpp's context no larger than the longest prompt and its tokens need: its lookup decoding keeps logits for
-    # every position of the context (logits_all), 1024 x Qwen2.5's 151936 floats = 622 MB, which a 900 MB limit
-    # cannot hold (killed before its first token), where 256 positions take 156 MB
+    # llama.cpp's context no larger than the longest prompt and its tokens need, batches of 64: its lookup decoding
+    # keeps logits for every position (logits_all), 1024 x Qwen2.5's 151936 floats = 622 MB at n_ctx 1024, which a
+    # 900 MB limit cannot hold (killed before its first token; at n_ctx 192 with n_batch 512 still killed)
     n_ctx = -(-(max(map(len, prompts)) + gen_tokens + LOOKUP_DRAFT + 2) // 64) * 64
     for name, draft in (("llama.cpp-mmap", 0), ("llama.cpp-mmap-lookup", LOOKUP_DRAFT)):
         if source.suffix != ".gguf" or not source.exists():
@@ -209,7 +217,8 @@ def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool =
                                                            str(draft), str(n_ctx)], limit, [source], gen_tokens)
     return {"limit_bytes": limit, "gen_tokens": gen_tokens, "sets": {k: len(v) for k, v in sets.items()},
             "prompt_tokens": [len(p) for p in prompts], "lookup_draft_llamacpp": LOOKUP_DRAFT,
-            "runs": runs, "per_prompt": per_prompt(runs, sets), "summary": summary(runs, sets)}
+            "llamacpp_n_ctx": n_ctx, "runs": runs, "per_prompt": per_prompt(runs, sets),
+            "summary": summary(runs, sets)}
 
 
 def _rate(p: dict) -> float | None:
