@@ -97,7 +97,7 @@ def main() -> None:
     cols = (["draft_model"] if draft is not None else []) + [f"self_first_{k}" for k in keeps]
     mean = {kind: {c: statistics.mean(r[c] for r in rows if r["set"] == kind) for c in cols} for kind in ("code", "open")}
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "target": a.target, "draft": a.draft, "tokens": a.tokens,
-              "layers": target.config.num_hidden_layers, "rows": rows, "mean": mean, "costs": costs}
+              "layers": target.config.num_layers, "rows": rows, "mean": mean, "costs": costs}
     out_dir = Path("bench/results")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = free_stem(out_dir, f"{time.strftime('%Y-%m-%d')}-draft-acceptance")
