@@ -131,7 +131,8 @@ def convert(
         raise InaflashError(f"--embeddings must be flash or dram, not {embeddings!r}")
     encoder = None
     if dkm:
-        from ..store.dkm import DKMEncoder, recorded_calibration_inputs
+        from ..calibrate import recorded_calibration_inputs
+        from ..store.dkm import DKMEncoder
         from ..store.quant import PALETTE_BITS
 
         if ffn_format not in PALETTE_BITS:

@@ -172,16 +172,3 @@ class DKMEncoder:
         tmp.rename(path)
         return raw, fit.books
 
-
-def recorded_calibration_inputs(source_path, tokens: int = 2048, progress: bool = True) -> tuple[list, dict]:
-    """Each layer's FFN inputs on `tokens` tokens of the calibration text (pydoc's topics; never the held-out
-    text), recorded through the source's float16 store in dram mode (converted once, as `run` would)."""
-    from ..calibrate import calibration_text, recorded_inputs, token_ids
-    from ..engine import Engine
-    from ..loader import resolve_store
-
-    store = resolve_store(source_path, progress=progress)
-    with Engine(store, mode="dram", context=257, speculation="off") as engine:
-        ids = token_ids(engine, calibration_text(), tokens)
-        inputs = recorded_inputs(engine, engine.ffn, ids, "record inputs" if progress else None)
-    return inputs, {"calibration_tokens": tokens, "calibration_text": "pydoc_data.topics"}

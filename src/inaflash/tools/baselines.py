@@ -11,6 +11,7 @@ import importlib.util
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .cgroup import CgroupUnavailable, evict_from_page_cache, run_limited
@@ -49,31 +50,57 @@ with torch.no_grad():
 
 # inaflash itself under the same limit: the runtime (Python, torch, tokenizer: ~300 MB for Qwen2.5) is measured in
 # the child after it loads, and the model's data gets the rest of the limit minus a margin for per-token temporaries
+# (limited_engine, which tools/decoding.py's child uses too)
 INAFLASH = r"""
 import json, sys, time
-from inaflash.engine import Engine
 from inaflash.generate import GenerationStats, stream_ids
-from inaflash.memory import release_free_heap, rss_bytes
-from inaflash.store.format import FlashStore
+from inaflash.tools.baselines import limited_engine
 path, ids, n, limit, margin, options = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
                                         int(sys.argv[5]), json.loads(sys.argv[6]))
-store = FlashStore(path)
-store.tokenizer()
-release_free_heap()
-runtime = rss_bytes()
-budget = limit - runtime - margin
-print(json.dumps({"event": "budget", "runtime_bytes": runtime, "budget_bytes": budget}), flush=True)
-if budget <= 0:
-    sys.exit(f"the runtime alone (Python, torch, tokenizer: {runtime / 1e6:.0f} MB) + a {margin / 1e6:.0f} MB margin "
-             f"exceeds the {limit / 1e6:.0f} MB limit")
-with Engine(store, memory=budget, context=len(ids) + n + 1, **options) as engine:
-    print(json.dumps({"event": "loaded", "t": time.perf_counter(), "chosen_mode": engine.mode,
-                      "planned_bytes": engine.plan.planned_bytes if engine.plan else None}), flush=True)
+with limited_engine(path, limit, margin, len(ids) + n + 1, options) as engine:
     stats = GenerationStats()
     for _ in stream_ids(engine, ids, n, temperature=0.0, stop=set(), stats=stats):
         print(json.dumps({"event": "token", "t": time.perf_counter()}), flush=True)
 print(json.dumps({"event": "stats", **stats.to_dict()}), flush=True)
 """
+
+
+def limited_engine(path: str, limit: int, margin: int, context: int, options: dict):
+    """In a child under a whole-process limit: the store with its tokenizer loaded (runtime, not model data), the
+    runtime's RSS read, and an Engine given the rest of the limit less `margin`; prints the "budget" and "loaded"
+    events. Exits naming the sizes where the runtime alone leaves nothing."""
+    from ..engine import Engine
+    from ..memory import release_free_heap, rss_bytes
+    from ..store.format import FlashStore
+
+    store = FlashStore(path)
+    store.tokenizer()
+    release_free_heap()
+    runtime = rss_bytes()
+    budget = limit - runtime - margin
+    print(json.dumps({"event": "budget", "runtime_bytes": runtime, "budget_bytes": budget}), flush=True)
+    if budget <= 0:
+        sys.exit(f"the runtime alone (Python, torch, tokenizer: {runtime / 1e6:.0f} MB) + a {margin / 1e6:.0f} MB "
+                 f"margin exceeds the {limit / 1e6:.0f} MB limit")
+    engine = Engine(store, memory=budget, context=context, **options)
+    print(json.dumps({"event": "loaded", "t": time.perf_counter(), "chosen_mode": engine.mode,
+                      "planned_bytes": engine.plan.planned_bytes if engine.plan else None}), flush=True)
+    return engine
+
+
+def store_files(store) -> list[Path]:
+    """The files an engine on `store` reads: evicted from the page cache before a limited run."""
+    return [store.ffn_path, store.path / "resident.safetensors"] + \
+        ([store.path / store.embed["file"]] if store.embed else [])
+
+
+def absorb_events(row: dict, stdout: str, kinds) -> None:
+    """The fields of a child's `kinds` events into its row (a later event's None keeps an earlier value)."""
+    for kind in kinds:
+        for event in _events(stdout, kind):
+            row.update({k: v for k, v in event.items() if k not in ("event", "t") and v is not None})
+
+
 INAFLASH_MARGIN = 64 << 20
 
 
@@ -101,7 +128,8 @@ def _rate(stdout: str) -> dict:
 
 
 def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, gen_tokens: int,
-         timeout: float = TIMEOUT_S, keep_stdout: bool = False) -> dict:
+         timeout: float = TIMEOUT_S) -> dict:
+    """`script` in a child under the limit: its rate from the token events, its status, and its stdout."""
     row = {"name": name, "limit_bytes": limit}
     evict_from_page_cache(model_file)
     try:
@@ -119,25 +147,17 @@ def _run(name: str, script: str, args: list[str], limit: int, model_file: Path, 
                    reason=f"{cause} after {row.get('tokens', 0)} tokens: {tail[0][:200]}")
     else:
         row["status"] = "ok"
-    if not (keep_stdout or name.startswith("inaflash")):
-        row.pop("stdout")
     return row
 
 
 def run_inaflash_limited(store, prompt_ids: list[int], gen_tokens: int, limit: int, options: dict) -> dict:
     """inaflash (`options`: Engine's, e.g. mode="sparse") in a child under the limit, as the baselines run."""
     name = f"inaflash-{options.get('mode', 'naive')}"
-    for f in [store.path / "resident.safetensors", store.ffn_path] + ([store.path / store.embed["file"]]
-                                                                      if store.embed else []):
+    for f in store_files(store):
         evict_from_page_cache(f)
     row = _run(name, INAFLASH, [str(store.path), json.dumps(prompt_ids), str(gen_tokens), str(limit),
                                 str(INAFLASH_MARGIN), json.dumps(options)], limit, store.ffn_path, gen_tokens)
-    stdout = row.pop("stdout", "")
-    for kind in ("budget", "loaded", "stats"):
-        for event in _events(stdout, kind):
-            event.pop("event")
-            event.pop("t", None)
-            row.update({k: v for k, v in event.items() if v is not None})  # a later event's None keeps the value
+    absorb_events(row, row.pop("stdout", ""), ("budget", "loaded", "stats"))
     row["options"] = options
     return row
 
@@ -146,7 +166,6 @@ def run_llama_cpp_unlimited(store, prompt_ids: list[int], gen_tokens: int) -> di
     """llama.cpp on the store's source GGUF with no memory limit (its file in the page cache, as users run it when
     the model fits): the speed bound inaflash's dram mode is measured against."""
     import subprocess
-    import time
 
     row = {"name": "llama.cpp (no limit)"}
     source = Path(store.manifest.get("source", {}).get("path", ""))
@@ -184,6 +203,7 @@ def run_baselines(store, prompt_ids: list[int], gen_tokens: int, limit: int, pro
         prompt = store.tokenizer().decode(prompt_ids)
         rows.append(_run("llama.cpp-mmap", LLAMA_CPP, [str(source), prompt, str(gen_tokens)], limit, source,
                          gen_tokens))
+        rows[-1].pop("stdout", None)
     if importlib.util.find_spec("accelerate") is None:
         rows.append({"name": "transformers-offload", "status": "unavailable", "reason": "accelerate not installed"})
     else:
@@ -191,4 +211,5 @@ def run_baselines(store, prompt_ids: list[int], gen_tokens: int, limit: int, pro
             rows.append(_run("transformers-offload", TRANSFORMERS_OFFLOAD,
                              [str(source), json.dumps(prompt_ids), str(gen_tokens), offload, str(limit // 2)],
                              limit, source, gen_tokens))
+            rows[-1].pop("stdout", None)
     return rows

@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-from .baselines import _events, _run
+from .baselines import _events, _run, absorb_events, store_files
 from .cgroup import evict_from_page_cache
 
 CODE = [
@@ -50,23 +50,13 @@ LOOKUP_DRAFT = 10  # llama-cpp-python's default num_pred_tokens (its docs: 10 fo
 
 # inaflash under the limit (as baselines.INAFLASH): every prompt in turn, or the stream widths in turn
 INAFLASH_DECODE = r"""
-import json, sys, time
-from inaflash.engine import Engine
+import json, sys
 from inaflash.generate import GenerationStats, generate_batch, stream_ids
-from inaflash.memory import release_free_heap, rss_bytes
-from inaflash.store.format import FlashStore
 from inaflash.options import Options
+from inaflash.tools.baselines import limited_engine
 path, prompts, n, limit, margin, options, widths = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]),
     int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7]))
-store = FlashStore(path)
-store.tokenizer()
-release_free_heap()
-runtime = rss_bytes()
-budget = limit - runtime - margin
-print(json.dumps({"event": "budget", "runtime_bytes": runtime, "budget_bytes": budget}), flush=True)
-with Engine(store, memory=budget, context=max(map(len, prompts)) + n + 1, **options) as engine:
-    print(json.dumps({"event": "loaded", "t": time.perf_counter(), "chosen_mode": engine.mode,
-                      "planned_bytes": engine.plan.planned_bytes if engine.plan else None}), flush=True)
+with limited_engine(path, limit, margin, max(map(len, prompts)) + n + 1, options) as engine:
     if not widths:  # each prompt with speculation off and on, in turns (off first on even prompts)
         for i, ids in enumerate(prompts):
             for spec in (("off", "lookup") if i % 2 == 0 else ("lookup", "off")):
@@ -148,13 +138,11 @@ def pass_costs(store, budget: int, prompt: list[int], widths=PASS_WIDTHS, repeat
 def _limited(name: str, script: str, args: list[str], limit: int, files, tokens: int) -> dict:
     for f in files:
         evict_from_page_cache(f)
-    row = _run(name, script, args, limit, files[0], tokens, timeout=TIMEOUT_S, keep_stdout=True)
+    row = _run(name, script, args, limit, files[0], tokens, timeout=TIMEOUT_S)
     stdout = row.pop("stdout", "")
     for key in ("tokens", "tokens_per_s", "ms_per_token", "prefill_ms"):  # _rate's: per-token events are not sent
         row.pop(key, None)
-    for kind in ("budget", "loaded"):
-        for event in _events(stdout, kind):
-            row.update({k: v for k, v in event.items() if k not in ("event", "t") and v is not None})
+    absorb_events(row, stdout, ("budget", "loaded"))
     row["prompts"] = [{k: v for k, v in e.items() if k != "event"} for e in _events(stdout, "prompt")]
     row["streams"] = [{k: v for k, v in e.items() if k != "event"} for e in _events(stdout, "streams")]
     if row.get("status") == "failed" and row["prompts"]:
@@ -176,8 +164,7 @@ def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool =
         (lambda p: tok(p)["input_ids"])
     sets = {"code": [encode(p) for p in CODE], "open": [encode(p) for p in OPEN]}
     prompts = sets["code"] + sets["open"]
-    files = [store.ffn_path, store.path / "resident.safetensors"] + \
-        ([store.path / store.embed["file"]] if store.embed else [])
+    files = store_files(store)
     runs = {}
 
     def say(what):
@@ -215,10 +202,10 @@ def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool =
             runs[name] = _limited(name, LLAMA_CPP_DECODE, [str(source), json.dumps(prompts), str(gen_tokens),
                                                            json.dumps(sorted(eos_ids(store.config, tok))),
                                                            str(draft), str(n_ctx)], limit, [source], gen_tokens)
+    rows = per_prompt(runs, sets)
     return {"limit_bytes": limit, "gen_tokens": gen_tokens, "sets": {k: len(v) for k, v in sets.items()},
             "prompt_tokens": [len(p) for p in prompts], "lookup_draft_llamacpp": LOOKUP_DRAFT,
-            "llamacpp_n_ctx": n_ctx, "runs": runs, "per_prompt": per_prompt(runs, sets),
-            "summary": summary(runs, sets)}
+            "llamacpp_n_ctx": n_ctx, "runs": runs, "per_prompt": rows, "summary": summary(runs, sets, rows)}
 
 
 def _rate(p: dict) -> float | None:
@@ -256,8 +243,8 @@ def _geomean_ratio(rows: list[dict], kind: str, a: str, b: str) -> float | None:
     return statistics.geometric_mean(r) if r and len(r) == sum(1 for row in rows if row["set"] == kind) else None
 
 
-def summary(runs: dict, sets: dict) -> dict:
-    rows = per_prompt(runs, sets)
+def summary(runs: dict, sets: dict, rows: list[dict]) -> dict:
+    """The key ratios of per_prompt's `rows` and of the streams run."""
     out = {}
     for kind in sets:
         out[f"speculative_speedup_{kind}"] = _geomean_ratio(rows, kind, "inaflash-lookup", "inaflash-off")
@@ -296,7 +283,7 @@ def markdown(d: dict) -> list[str]:
         lines.append(f"| {name} | {run.get('status')}{': ' + run['reason'] if run.get('reason') else ''} | "
                      f"{run.get('chosen_mode', '-')} | {(run.get('runtime_bytes') or 0) / 1e6:.0f} | "
                      f"{(run.get('budget_bytes') or 0) / 1e6:.0f} |")
-    names = [n for n in ("inaflash-off", "inaflash-lookup", "llama.cpp-mmap", "llama.cpp-mmap-lookup")]
+    names = ("inaflash-off", "inaflash-lookup", "llama.cpp-mmap", "llama.cpp-mmap-lookup")
     lines += ["", "| set | prompt | " + " | ".join(f"{n} tok/s" for n in names) + " | speculation speed-up | "
               "tokens/pass | accepted/drafted | identical ids (first difference) |",
               "|---|---|" + "---|" * (len(names) + 4)]
