@@ -74,13 +74,9 @@ def recorded_inputs(engine: Engine, ffn, ids: torch.Tensor, progress: str | None
     return [torch.cat(chunks) for chunks in inputs]
 
 
-def recorded_calibration_inputs(source_path, tokens: int = 2048, progress: bool = True) -> tuple[list, dict]:
+def recorded_calibration_inputs(store: FlashStore, tokens: int = 2048, progress: bool = True) -> tuple[list, dict]:
     """For `convert --dkm` (store/dkm.py): each layer's FFN inputs on `tokens` tokens of the calibration text
-    (pydoc's topics; never the held-out text), recorded through the source's float16 store in dram mode (converted
-    once, as `run` would)."""
-    from .loader import resolve_store
-
-    store = resolve_store(source_path, progress=progress)
+    (pydoc's topics; never the held-out text), recorded through `store` (the source's float16 store) in dram mode."""
     with Engine(store, mode="dram", context=CHUNK + 1, speculation="off") as engine:
         ids = token_ids(engine, calibration_text(), tokens)
         inputs = recorded_inputs(engine, engine.ffn, ids, "record inputs" if progress else None)

@@ -138,7 +138,10 @@ def convert(
         if ffn_format not in PALETTE_BITS:
             raise InaflashError(f"--dkm learns palettes: pass --ffn-format {' or '.join(PALETTE_BITS)}, "
                                 f"not {ffn_format}")
-        inputs, calibration = recorded_calibration_inputs(src, dkm_tokens)
+        from ..loader import resolve_store
+
+        # recorded through the source's float16 store (converted once, as `run` would)
+        inputs, calibration = recorded_calibration_inputs(resolve_store(src), dkm_tokens)
         encoder = DKMEncoder(ffn_format, inputs, out.parent / f".{out.name}.dkm", steps=dkm_steps,
                              calibration=calibration)
     write_store(open_source(src), out, dtype=dtype, overwrite=overwrite,
