@@ -99,6 +99,8 @@ while True:
 class BesideReads:
     """READ_LOOP in a child process for the life of the `with`; `.bytes` and `.seconds` after it."""
 
+    MIN_SECONDS = 0.5
+
     def __init__(self, path):
         self.path, self.bytes, self.seconds = str(path), 0, 0.0
 
@@ -112,6 +114,9 @@ class BesideReads:
         return self
 
     def __exit__(self, *exc):
+        # A tiny model generates in milliseconds, in which a reader sharing two cores with torch may not be scheduled
+        # at all (a CI run saw 0 bytes): its rate is taken over at least MIN_SECONDS.
+        time.sleep(max(0.0, self.MIN_SECONDS - (time.perf_counter() - self.t0)))
         self.child.terminate()
         out = self.child.communicate(timeout=30)[0].split()
         self.seconds = time.perf_counter() - self.t0
