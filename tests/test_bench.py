@@ -225,8 +225,15 @@ def test_decoding_rows_measure_speculation_and_streams_under_a_limit():
         pytest.skip(f"no cgroup here: {e}")
     store = resolve_store(None, progress=False)
     limit, n = 560 << 20, 4
-    d = decoding(store, limit, n, dict(mode="auto"), progress=False)
+    # the model as its own draft model (head cut to 16384 ids): it fits under the limit, or is refused saying so
+    d = decoding(store, limit, n, dict(mode="auto"), progress=False, draft=str(store.path), draft_vocab=16384)
     runs = d["runs"]
+    drafted = runs["inaflash-draft"]
+    assert drafted["status"] == "ok" or "draft model" in drafted.get("reason", ""), drafted
+    if drafted["status"] == "ok":
+        assert drafted["max_usage_bytes"] <= limit
+        assert [p["i"] for p in drafted["prompts"]] == list(range(len(CODE) + len(OPEN)))
+        assert all(p["accepted_tokens"] <= p["drafted_tokens"] for p in drafted["prompts"])
     for name in ("inaflash-off", "inaflash-lookup", "inaflash-streams"):
         run = runs[name]
         assert run["status"] == "ok", run
@@ -256,7 +263,8 @@ def test_decoding_rows_measure_speculation_and_streams_under_a_limit():
             assert [p["i"] for p in runs[name]["prompts"]] == list(range(len(CODE) + len(OPEN)))
             assert all(1 <= p["generated_tokens"] <= n for p in runs[name]["prompts"])
     md = "\n".join(markdown(d))
-    assert md.count("\n| code |") == len(CODE) and md.count("\n| open |") == len(OPEN)
+    rows_per_set = 2 if drafted["status"] == "ok" else 1  # the draft model's table too
+    assert md.count("\n| code |") == rows_per_set * len(CODE) and md.count("\n| open |") == rows_per_set * len(OPEN)
 
 
 def test_pass_costs_per_mode_read_the_same_bytes_whatever_the_width(tmp_path):

@@ -80,3 +80,87 @@ def test_greedy_with_speculation_is_plain_greedy_token_for_token(f32_model, monk
     assert s1.drafted_tokens > 0 and s1.accepted_tokens > 0 and s1.decode_steps < s0.decode_steps
     assert s1.tokens_per_pass == pytest.approx(63 / s1.decode_steps)
     print(f"\n{s1.decode_steps} passes for 64 tokens ({s1.accepted_tokens} of {s1.drafted_tokens} drafts accepted)")
+
+
+# --- a draft model (speculation "draft") ---
+
+def _tiny_store(kind, root, seed):
+    from inaflash.store.convert import write_store
+    from inaflash.store.format import FlashStore
+    from inaflash.store.sources import open_source
+    from tiny import make_tiny
+
+    make_tiny(kind, root / "hf", seed=seed)
+    return FlashStore(write_store(open_source(root / "hf"), root / "store", dtype="float32", progress=False))
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """A tiny float32 Qwen2 target (untied head) and another (other weights, same vocabulary) as its draft model."""
+    return (_tiny_store("qwen2", tmp_path_factory.mktemp("target"), 0),
+            _tiny_store("qwen2", tmp_path_factory.mktemp("draft"), 1))
+
+
+def _streaming_costs(engine, monkeypatch):
+    """Pass costs pinned to a streaming mode's (in dram a wide pass costs its width and the policy would not draft)."""
+    engine.pass_costs.seconds.update({w: 1.0 + 0.02 * (w - 1) for w in range(1, 10)})
+    monkeypatch.setattr(engine.pass_costs, "record", lambda width, seconds: None)
+
+
+@pytest.mark.parametrize("which,vocab", [("other", 0), ("other", 40), ("itself", 0)])
+def test_greedy_with_a_draft_model_is_plain_greedy_token_for_token(tiny_pair, which, vocab, monkeypatch):
+    """Whatever the draft model proposes (another model's guesses, ids cut to the head's first 40, or the target
+    itself, whose every draft the target accepts), greedy output is plain decoding's on a float32 store."""
+    from inaflash.engine import Engine
+    from inaflash.generate import generate_ids
+
+    target, draft = tiny_pair
+    draft = target if which == "itself" else draft
+    prompt = [3, 17, 42, 5, 88, 9, 61, 2]
+    with Engine(target, mode="dram", speculation="off") as plain_engine:
+        plain, _ = generate_ids(plain_engine, prompt, 40, stop=set())
+    with Engine(target, mode="dram", speculation="draft", draft_store=draft, draft_vocab=vocab) as engine:
+        assert engine.draft is not None and engine.draft_bytes > 0
+        if vocab:
+            assert engine.draft.model.head.shape[0] == vocab  # a float store's head: a tensor, cut
+        _streaming_costs(engine, monkeypatch)
+        spec, s = generate_ids(engine, prompt, 40, stop=set())
+    assert spec == plain
+    assert s.drafted_tokens > 0  # (random weights: another model's drafts are rejected, then no longer drafted)
+    if which == "itself":  # the same model agrees with every draft: fewer passes
+        assert s.accepted_tokens == s.drafted_tokens and s.decode_steps < 39
+    print(f"\n{which}: {s.decode_steps} passes for 40 tokens ({s.accepted_tokens} of {s.drafted_tokens} accepted)")
+
+
+def test_a_draft_model_is_planned_within_the_budget(tiny_pair):
+    """The draft model's bytes come out of --memory before the target plans (hybrid holds fewer layers' FFN); the
+    plan's total counts them; a budget the draft model leaves too little of is refused naming the draft model."""
+    from inaflash.engine import Engine
+    from inaflash.errors import InaflashError
+    from inaflash.planner import plan_dense
+
+    target, draft = tiny_pair
+    least = plan_dense(target, "hybrid", None, 64).planned_bytes - plan_dense(target, "hybrid", None, 64).cache_bytes
+    budget = least + target.ffn_bytes  # every layer's FFN fits beside the streaming buffers, without a draft model
+    with Engine(target, mode="hybrid", memory=budget, context=64, speculation="off") as alone:
+        assert alone.plan.ffn_layers == target.config.num_layers
+    with Engine(target, mode="dram", context=64, speculation="draft", draft_store=draft) as unbounded:
+        d = unbounded.draft_bytes
+    # room for the draft model and all but (a little of) one layer's FFN
+    with Engine(target, mode="hybrid", memory=budget + d - 1, context=64, speculation="draft", draft_store=draft) as both:
+        assert 0 < both.plan.draft_bytes == both.draft_bytes == d
+        assert both.plan.ffn_layers == target.config.num_layers - 1
+        assert both.plan.planned_bytes <= budget + d - 1
+    with pytest.raises(InaflashError, match="draft model took"):
+        Engine(target, mode="hybrid", memory=least + d - 1000, context=64, speculation="draft", draft_store=draft)
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(tiny_pair, smollm2_store_f32):
+    from inaflash.engine import Engine
+    from inaflash.errors import InaflashError
+    from inaflash.store.format import FlashStore
+
+    with pytest.raises(InaflashError, match="another tokenizer"):
+        Engine(tiny_pair[0], mode="dram", speculation="draft", draft_store=FlashStore(smollm2_store_f32))
+    with pytest.raises(InaflashError, match="needs a draft model"):
+        inaflash.Options(speculation="draft")

@@ -15,11 +15,13 @@ from .models import build_model
 from .paths import load_max_gap
 from .options import Options
 from .ops import warm_up
-from .planner import active_neurons_per_token, choose_mode, hot_neurons, parse_memory, plan_dense, plan_memory
+from .planner import (active_neurons_per_token, choose_mode, hot_neurons, parse_memory, plan_dense, plan_memory,
+                      working_bytes)
 from .reader import FlashReader, ReadStats
 from .speculate import PassCosts
 from .ffn.sparse import SparseCounters, SparseFlashFFN, load_sparsity
 from .store.format import FlashStore
+from .store.quant import Int4Matrix, Int8Matrix
 
 DEFAULT_CONTEXT = 1024
 
@@ -33,10 +35,30 @@ class Counters:
         return Counters(self.io - other.io, None if self.sparse is None else self.sparse - other.sparse)
 
 
+def first_rows(matrix, n: int):
+    """A resident matrix's first n rows as a matrix of its own kind (the rest freed once nothing else holds it)."""
+    if isinstance(matrix, torch.Tensor):
+        return matrix[:n].clone()
+    if isinstance(matrix, Int4Matrix):
+        return Int4Matrix(matrix.raw[:n].clone())
+    return Int8Matrix(matrix.codes[:n].clone(), matrix.scales[:n].clone())
+
+
+def matrix_bytes(matrix) -> int:
+    tensors = [matrix] if isinstance(matrix, torch.Tensor) else [matrix.raw] if isinstance(matrix, Int4Matrix) \
+        else [matrix.codes, matrix.scales]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class Engine:
     """`Engine(store, options)` or `Engine(store, mode="sparse", memory="50%", ...)`: any field of Options."""
 
-    def __init__(self, store: FlashStore, options: Options | None = None, **changes):
+    def __init__(self, store: FlashStore, options: Options | None = None, *, draft_store: FlashStore | None = None,
+                 tokenizer=None, **changes):
+        """`draft_store`: the draft model's store for speculation "draft" (default: options.draft opened).
+        `tokenizer`: one already loaded (a draft model shares its target's)."""
+        if draft_store is not None and not (changes.get("draft") or (options and options.draft)):
+            changes["draft"] = str(draft_store.path)
         self.options = o = Options.of(options, **changes)
         mode, memory, window, context, cache_format = o.mode, o.memory, o.window, o.context, o.cache_format
         pin_mmap_threshold()
@@ -44,28 +66,47 @@ class Engine:
         self.store, self.config = store, store.config
         # the tokenizer is runtime, not model data: it does not grow with --memory (SmolLM2's: ~30 MB of RSS), so
         # it loads before the runtime is read
-        self.tokenizer = store.tokenizer()
+        self.tokenizer = store.tokenizer() if tokenizer is None else tokenizer
         warm_up()  # torch's kernels allocate on first use (~11 MB): runtime too, not the plan's
         release_free_heap()
         # what the process holds before any model data (Python, torch, libraries, the tokenizer): a whole-process
         # memory limit needs this plus the plan; stats report both, so what the plan leaves out is visible
         self.runtime_bytes = rss_bytes()
-        reset_peak_rss()  # from here the peak is runtime + model data: stats compare it with the plan
         self.context = min(context or DEFAULT_CONTEXT, self.config.max_position_embeddings)
         self.choice = None
         self.pass_costs = PassCosts()  # seconds of a forward pass by its width, as they run (speculation's costs)
-        sparsity = load_sparsity(store) if mode in ("auto", "sparse") else None  # read once (predictors included)
+        self.draft, self.draft_bytes = None, 0
         budget = None if memory is None else parse_memory(memory, store)
-        if mode == "auto":
-            self.choice = choose_mode(store, budget, self.context, sparsity, window, cache_format,
-                                      context_given=context is not None, sequences=o.parallel)
-            mode, budget, self.context = self.choice.mode, self.choice.budget, self.choice.context
+        if o.speculation == "draft":
+            # first, while only the runtime is in memory: its head is loaded whole before it is cut to draft_vocab
+            self.draft = self._open_draft(draft_store or FlashStore(o.draft))
+            # its data, KV caches and buffers; its passes never run beside the target's, so of its working memory
+            # only what exceeds the target's (the larger model's) is more
+            p = self.draft.plan
+            self.draft_bytes = p.planned_bytes - p.working_bytes + max(0, p.working_bytes - working_bytes(
+                store, self.context))
+            if budget is not None:  # the draft model is in the budget: the target plans within what it leaves
+                if budget - self.draft_bytes <= 0:
+                    self.draft.close()
+                    raise InaflashError(f"memory budget {budget / 1e6:.1f} MB is too small for the draft model: it "
+                                        f"holds {self.draft_bytes / 1e6:.1f} MB (lower --draft-vocab, or no --draft)")
+                budget -= self.draft_bytes
+        reset_peak_rss()  # from here the peak is runtime + model data: stats compare it with the plan
+        self.embedding = self.reader = None
+        try:
+            sparsity = load_sparsity(store) if mode in ("auto", "sparse") else None  # read once (with predictors)
+            if mode == "auto":
+                self.choice = choose_mode(store, budget, self.context, sparsity, window, cache_format,
+                                          context_given=context is not None, sequences=o.parallel)
+                mode, budget, self.context = self.choice.mode, self.choice.budget, self.choice.context
+        except BaseException as e:
+            self.close()
+            raise self._with_draft(e) from None
         self.mode = mode
         # checksums: every page read from flash and every resident tensor checked against the store's checksums
         # (README: the cost, measured); off only when asked, and then said
         if not o.checksums:
             warnings.warn("checksums off: data read from the store is not verified", RuntimeWarning, stacklevel=2)
-        self.embedding = None
         self.reader = FlashReader(store.ffn_path, threads=o.io_threads, pages=store.pages(store.ffn_path, o.checksums),
                                   fixed_buffers=o.fixed_buffers)
         try:  # a failure from here on (a budget too small, no calibration) must not leave the reader's threads
@@ -112,9 +153,40 @@ class Engine:
             release_free_heap()
             # a plan within a budget holds a KV cache of self.context tokens, no more
             self.bounded = mode == "sparse" or budget is not None
-        except BaseException:
+            if self.plan is not None:
+                self.plan.draft_bytes = self.draft_bytes
+        except BaseException as e:
             self.close()
-            raise
+            raise self._with_draft(e) from None
+
+    def _with_draft(self, e: BaseException) -> BaseException:
+        """A budget refused after the draft model took its part says so."""
+        if isinstance(e, InaflashError) and self.draft_bytes and "budget" in str(e):
+            return InaflashError(f"{e}; the draft model took {self.draft_bytes / 1e6:.1f} MB of --memory before it "
+                                 "(lower --draft-vocab, or no --draft)")
+        return e
+
+    def _open_draft(self, store: FlashStore) -> Engine:
+        """The draft model in dram mode (no budget of its own: its bytes are taken from the target's), sharing the
+        target's tokenizer, with its head cut to the first draft_vocab token ids where asked."""
+        o = self.options
+        mine, theirs = (s.manifest.get("files", {}).get("tokenizer/tokenizer.json") for s in (self.store, store))
+        if mine != theirs:
+            raise InaflashError(f"draft model {store.path} has another tokenizer than {self.store.path}: a draft "
+                                "model must share the target's tokenizer")
+        engine = Engine(store, mode="dram", context=self.context, checksums=o.checksums, speculation="off",
+                        parallel=o.parallel, tokenizer=self.tokenizer)
+        # a draft of an id the target does not have (a head padded wider) could never be accepted
+        rows = min(o.draft_vocab or engine.config.vocab_size, self.config.vocab_size)
+        head = engine.model.head
+        # (a tied head is the embedding too: cutting it would only add a copy)
+        if rows < engine.config.vocab_size and head is not engine.model.embed:
+            cut = first_rows(head, rows)
+            engine.model.head = engine.weights["lm_head.weight"] = cut
+            engine.plan.resident_bytes -= matrix_bytes(head) - matrix_bytes(cut)
+            del head
+            release_free_heap()
+        return engine
 
     def reset(self, max_seq: int) -> None:
         """A fresh KV cache for `max_seq` positions (keeps the model when it is already large enough)."""
@@ -157,7 +229,10 @@ class Engine:
         return self.model.forward_batch(segments, last_only=last_only)
 
     def close(self) -> None:
-        self.reader.close()
+        if self.draft is not None:
+            self.draft.close()
+        if self.reader is not None:
+            self.reader.close()
         if self.embedding is not None:
             self.embedding.close()
 

@@ -14,7 +14,7 @@ from .engine import Counters, Engine
 from .errors import InaflashError
 from .memory import peak_rss_bytes
 from .planner import PREFILL_CHUNK
-from .speculate import MAX_DRAFT, DraftPolicy, lookup
+from .speculate import MAX_DRAFT, DraftModel, DraftPolicy, lookup
 
 
 @dataclass
@@ -196,8 +196,12 @@ def start_sequence(engine: Engine, prompt_ids: list[int], cache, temperature: fl
             return None
         logits = engine.forward(torch.tensor(prompt_ids[start:start + PREFILL_CHUNK]), start, last_only=True,
                                 cache=cache)[-1]
-    policy = DraftPolicy(engine.pass_costs) if engine.options.speculation == "lookup" else None
-    seq = Sequence(list(prompt_ids), len(prompt_ids), cache, temperature, top_p, generator, max_tokens, policy)
+    spec = engine.options.speculation
+    policy = DraftPolicy(engine.pass_costs) if spec in ("lookup", "draft") else None
+    drafter = DraftModel(engine.draft, len(prompt_ids) + max_tokens + MAX_DRAFT, PREFILL_CHUNK) \
+        if spec == "draft" else None
+    seq = Sequence(list(prompt_ids), len(prompt_ids), cache, temperature, top_p, generator, max_tokens, policy,
+                   drafter=drafter)
     seq.decided = [sample(logits, temperature, top_p, generator)]
     return seq
 
@@ -216,6 +220,7 @@ class Sequence:
     generator: torch.Generator | None
     max_tokens: int
     policy: DraftPolicy | None = None
+    drafter: DraftModel | None = None  # speculation "draft": the draft model's state for this sequence; else lookup
     prompt_len: int = -1
     decided: list[int] = field(default_factory=list)
     drafted: int = 0
@@ -230,6 +235,9 @@ class Sequence:
         if self.policy is None:
             return []
         left = self.max_tokens - (len(self.history) - self.prompt_len)  # tokens still allowed after the last
+        if self.drafter is not None:
+            k = self.policy.length(min(MAX_DRAFT, left), base, self.drafter.cost(self.policy.costs))
+            return self.drafter.propose(self.history, k) if k else []
         found = lookup(self.history, min(MAX_DRAFT, left))
         return found[:self.policy.length(len(found), base)] if found else []
 
@@ -260,6 +268,8 @@ def decode_step(engine: Engine, seqs: list[Sequence]) -> float:
         if accepted == len(d):  # every draft agreed: the pass also gives the token after them
             s.decided.append(sample(out[len(d)], s.temperature, s.top_p, s.generator))
         s.pos += 1 + accepted
+        if s.drafter is not None:
+            s.drafter.keep(len(s.history) + accepted)  # its cache holds the history and the accepted drafts
         if d and s.policy is not None:
             s.policy.update(len(d), accepted)
             s.drafted += len(d)

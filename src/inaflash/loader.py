@@ -111,7 +111,8 @@ def load(model: str | Path | None = None, options: Options | None = None, **chan
     """Open (converting on first use) a model and return an api.Model (generate / stream / chat; .engine).
 
     options (or any of its fields by name): mode (default auto), memory ("50%", "300MiB", bytes), context, window,
-    use_predictor, compute, cache_format, density, hot_neurons, checksums; dtype of a conversion; bundling=False requires (or converts
+    use_predictor, compute, cache_format, density, hot_neurons, checksums, speculation, draft (a draft model, opened
+    and converted as `model` is), draft_vocab; dtype of a conversion; bundling=False requires (or converts
     into) the unbundled layout, for the bundling ablation."""
     options = Options.of(options, **changes)
     layout = None if options.bundling is None else ("bundled" if options.bundling else "unbundled")
@@ -119,7 +120,8 @@ def load(model: str | Path | None = None, options: Options | None = None, **chan
     if options.mode == "sparse" and options.use_predictor and store.manifest.get("sparsity") is None \
             and store.config.hidden_act != "relu":
         store = calibrate_once(store)
-    engine = Engine(store, options)
+    draft = resolve_store(options.draft, options.dtype) if options.speculation == "draft" else None
+    engine = Engine(store, options, draft_store=draft)
     return Model(engine, model_name(model, engine))
 
 

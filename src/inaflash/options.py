@@ -20,6 +20,8 @@ MODES = {
 SPECULATION = {
     "lookup": "draft from the prompt and the text so far (prompt lookup), verified in one pass, where the cost "
               "model says it pays (lossless)",
+    "draft": "a smaller model sharing the tokenizer (--draft) drafts, verified in one pass, where the cost model "
+             "says it pays (lossless)",
     "off": "one token per forward pass",
 }
 SPARSE_ONLY = {"window": "--window", "use_predictor": "--no-predictor", "compute": "--compute",
@@ -34,6 +36,8 @@ class Options:
     checksums: bool = True  # check every read against the store's checksums (README: the cost)
     speculation: str = "lookup"  # draft tokens verified in one pass (speculate.py); "off": one token a pass
     parallel: int = 1  # sequences decoded together (the server's batch): each its KV cache, planned in --memory
+    draft: str | None = None  # speculation "draft": the draft model (a store, GGUF or HF folder; the loader opens it)
+    draft_vocab: int = 0  # keep only the draft head's first N token ids (BPE's most frequent merges); 0: all
     # sparse mode
     window: int = 4  # keep the neurons of the last `window` tokens cached (0: no reuse)
     use_predictor: bool = True  # False: the true active set (an oracle that holds the FFN: measuring only)
@@ -60,9 +64,12 @@ class Options:
             raise InaflashError(f"density must be a fraction in (0, 1], not {self.density!r}")
         for name, value, low in (("window", self.window, 0), ("context", self.context, 2),
                                  ("io_threads", self.io_threads, 1), ("max_gap", self.max_gap, -1),
-                                 ("parallel", self.parallel, 1)):
+                                 ("parallel", self.parallel, 1), ("draft_vocab", self.draft_vocab, 0)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise InaflashError(f"{name} must be an integer >= {low}, not {value!r}")
+
+        if self.speculation == "draft" and not self.draft:
+            raise InaflashError("speculation draft needs a draft model (--draft MODEL)")
 
     @classmethod
     def of(cls, options: Options | None = None, **changes) -> Options:

@@ -63,11 +63,12 @@ class MemoryPlan:
     pinned: list | None = None  # per layer, the hot neurons pinned in its cache (hot_neurons); None: window only
     predicted_read_bundles: float | None = None  # per token, all layers, by hot_split's model
     ffn_layers: int = 0  # dram/hybrid: the layers whose FFN is in DRAM
+    draft_bytes: int = 0  # speculation "draft": what loading the draft model took (the target plans in the rest)
 
     @property
     def planned_bytes(self) -> int:
         return self.resident_bytes + self.predictor_bytes + self.kv_bytes + self.staging_bytes + self.cache_bytes \
-            + self.working_bytes
+            + self.working_bytes + self.draft_bytes
 
 
 def kv_bytes(store: FlashStore, context: int, sequences: int = 1) -> int:

@@ -7,6 +7,9 @@ chooses how many tokens to draft.
 
 - lookup: prompt lookup / n-gram drafting (no model, no memory): where the last few tokens appeared earlier
   in the prompt or the text so far, propose what followed them there. Code edits and quoting repeat their input.
+- DraftModel: a smaller model sharing the tokenizer (Qwen2.5-Coder-0.5B for the 1.5B: it agrees with the 1.5B's
+  greedy tokens 0.90 on code edits and 0.73 on open-ended text, bench/results/2026-12-05-draft-acceptance.md), in
+  DRAM, drafting greedily one token at a time from a KV cache of its own per sequence. Its memory is in the plan.
 - DraftPolicy: how many tokens to draft, by a cost model: the expected tokens one pass yields at draft length k,
   (1 - r^(k+1)) / (1 - r) for a per-request acceptance rate r, over the measured cost of a (1 + k)-token pass
   relative to a 1-token pass (per engine, learned as passes run). It drafts only where that beats plain decoding,
@@ -16,7 +19,10 @@ chooses how many tokens to draft.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+
+import torch
 
 MAX_DRAFT = 8  # the verification pass carries at most 1 + MAX_DRAFT tokens
 # a draft must promise this much more than plain decoding: the measured pass costs move +-5% between runs on this
@@ -57,6 +63,15 @@ class PassCosts:
         old = self.seconds.get(width)
         self.seconds[width] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
+    def one(self) -> float | None:
+        """Seconds of a 1-token pass: measured, else the narrowest measured pass's over its prior ratio."""
+        if 1 in self.seconds:
+            return self.seconds[1]
+        if not self.seconds:
+            return None
+        w = min(self.seconds)
+        return self.seconds[w] / (1.0 + self.PRIOR_SLOPE * (w - 1))
+
     def ratio(self, width: int) -> float:
         """Cost of a pass of `width` tokens over a 1-token pass."""
         one = self.seconds.get(1)
@@ -84,16 +99,17 @@ class DraftPolicy:
     drafted: int = 0
     accepted: int = 0
 
-    def length(self, available: int, base: int = 0) -> int:
+    def length(self, available: int, base: int = 0, draft_cost: float = 0.0) -> int:
         """The draft length with the most expected tokens per unit of cost (0: plain decoding), at most
         `available` (what the drafter found, the tokens left, the context left). `base`: tokens the same pass
-        already carries for other sequences (a batch): a draft's cost is what it adds to that pass."""
+        already carries for other sequences (a batch): a draft's cost is what it adds to that pass. `draft_cost`:
+        what drafting one token costs, in 1-token passes (a draft model's forward; 0 for lookup)."""
         r = min(max(self.accept_rate, 0.0), 0.99)
         best, best_k = 1.0, 0  # plain decoding: one token per 1-token pass
         plain = self.costs.ratio(base + 1)
         for k in range(1, min(available, MAX_DRAFT) + 1):
             expected = (1 - r ** (k + 1)) / (1 - r)
-            value = expected / (self.costs.ratio(base + 1 + k) / plain)
+            value = expected / ((self.costs.ratio(base + 1 + k) + k * draft_cost) / plain)
             # drafting at all must beat plain decoding by MARGIN; a longer draft a shorter one by 2%
             if value > best * (MARGIN if best_k == 0 else 1.02):
                 best, best_k = value, k
@@ -109,3 +125,40 @@ class DraftPolicy:
             self.accept_rate = 0.85 * self.accept_rate + 0.15 * hit
             if not hit:
                 break  # tokens after the first miss were not judged
+
+
+class DraftModel:
+    """One sequence's drafter: `engine` (the draft model's, dram mode) drafts greedily into a KV cache of its own.
+    Its cache holds the sequence's history up to `pos`; propose() first feeds what it has not seen (the prompt, in
+    chunks, on the first call; then the tokens decided since), and keep() takes back what verification rejected
+    (those positions are overwritten by the next feed: no copy)."""
+
+    def __init__(self, engine, max_seq: int, chunk: int):
+        self.engine, self.cache, self.pos, self.chunk = engine, engine.new_cache(max_seq), 0, chunk
+
+    def cost(self, costs: PassCosts) -> float:
+        """Seconds of one draft token over the target's 1-token pass (0.2 before either is measured)."""
+        mine, one = self.engine.pass_costs.seconds.get(1), costs.one()
+        return 0.2 if mine is None or not one else mine / one
+
+    @torch.inference_mode()
+    def propose(self, history: list[int], k: int) -> list[int]:
+        """k greedy draft tokens after history (whose last token the target has not seen yet either)."""
+        out = []
+        while self.pos < len(history):  # catch up: the prompt in chunks, then the tokens decided since
+            feed = history[self.pos:self.pos + self.chunk]
+            logits = self.engine.forward(torch.tensor(feed), self.pos, last_only=True, cache=self.cache)[-1]
+            self.pos += len(feed)
+        for i in range(k):
+            out.append(int(torch.argmax(logits)))
+            if i == k - 1:
+                break  # the last draft token is not fed: the target's pass decides the token after it
+            t0 = time.perf_counter()
+            logits = self.engine.forward(torch.tensor(out[-1:]), self.pos, cache=self.cache)[-1]
+            self.engine.pass_costs.record(1, time.perf_counter() - t0)
+            self.pos += 1
+        return out
+
+    def keep(self, n: int) -> None:
+        """Verification kept the first n positions of the history (the rest of the drafts were rejected)."""
+        self.pos = min(self.pos, n)

@@ -54,7 +54,14 @@ RUN_OPTIONS = {
     "speculation": (str, typer.Option(
         "lookup", help="lookup: draft tokens from the prompt and the text so far and verify them in one pass over "
                        "the weights, where the measured cost of a wider pass and the acceptance so far say it pays "
-                       "(the output is what plain decoding gives); off: one token per pass.")),
+                       "(the output is what plain decoding gives); draft: a draft model drafts them (the default "
+                       "with --draft); off: one token per pass.")),
+    "draft": (Optional[str], typer.Option(
+        None, help="A smaller model with the same tokenizer (store, .gguf or HF folder) that drafts tokens for "
+                   "speculation, held in DRAM within --memory (e.g. Qwen2.5-Coder-0.5B for the 1.5B).")),
+    "draft_vocab": (int, typer.Option(
+        0, min=0, help="Keep only the draft model's first N token ids in its output layer (BPE's most common "
+                       "merges; e.g. 32768 saves 57 MB on Qwen2.5-0.5B); 0: all. Still lossless.")),
     "window": (int, typer.Option(4, min=0, help="sparse: keep neurons used in the last K tokens (0 = no reuse).")),
     "no_predictor": (bool, typer.Option(
         False, "--no-predictor", help="sparse: use the true active set (oracle; holds the FFN: measuring only).")),
@@ -91,7 +98,8 @@ def run_options(command):
                           window=flags["window"], use_predictor=not flags["no_predictor"], compute=flags["compute"],
                           cache_format=flags["cache_format"], density=flags["density"],
                           hot_neurons=not flags["no_hot_neurons"], checksums=not flags["no_checksums"],
-                          speculation=flags["speculation"],
+                          speculation="draft" if flags["draft"] and flags["speculation"] == "lookup"
+                          else flags["speculation"], draft=flags["draft"], draft_vocab=flags["draft_vocab"],
                           dtype=flags["dtype"], bundling=False if flags["no_bundling"] else None)
         return command(model=flags["model"], options=options, **kw)
 

@@ -161,6 +161,9 @@ def bench(
                                               "1/2/4/8 concurrent streams (long: ~10 prompts per configuration)."),
     decoding_tokens: int = typer.Option(64, min=2, help="Tokens per prompt in the --decoding rows."),
     decoding_streams: bool = typer.Option(True, help="--decoding: also the pass costs and the 1/2/4/8 streams."),
+    draft: Optional[str] = typer.Option(None, help="--decoding: also speculation with this draft model (a store "
+                                                   "sharing the tokenizer), in its own child under each --limit."),
+    draft_vocab: int = typer.Option(0, min=0, help="--draft: keep the draft head's first N token ids (0: all)."),
 ):
     """Reproduce the paper's ablation (naive -> +predictor -> +windowing -> +bundling) and per-token latency
     split (I/O, predictor, memory management, compute) on this machine, next to dram, hybrid and the baselines."""
@@ -170,7 +173,8 @@ def bench(
     result = run_bench(model, memory=memory, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
                        configs=config, baselines=baselines, limit=limit, out_dir=out_dir,
                        max_seconds=max_seconds, cache_format=cache_format, density=density, decoding=decoding,
-                       decoding_tokens=decoding_tokens, decoding_streams=decoding_streams)
+                       decoding_tokens=decoding_tokens, decoding_streams=decoding_streams, draft=draft,
+                       draft_vocab=draft_vocab)
     print(markdown(result))
 
 

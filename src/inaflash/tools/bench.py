@@ -256,12 +256,14 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
           repeat: int = 1, configs: list[str] | None = None, baselines: bool = True, limit: str | None = None,
           out_dir: str | Path = RESULTS, max_seconds: float = 120.0, prompt_ids: list[int] | None = None,
           progress: bool = True, cache_format: str = "store", density: float | None = None,
-          decoding: bool = False, decoding_tokens: int = 64, decoding_streams: bool = True) -> dict:
+          decoding: bool = False, decoding_tokens: int = 64, decoding_streams: bool = True,
+          draft: str | None = None, draft_vocab: int = 0) -> dict:
     """prompt_ids: use these instead of `prompt_tokens` of real text (a model without a tokenizer).
     cache_format: the sparse rows' neuron cache ("store": bundles as stored, or "int8"). density: the sparse rows'
     selected fraction per token (None: the calibrated threshold). decoding: also measure more tokens per pass
     (tools/decoding.py: the k-token pass cost per mode; under each limit, speculation on two prompt sets against
-    llama.cpp with and without its lookup decoding, and 1/2/4/8 concurrent streams), `decoding_tokens` per prompt."""
+    llama.cpp with and without its lookup decoding, and 1/2/4/8 concurrent streams), `decoding_tokens` per prompt;
+    `draft` (a store): also speculation with that draft model, its head cut to `draft_vocab` ids."""
     from ..engine import Engine
     from ..planner import parse_memory
     from ..paths import load_max_gap, profile_path
@@ -341,7 +343,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
             result.setdefault("decoding", []).append(run_decoding(
                 store, limit_bytes, decoding_tokens, dict(mode="auto", window=DEFAULT_WINDOW,
                                                           cache_format=cache_format, max_gap=max_gap), progress,
-                decoding_streams))
+                decoding_streams, draft, draft_vocab))
     result["summary"] = key_ratios(result)
     write_results(result, Path(out_dir))
     return result

@@ -18,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from .baselines import _events, _run, absorb_events, store_files
 from .cgroup import evict_from_page_cache
@@ -54,12 +55,12 @@ import json, sys
 from inaflash.generate import GenerationStats, generate_batch, stream_ids
 from inaflash.options import Options
 from inaflash.tools.baselines import limited_engine
-path, prompts, n, limit, margin, options, widths = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]),
-    int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7]))
+path, prompts, n, limit, margin, options, widths, specs = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]),
+    int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7]), json.loads(sys.argv[8]))
 with limited_engine(path, limit, margin, max(map(len, prompts)) + n + 1, options) as engine:
-    if not widths:  # each prompt with speculation off and on, in turns (off first on even prompts)
+    if not widths:  # each prompt with each speculation in turns (who goes first rotates)
         for i, ids in enumerate(prompts):
-            for spec in (("off", "lookup") if i % 2 == 0 else ("lookup", "off")):
+            for spec in specs[i % len(specs):] + specs[:i % len(specs)]:
                 engine.options = Options.of(engine.options, speculation=spec)
                 stats = GenerationStats()
                 out = list(stream_ids(engine, ids, n, temperature=0.0, stats=stats))
@@ -150,11 +151,12 @@ def _limited(name: str, script: str, args: list[str], limit: int, files, tokens:
     return row
 
 
-def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool = True, streams: bool = True) -> dict:
+def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool = True, streams: bool = True,
+             draft: str | None = None, draft_vocab: int = 0) -> dict:
     """The speculation and (`streams`) the streams rows under one whole-process limit (children), with the same
-    prompts for all."""
+    prompts for all; `draft`: also a child with that draft model (speculation "draft", its head cut to
+    `draft_vocab` ids)."""
     import importlib.util
-    from pathlib import Path
 
     from ..generate import chat_template_ids, eos_ids
     from .baselines import INAFLASH_MARGIN
@@ -176,17 +178,26 @@ def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool =
     say(f"inaflash, speculation off and lookup in turns, {len(prompts)} prompts")
     both = _limited("inaflash-speculation", INAFLASH_DECODE,
                     [str(store.path), json.dumps(prompts), str(gen_tokens), str(limit), str(INAFLASH_MARGIN),
-                     json.dumps(options), "[]"], limit, files, gen_tokens)
+                     json.dumps(options), "[]", json.dumps(["off", "lookup"])], limit, files, gen_tokens)
     for spec in ("off", "lookup"):
         runs[f"inaflash-{spec}"] = {**both, "name": f"inaflash-{spec}",
                                     "prompts": [p for p in both["prompts"] if p.get("spec") == spec]}
+    if draft:
+        # its own child: the draft model takes part of the budget, so speculation off there would not be plain
+        # decoding at this limit (compared with inaflash-off above)
+        say(f"inaflash with draft model {Path(draft).name}, {len(prompts)} prompts")
+        runs["inaflash-draft"] = _limited(
+            "inaflash-draft", INAFLASH_DECODE,
+            [str(store.path), json.dumps(prompts), str(gen_tokens), str(limit), str(INAFLASH_MARGIN),
+             json.dumps({**options, "speculation": "draft", "draft": str(draft), "draft_vocab": draft_vocab}), "[]",
+             json.dumps(["draft"])], limit, files, gen_tokens)
     if streams:
         say(f"inaflash, {'/'.join(map(str, WIDTHS))} streams")
         runs["inaflash-streams"] = _limited(
             "inaflash-streams", INAFLASH_DECODE,
             [str(store.path), json.dumps([encode(p) for p in STREAM_PROMPTS[:max(WIDTHS)]]), str(gen_tokens),
              str(limit), str(INAFLASH_MARGIN), json.dumps({**options, "speculation": "off", "parallel": max(WIDTHS)}),
-             json.dumps(list(WIDTHS))], limit, files, gen_tokens)
+             json.dumps(list(WIDTHS)), "[]"], limit, files, gen_tokens)
     source = Path(store.manifest.get("source", {}).get("path", ""))
     # llama.cpp's context no larger than the longest prompt and its tokens need, batches of 64: its lookup decoding
     # keeps logits for every position (logits_all), 1024 x Qwen2.5's 151936 floats = 622 MB at n_ctx 1024, which a
@@ -205,7 +216,7 @@ def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool =
     rows = per_prompt(runs, sets)
     return {"limit_bytes": limit, "gen_tokens": gen_tokens, "sets": {k: len(v) for k, v in sets.items()},
             "prompt_tokens": [len(p) for p in prompts], "lookup_draft_llamacpp": LOOKUP_DRAFT,
-            "llamacpp_n_ctx": n_ctx, "runs": runs, "per_prompt": rows, "summary": summary(runs, sets, rows)}
+            "llamacpp_n_ctx": n_ctx, "draft": draft, "draft_vocab": draft_vocab, "runs": runs, "per_prompt": rows, "summary": summary(runs, sets, rows)}
 
 
 def _rate(p: dict) -> float | None:
@@ -224,8 +235,8 @@ def per_prompt(runs: dict, sets: dict) -> list[dict]:
             if p is not None:
                 row[f"{name}_tok_s"] = _rate(p)
                 row[f"{name}_tokens"] = p.get("generated_tokens")
-        off, on = (next((p for p in runs.get(n, {}).get("prompts", []) if p["i"] == j), None)
-                   for n in ("inaflash-off", "inaflash-lookup"))
+        off, on, with_draft = (next((p for p in runs.get(n, {}).get("prompts", []) if p["i"] == j), None)
+                               for n in ("inaflash-off", "inaflash-lookup", "inaflash-draft"))
         if off and on:
             row.update(tokens_per_pass=on.get("tokens_per_pass"), drafted=on.get("drafted_tokens"),
                        accepted=on.get("accepted_tokens"), identical=on["ids"] == off["ids"],
@@ -233,6 +244,12 @@ def per_prompt(runs: dict, sets: dict) -> list[dict]:
                                              None),
                        mb_read_per_token_off=off.get("bytes_read_per_token", 0) / 1e6,
                        mb_read_per_token_lookup=on.get("bytes_read_per_token", 0) / 1e6)
+        if off and with_draft:
+            row.update(draft_tokens_per_pass=with_draft.get("tokens_per_pass"),
+                       draft_drafted=with_draft.get("drafted_tokens"), draft_accepted=with_draft.get("accepted_tokens"),
+                       draft_identical=with_draft["ids"] == off["ids"],
+                       draft_first_difference=next((k for k, (x, y) in enumerate(zip(with_draft["ids"], off["ids"]))
+                                                    if x != y), None))
         rows.append(row)
     return rows
 
@@ -256,8 +273,16 @@ def summary(runs: dict, sets: dict, rows: list[dict]) -> dict:
                                                                      "llama.cpp-mmap-lookup")
         out[f"llamacpp_lookup_speedup_{kind}"] = _geomean_ratio(rows, kind, "llama.cpp-mmap-lookup",
                                                                 "llama.cpp-mmap")
+        out[f"draft_speculative_speedup_{kind}"] = _geomean_ratio(rows, kind, "inaflash-draft", "inaflash-off")
+        out[f"min_draft_speculative_speedup_{kind}"] = min(
+            (r["inaflash-draft_tok_s"] / r["inaflash-off_tok_s"] for r in rows if r["set"] == kind
+             and r.get("inaflash-draft_tok_s") and r.get("inaflash-off_tok_s")), default=None)
+        out[f"draft_speedup_over_llamacpp_{kind}"] = _geomean_ratio(rows, kind, "inaflash-draft", "llama.cpp-mmap")
     with_ids = [r for r in rows if "identical" in r]
     out["identical_greedy_ids"] = f"{sum(r['identical'] for r in with_ids)}/{len(with_ids)}" if with_ids else None
+    with_draft = [r for r in rows if "draft_identical" in r]
+    if with_draft:
+        out["draft_identical_greedy_ids"] = f"{sum(r['draft_identical'] for r in with_draft)}/{len(with_draft)}"
     streams = {s["streams"]: s for s in runs.get("inaflash-streams", {}).get("streams", [])}
     if streams.get(1):
         one = streams[1]
@@ -287,6 +312,7 @@ def markdown(d: dict) -> list[str]:
     lines += ["", "| set | prompt | " + " | ".join(f"{n} tok/s" for n in names) + " | speculation speed-up | "
               "tokens/pass | accepted/drafted | identical ids (first difference) |",
               "|---|---|" + "---|" * (len(names) + 4)]
+    draft_rows = [r for r in d["per_prompt"] if "draft_identical" in r]
     for r in d["per_prompt"]:
         cells = [f"{r[f'{n}_tok_s']:.2f}" if r.get(f"{n}_tok_s") else "-" for n in names]
         speed = (f"{r['inaflash-lookup_tok_s'] / r['inaflash-off_tok_s']:.2f}x"
@@ -295,6 +321,18 @@ def markdown(d: dict) -> list[str]:
         lines.append(f"| {r['set']} | {r['prompt']} | " + " | ".join(cells) + f" | {speed} | "
                      f"{r.get('tokens_per_pass') or 0:.2f} | {r.get('accepted', '-')}/{r.get('drafted', '-')} | "
                      f"{same} |")
+    if draft_rows:
+        lines += ["", f"With the draft model {Path(d['draft']).name} (head cut to {d['draft_vocab'] or 'all'} token ids; "
+                      "its own child: it takes part of the budget), against inaflash-off above:", "",
+                  "| set | prompt | inaflash-draft tok/s | speed-up over off | over llama.cpp-mmap | tokens/pass | "
+                  "accepted/drafted | identical ids (first difference) |", "|---|---|---|---|---|---|---|---|"]
+        for r in draft_rows:
+            rate, off, ll = r.get("inaflash-draft_tok_s"), r.get("inaflash-off_tok_s"), r.get("llama.cpp-mmap_tok_s")
+            same = "yes" if r["draft_identical"] else f"no ({r['draft_first_difference']})"
+            lines.append(f"| {r['set']} | {r['prompt']} | {rate or 0:.2f} | "
+                         f"{f'{rate / off:.2f}x' if rate and off else '-'} | {f'{rate / ll:.2f}x' if rate and ll else '-'} "
+                         f"| {r.get('draft_tokens_per_pass') or 0:.2f} | {r.get('draft_accepted')}/{r.get('draft_drafted')} "
+                         f"| {same} |")
     streams = d["runs"].get("inaflash-streams", {}).get("streams", [])
     if streams:
         lines += ["", "Concurrent streams (generate_batch, speculation off; every stream gets one token per pass, so "
