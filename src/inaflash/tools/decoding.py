@@ -203,7 +203,7 @@ def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool =
     # keeps logits for every position (logits_all), 1024 x Qwen2.5's 151936 floats = 622 MB at n_ctx 1024, which a
     # 900 MB limit cannot hold (killed before its first token; at n_ctx 192 with n_batch 512 still killed)
     n_ctx = -(-(max(map(len, prompts)) + gen_tokens + LOOKUP_DRAFT + 2) // 64) * 64
-    for name, draft in (("llama.cpp-mmap", 0), ("llama.cpp-mmap-lookup", LOOKUP_DRAFT)):
+    for name, n_lookup in (("llama.cpp-mmap", 0), ("llama.cpp-mmap-lookup", LOOKUP_DRAFT)):
         if source.suffix != ".gguf" or not source.exists():
             runs[name] = {"name": name, "status": "unavailable", "reason": f"no source GGUF ({source})"}
         elif importlib.util.find_spec("llama_cpp") is None:
@@ -212,7 +212,7 @@ def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool =
             say(f"{name}, {len(prompts)} prompts")
             runs[name] = _limited(name, LLAMA_CPP_DECODE, [str(source), json.dumps(prompts), str(gen_tokens),
                                                            json.dumps(sorted(eos_ids(store.config, tok))),
-                                                           str(draft), str(n_ctx)], limit, [source], gen_tokens)
+                                                           str(n_lookup), str(n_ctx)], limit, [source], gen_tokens)
     rows = per_prompt(runs, sets)
     return {"limit_bytes": limit, "gen_tokens": gen_tokens, "sets": {k: len(v) for k, v in sets.items()},
             "prompt_tokens": [len(p) for p in prompts], "lookup_draft_llamacpp": LOOKUP_DRAFT,
