@@ -164,3 +164,20 @@ def test_a_draft_model_with_another_tokenizer_is_refused(tiny_pair, smollm2_stor
         Engine(tiny_pair[0], mode="dram", speculation="draft", draft_store=FlashStore(smollm2_store_f32))
     with pytest.raises(InaflashError, match="needs a draft model"):
         inaflash.Options(speculation="draft")
+
+
+def test_a_batch_with_a_draft_model_gives_each_prompt_its_plain_greedy_tokens(tiny_pair, monkeypatch):
+    """Every sequence of a batch drafts from a draft-model cache of its own in the one decode step: each prompt's
+    greedy tokens are what plain decoding of it alone gives, with drafts accepted (the target as its own draft)."""
+    from inaflash.engine import Engine
+    from inaflash.generate import generate_batch, generate_ids
+
+    target, _ = tiny_pair
+    prompts = [[3, 17, 42, 5], [88, 9, 61, 2, 7, 7], [1, 2, 3]]
+    with Engine(target, mode="dram", speculation="off") as plain_engine:
+        alone = [generate_ids(plain_engine, p, 24, stop=set())[0] for p in prompts]
+    with Engine(target, mode="dram", speculation="draft", draft_store=target, parallel=3) as engine:
+        _streaming_costs(engine, monkeypatch)
+        out, stats = generate_batch(engine, prompts, 24, stop=set())
+    assert out == alone
+    assert stats.tokens_per_pass > len(prompts)  # more than one token per sequence per pass

@@ -37,7 +37,8 @@ def repl(model: Model, system: str | None = None, max_tokens: int = 512, tempera
             s = model.last_stats
             print("(no answer yet)" if s is None else
                   f"{s.generated_tokens} tokens, {s.ms_per_token:.1f} ms/token (I/O {s.io_ms_per_token:.1f}), "
-                  f"{s.bytes_read_per_token / 1e6:.1f} MB read/token, prefill {s.prefill_ms:.0f} ms", file=out)
+                  f"{s.bytes_read_per_token / 1e6:.1f} MB read/token, prefill {s.prefill_ms:.0f} ms, "
+                  f"{s.tokens_per_pass:.2f} tokens/pass", file=out)
             continue
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]}; {HELP}", file=out)

@@ -49,7 +49,8 @@ def run(
     else:
         s = result.stats
         print(f"\n[{s.generated_tokens} tokens, {s.ms_per_token:.1f} ms/token "
-              f"(I/O {s.io_ms_per_token:.1f}), {s.bytes_read_per_token / 1e6:.1f} MB read/token, mode {m.engine.mode}; "
+              f"(I/O {s.io_ms_per_token:.1f}), {s.bytes_read_per_token / 1e6:.1f} MB read/token, mode {m.engine.mode}"
+              f"{f', {s.tokens_per_pass:.2f} tokens/pass ({s.accepted_tokens}/{s.drafted_tokens} drafts accepted)' if s.drafted_tokens else ''}; "
               f"peak RSS {s.peak_rss_bytes / 1e6:.0f} MB = runtime {s.runtime_rss_bytes / 1e6:.0f} + model data"
               f"{'' if s.planned_bytes is None else f' (planned {s.planned_bytes / 1e6:.0f})'}]",
               file=sys.stderr)

