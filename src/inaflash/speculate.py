@@ -147,7 +147,10 @@ class DraftModel:
         out = []
         while self.pos < len(history):  # catch up: the prompt in chunks, then the tokens decided since
             feed = history[self.pos:self.pos + self.chunk]
+            t0 = time.perf_counter()
             logits = self.engine.forward(torch.tensor(feed), self.pos, last_only=True, cache=self.cache)[-1]
+            if len(feed) <= 2:  # the token(s) decided since: what a draft token costs (a 1-token draft has no other)
+                self.engine.pass_costs.record(1, time.perf_counter() - t0)
             self.pos += len(feed)
         for i in range(k):
             out.append(int(torch.argmax(logits)))
