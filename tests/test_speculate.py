@@ -158,12 +158,17 @@ def test_a_draft_model_is_planned_within_the_budget(tiny_pair):
 def test_a_draft_model_with_another_tokenizer_is_refused(tiny_pair, smollm2_store_f32):
     from inaflash.engine import Engine
     from inaflash.errors import InaflashError
+    from inaflash.generate import generate_ids
     from inaflash.store.format import FlashStore
 
     with pytest.raises(InaflashError, match="another tokenizer"):
         Engine(tiny_pair[0], mode="dram", speculation="draft", draft_store=FlashStore(smollm2_store_f32))
     with pytest.raises(InaflashError, match="needs a draft model"):
         inaflash.Options(speculation="draft")
+    with Engine(tiny_pair[0], mode="dram", speculation="off") as engine:  # switched to draft without loading one
+        engine.options = inaflash.Options.of(engine.options, speculation="draft", draft="somewhere")
+        with pytest.raises(InaflashError, match="without a draft model"):
+            generate_ids(engine, [3, 17, 42], 4)
 
 
 def test_a_batch_with_a_draft_model_gives_each_prompt_its_plain_greedy_tokens(tiny_pair, monkeypatch):

@@ -197,6 +197,8 @@ def start_sequence(engine: Engine, prompt_ids: list[int], cache, temperature: fl
         logits = engine.forward(torch.tensor(prompt_ids[start:start + PREFILL_CHUNK]), start, last_only=True,
                                 cache=cache)[-1]
     spec = engine.options.speculation
+    if spec == "draft" and engine.draft is None:
+        raise InaflashError("speculation draft: this engine was opened without a draft model (draft=MODEL)")
     policy = DraftPolicy(engine.pass_costs) if spec in ("lookup", "draft") else None
     drafter = DraftModel(engine.draft, len(prompt_ids) + max_tokens + MAX_DRAFT, PREFILL_CHUNK) \
         if spec == "draft" else None
