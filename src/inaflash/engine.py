@@ -20,7 +20,6 @@ from .reader import FlashReader, ReadStats
 from .speculate import PassCosts
 from .ffn.sparse import SparseCounters, SparseFlashFFN, load_sparsity
 from .store.format import FlashStore
-from .store.quant import Int4Matrix, Int8Matrix
 
 DEFAULT_CONTEXT = 1024
 
@@ -32,21 +31,6 @@ class Counters:
 
     def __sub__(self, other: Counters) -> Counters:
         return Counters(self.io - other.io, None if self.sparse is None else self.sparse - other.sparse)
-
-
-def first_rows(matrix, n: int):
-    """A resident matrix's first n rows as a matrix of its own kind (the rest freed once nothing else holds it)."""
-    if isinstance(matrix, torch.Tensor):
-        return matrix[:n].clone()
-    if isinstance(matrix, Int4Matrix):
-        return Int4Matrix(matrix.raw[:n].clone())
-    return Int8Matrix(matrix.codes[:n].clone(), matrix.scales[:n].clone())
-
-
-def matrix_bytes(matrix) -> int:
-    tensors = [matrix] if isinstance(matrix, torch.Tensor) else [matrix.raw] if isinstance(matrix, Int4Matrix) \
-        else [matrix.codes, matrix.scales]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class Engine:
@@ -179,9 +163,9 @@ class Engine:
         head = engine.model.head
         # (a tied head is the embedding too: cutting it would only add a copy)
         if rows < engine.config.vocab_size and head is not engine.model.embed:
-            cut = first_rows(head, rows)
+            cut = head[:rows].clone() if isinstance(head, torch.Tensor) else head.first_rows(rows)
             engine.model.head = engine.weights["lm_head.weight"] = cut
-            engine.plan.resident_bytes -= matrix_bytes(head) - matrix_bytes(cut)
+            engine.plan.resident_bytes -= head.nbytes - cut.nbytes
             del head
             release_free_heap()
         return engine

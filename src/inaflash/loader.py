@@ -69,7 +69,7 @@ def resolve_store(model: str | Path | None = None, dtype: str = Options.dtype, p
     if target.parent.is_dir():
         remove_dead_partials(target.parent)  # killed conversions of any model into this home
     if (target / "manifest.json").exists():
-        if (peek_manifest(target) or {}).get("format_version") == FORMAT_VERSION:
+        if is_current_store(target):
             return FlashStore(target)
         log.info("%s was written by another version of inaflash; converting again", target)
     log.info("converting %s into %s (once)", path, target)
@@ -82,15 +82,21 @@ def resolve_store(model: str | Path | None = None, dtype: str = Options.dtype, p
     return FlashStore(target)
 
 
-def _convert(path: str, target: str, dtype: str, layout: str, resident_format: str, progress: bool) -> None:
+def is_current_store(path: Path) -> bool:
+    """A finished store written by this version of inaflash (else it is converted again)."""
+    return (path / "manifest.json").exists() and (peek_manifest(path) or {}).get("format_version") == FORMAT_VERSION
+
+
+def _convert(path: str, target: str, dtype: str, layout: str, resident_format: str, progress: bool,
+             ffn_format: str = "float") -> None:
     from .store.sources import open_source
 
     write_store(open_source(Path(path)), target, dtype=dtype, overwrite=True, progress=progress, layout=layout,
-                resident_format=resident_format)
+                resident_format=resident_format, ffn_format=ffn_format)
 
 
 def _convert_in_child(path: Path, target: Path, dtype: str, layout: str, resident_format: str,
-                      progress: bool) -> None:
+                      progress: bool, ffn_format: str = "float") -> None:
     """Convert in a child process (spawned: torch and fork do not mix), whose error comes back as raised there. What
     conversion holds (transformers' import and GGUF tokenizer, the reader, float32 tensors, a fragmented heap)
     leaves with the child: a first run reported a runtime of 414 MB where later runs of the same model report 279."""
@@ -98,7 +104,7 @@ def _convert_in_child(path: Path, target: Path, dtype: str, layout: str, residen
 
     pool = multiprocessing.get_context("spawn").Pool(1)
     try:
-        pool.apply(_convert, (str(path), str(target), dtype, layout, resident_format, progress))
+        pool.apply(_convert, (str(path), str(target), dtype, layout, resident_format, progress, ffn_format))
         pool.close()
     except BaseException:
         pool.terminate()  # an interrupt: the child's partial store is swept by the next load (dead PID)

@@ -366,6 +366,14 @@ class Int8Matrix:
             out[:, i:i + self.BLOCK] = x @ self[i:i + self.BLOCK].T
         return out
 
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+    def first_rows(self, n: int) -> Int8Matrix:
+        """The first n rows as a matrix of their own (a cut head: the rest is freed once nothing holds it)."""
+        return Int8Matrix(self.codes[:n].clone(), self.scales[:n].clone())
+
     def __getitem__(self, ids: torch.Tensor | slice) -> torch.Tensor:
         """Rows `ids` (token ids, or a slice of rows) dequantized to float32."""
         return self.codes[ids].float() * self.scales[ids].float()[..., None]
@@ -414,6 +422,14 @@ class Int4Matrix:
         for i, block in enumerate(self.raw.split(self.BLOCK)):
             out[:, i * self.BLOCK:i * self.BLOCK + block.shape[0]] = x @ self.decode(block).T
         return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+    def first_rows(self, n: int) -> Int4Matrix:
+        """The first n rows as a matrix of their own (a cut head: the rest is freed once nothing holds it)."""
+        return Int4Matrix(self.raw[:n].clone())
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decode(self.raw[ids.reshape(-1)]).view(*ids.shape, self.cols)

@@ -240,23 +240,30 @@ def per_prompt(runs: dict, sets: dict) -> list[dict]:
         if off and on:
             row.update(tokens_per_pass=on.get("tokens_per_pass"), drafted=on.get("drafted_tokens"),
                        accepted=on.get("accepted_tokens"), identical=on["ids"] == off["ids"],
-                       first_difference=next((k for k, (x, y) in enumerate(zip(on["ids"], off["ids"])) if x != y),
-                                             None),
+                       first_difference=_first_difference(on["ids"], off["ids"]),
                        mb_read_per_token_off=off.get("bytes_read_per_token", 0) / 1e6,
                        mb_read_per_token_lookup=on.get("bytes_read_per_token", 0) / 1e6)
         if off and with_draft:
             row.update(draft_tokens_per_pass=with_draft.get("tokens_per_pass"),
                        draft_drafted=with_draft.get("drafted_tokens"), draft_accepted=with_draft.get("accepted_tokens"),
                        draft_identical=with_draft["ids"] == off["ids"],
-                       draft_first_difference=next((k for k, (x, y) in enumerate(zip(with_draft["ids"], off["ids"]))
-                                                    if x != y), None))
+                       draft_first_difference=_first_difference(with_draft["ids"], off["ids"]))
         rows.append(row)
     return rows
 
 
+def _first_difference(ids: list[int], plain: list[int]) -> int | None:
+    return next((k for k, (x, y) in enumerate(zip(ids, plain)) if x != y), None)
+
+
+def _ratios(rows: list[dict], kind: str, a: str, b: str) -> list[float]:
+    """a's tok/s over b's on every prompt of the set where both ran."""
+    return [row[f"{a}_tok_s"] / row[f"{b}_tok_s"] for row in rows if row["set"] == kind
+            and row.get(f"{a}_tok_s") and row.get(f"{b}_tok_s")]
+
+
 def _geomean_ratio(rows: list[dict], kind: str, a: str, b: str) -> float | None:
-    r = [row[f"{a}_tok_s"] / row[f"{b}_tok_s"] for row in rows if row["set"] == kind
-         and row.get(f"{a}_tok_s") and row.get(f"{b}_tok_s")]
+    r = _ratios(rows, kind, a, b)
     return statistics.geometric_mean(r) if r and len(r) == sum(1 for row in rows if row["set"] == kind) else None
 
 
@@ -265,18 +272,16 @@ def summary(runs: dict, sets: dict, rows: list[dict]) -> dict:
     out = {}
     for kind in sets:
         out[f"speculative_speedup_{kind}"] = _geomean_ratio(rows, kind, "inaflash-lookup", "inaflash-off")
-        out[f"min_speculative_speedup_{kind}"] = min(
-            (r["inaflash-lookup_tok_s"] / r["inaflash-off_tok_s"] for r in rows if r["set"] == kind
-             and r.get("inaflash-lookup_tok_s") and r.get("inaflash-off_tok_s")), default=None)
+        out[f"min_speculative_speedup_{kind}"] = min(_ratios(rows, kind, "inaflash-lookup", "inaflash-off"),
+                                                     default=None)
         out[f"speedup_over_llamacpp_{kind}"] = _geomean_ratio(rows, kind, "inaflash-lookup", "llama.cpp-mmap")
         out[f"speedup_over_llamacpp_lookup_{kind}"] = _geomean_ratio(rows, kind, "inaflash-lookup",
                                                                      "llama.cpp-mmap-lookup")
         out[f"llamacpp_lookup_speedup_{kind}"] = _geomean_ratio(rows, kind, "llama.cpp-mmap-lookup",
                                                                 "llama.cpp-mmap")
         out[f"draft_speculative_speedup_{kind}"] = _geomean_ratio(rows, kind, "inaflash-draft", "inaflash-off")
-        out[f"min_draft_speculative_speedup_{kind}"] = min(
-            (r["inaflash-draft_tok_s"] / r["inaflash-off_tok_s"] for r in rows if r["set"] == kind
-             and r.get("inaflash-draft_tok_s") and r.get("inaflash-off_tok_s")), default=None)
+        out[f"min_draft_speculative_speedup_{kind}"] = min(_ratios(rows, kind, "inaflash-draft", "inaflash-off"),
+                                                           default=None)
         out[f"draft_speedup_over_llamacpp_{kind}"] = _geomean_ratio(rows, kind, "inaflash-draft", "llama.cpp-mmap")
     with_ids = [r for r in rows if "identical" in r]
     out["identical_greedy_ids"] = f"{sum(r['identical'] for r in with_ids)}/{len(with_ids)}" if with_ids else None

@@ -102,28 +102,11 @@ def fetch_draft_model(progress: bool = True, convert: bool = True) -> Path:
     gguf = fetch_bench_model(progress, DRAFT)
     if not convert:
         return gguf
-    from ..store.manifest import FORMAT_VERSION, peek_manifest
+    from ..loader import _convert_in_child, is_current_store
 
     out = draft_store_path()
-    if (out / "manifest.json").exists() and (peek_manifest(out) or {}).get("format_version") == FORMAT_VERSION:
-        return out
-    import multiprocessing
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"inaflash: converting {gguf.name} into an int4 store at {out} (once)", file=sys.stderr)
-    pool = multiprocessing.get_context("spawn").Pool(1)  # conversion's memory leaves with the child
-    try:
-        pool.apply(_convert_int4, (str(gguf), str(out), progress))
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
+    if not is_current_store(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"inaflash: converting {gguf.name} into an int4 store at {out} (once)", file=sys.stderr)
+        _convert_in_child(gguf, out, "float16", "bundled", "int4", progress, ffn_format="int4")
     return out
-
-
-def _convert_int4(gguf: str, out: str, progress: bool) -> None:
-    from ..store.convert import write_store
-    from ..store.sources import open_source
-
-    write_store(open_source(Path(gguf)), out, overwrite=True, progress=progress, ffn_format="int4",
-                resident_format="int4")
