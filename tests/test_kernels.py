@@ -137,24 +137,31 @@ def test_kernel_over_offsets_with_a_mask(fmt, dtype):
 
 @pytest.mark.parametrize("d", [64, 576, 1536])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 31, 32, 33, 77, 300])
-def test_int4_down_projection_in_integers(d, m):
-    """One token of int4 with int8 activations takes the down projection in integers too (kernels.c rows_down_q4:
-    coefficients h * scale quantized to int16 per block of 32 rows, rows paired): equal, to 5e-4, to the float
-    product of the kernel's own hidden activations and the decoded down columns, for blocks cut anywhere (m), rows
-    skipped by the mask and picked by offset, widths with and without a tail of groups. A lost, repeated or
-    misplaced row or block is an error of order 1."""
+@pytest.mark.parametrize("T", [1, 3, 9, 20])
+def test_int4_down_projection_in_integers(d, m, T):
+    """int4 with int8 activations takes the down projection in integers too (kernels.c rows_down_q4 for one token,
+    rows_down_q4_tokens for several: coefficients h * scale quantized to int16 per token and block of 32 rows, rows
+    paired): equal, to 5e-4, to the float product of the kernel's own hidden activations and the decoded down
+    columns, for blocks cut anywhere (m), rows skipped by the mask (per token: a row is skipped only where every
+    token of its block of 8 masks it) and picked by offset, widths with and without a tail of groups, 1 token, a
+    partial block, a block and a tail, tiles of rows (more than 8 tokens). A lost, repeated or misplaced row, block or
+    token is an error of order 1. A token computes the same among others as alone (one token's sums are the same
+    integers either way; the gate/up dot products of a block of tokens round differently: within 1e-4)."""
     fields = fields_of("swiglu", d)
     bundles = torch.randn(m + 20, 3 * d, generator=torch.Generator().manual_seed(d + m)) * 0.05
     raw, w = encoded("int4", torch.float16, bundles, fields)
     kernel = BundleFFN("int4", fields, torch.float16, raw.shape[1], d, "silu", True)
-    x = torch.randn(1, d, generator=torch.Generator().manual_seed(m))
-    mask = torch.rand(1, m, generator=torch.Generator().manual_seed(d)) > 0.3
-    mask[0, 0] = True  # never an all-zero output
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(m))
+    mask = torch.rand(T, m, generator=torch.Generator().manual_seed(d)) > 0.3
+    mask[:, 0] = True  # never an all-zero output
     ids = torch.arange(m) + 7
-    hidden = torch.empty(1, m)
+    hidden = torch.empty(T, m)
     got = kernel(x, raw.flatten(), m, offsets=ids * raw.shape[1], mask=mask, hidden=hidden)
     assert (hidden[~mask] == 0).all()
     assert rel(got, hidden @ w[ids][:, 2 * d:]) < 5e-4
+    alone = torch.cat([kernel(x[t:t + 1], raw.flatten(), m, offsets=ids * raw.shape[1], mask=mask[t:t + 1])
+                       for t in range(T)])
+    assert rel(got, alone) < 1e-4
 
 
 @pytest.fixture(scope="module")
