@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from inaflash.errors import InaflashError
+from inaflash.errors import BudgetError
 from inaflash.planner import dram_bytes, model_bytes, parse_memory, streaming_bytes
 
 PROBE = r"""
@@ -65,9 +65,9 @@ def test_a_budget_below_every_mode_is_refused_with_the_minimum(smollm2_store_f16
     half = parse_memory("50%", store)
     assert half == int(model_bytes(store) / 2)
     need = streaming_bytes(store, 256)
-    with pytest.raises(InaflashError, match=rf"too small for this model in any mode: the smallest plan \(naive: "
+    with pytest.raises(BudgetError, match=rf"too small for this model in any mode: the smallest plan \(naive: "
                                             rf"every layer's FFN streamed\) needs at least {need / 1e6:.1f} MB"):
         load(smollm2_store_f16, memory="50%")
     for mode in ("naive", "hybrid", "dram"):
-        with pytest.raises(InaflashError, match=rf"too small for {mode} mode: it needs at least"):
+        with pytest.raises(BudgetError, match=rf"too small for {mode} mode: it needs at least"):
             load(smollm2_store_f16, mode=mode, memory="50%", context=256)

@@ -136,7 +136,7 @@ def test_a_draft_model_is_planned_within_the_budget(tiny_pair):
     """The draft model's bytes come out of --memory before the target plans (hybrid holds fewer layers' FFN); the
     plan's total counts them; a budget the draft model leaves too little of is refused naming the draft model."""
     from inaflash.engine import Engine
-    from inaflash.errors import InaflashError
+    from inaflash.errors import BudgetError
     from inaflash.planner import plan_dense
 
     target, draft = tiny_pair
@@ -151,7 +151,7 @@ def test_a_draft_model_is_planned_within_the_budget(tiny_pair):
         assert 0 < both.plan.draft_bytes == both.draft_bytes == d
         assert both.plan.ffn_layers == target.config.num_layers - 1
         assert both.plan.planned_bytes <= budget + d - 1
-    with pytest.raises(InaflashError, match="draft model took"):
+    with pytest.raises(BudgetError, match="too small for hybrid mode.*; the draft model took"):
         Engine(target, mode="hybrid", memory=least + d - 1000, context=64, speculation="draft", draft_store=draft)
 
 

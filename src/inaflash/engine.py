@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InaflashError
+from .errors import BudgetError, InaflashError
 from .memory import pin_mmap_threshold, release_free_heap, reset_peak_rss, rss_bytes
 from .ffn.dense import HybridFFN, NaiveFlashFFN, ResidentFFN
 from .ffn.kernels import warn_if_missing
@@ -70,7 +70,7 @@ class Engine:
             if budget is not None:  # the draft model is in the budget: the target plans within what it leaves
                 if budget - self.draft_bytes <= 0:
                     self.draft.close()
-                    raise InaflashError(f"memory budget {budget / 1e6:.1f} MB is too small for the draft model: it "
+                    raise BudgetError(f"memory budget {budget / 1e6:.1f} MB is too small for the draft model: it "
                                         f"holds {self.draft_bytes / 1e6:.1f} MB (lower --draft-vocab, or no --draft)")
                 budget -= self.draft_bytes
         reset_peak_rss()  # from here the peak is runtime + model data: stats compare it with the plan
@@ -143,8 +143,8 @@ class Engine:
 
     def _with_draft(self, e: BaseException) -> BaseException:
         """A budget refused after the draft model took its part says so."""
-        if isinstance(e, InaflashError) and self.draft_bytes and "budget" in str(e):
-            return InaflashError(f"{e}; the draft model took {self.draft_bytes / 1e6:.1f} MB of --memory before it "
+        if isinstance(e, BudgetError) and self.draft_bytes:
+            return BudgetError(f"{e}; the draft model took {self.draft_bytes / 1e6:.1f} MB of --memory before it "
                                  "(lower --draft-vocab, or no --draft)")
         return e
 

@@ -15,3 +15,7 @@ class UnsupportedModelError(InaflashError):
 
 class CorruptStoreError(StoreError):
     """Data read from a store does not match its checksums: the store is damaged (the message names file and bytes)."""
+
+
+class BudgetError(InaflashError):
+    """A memory budget below what the request needs (the message names the minimum and its parts)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InaflashError
+from .errors import BudgetError, InaflashError
 from .paths import load_max_gap
 from .store.format import FlashStore
 
@@ -117,7 +117,7 @@ def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_b
         least = math.ceil(active_neurons / MAX_STREAM_ROUNDS)
         if capacity < least:
             caches = c.num_layers * least * per_neuron
-            raise InaflashError(
+            raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: this model needs at least "
                 f"{(fixed + caches) / 1e6:.1f} MB (resident {store.resident_bytes / 1e6:.1f} + predictors "
                 f"{predictor_bytes / 1e6:.1f} + KV cache for {context} tokens {kv / 1e6:.1f} + staging "
@@ -244,7 +244,7 @@ def plan_dense(store: FlashStore, mode: str, budget: int | None, context: int, s
     fixed = store.resident_bytes + kv + work + buffers
     least = fixed + (store.ffn_bytes if mode == "dram" else 0)
     if budget is not None and budget < least:
-        raise InaflashError(
+        raise BudgetError(
             f"memory budget {budget / 1e6:.1f} MB is too small for {mode} mode: it needs at least {least / 1e6:.1f} MB "
             f"(resident {store.resident_bytes / 1e6:.1f} + KV cache for {context} tokens"
             f"{f' x {sequences} sequences' if sequences > 1 else ''} {kv / 1e6:.1f} + "
@@ -334,7 +334,7 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
     try:
         layers = plan_hybrid(store, budget, context, sequences)
         shrunk = ""
-    except InaflashError:
+    except BudgetError:
         if sparse is not None:
             return sparse
         fits = None  # the longest context that streaming fits (its bytes grow with the context)
@@ -347,7 +347,7 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
                 hi = mid - 1
         if context_given or fits is None:
             least = context if context_given else MIN_AUTO_CONTEXT
-            raise InaflashError(
+            raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small for this model in any mode: the smallest plan "
                 f"(naive: every layer's FFN streamed) needs at least {streaming_bytes(store, least, sequences) / 1e6:.1f} MB "
                 f"(resident {store.resident_bytes / 1e6:.1f}, buffers, and KV cache and working memory for {least} "
