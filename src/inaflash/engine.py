@@ -15,9 +15,10 @@ from .models import build_model
 from .paths import load_max_gap
 from .options import Options
 from .ops import warm_up
-from .planner import active_neurons_per_token, choose_mode, hot_neurons, parse_memory, plan_dense, plan_memory
+from .planner import (active_neurons_per_token, choose_mode, hot_neurons, parse_memory, plan_dense, plan_memory,
+                      working_bytes)
 from .reader import FlashReader, ReadStats
-from .speculate import PassCosts
+from .speculate import DRAFT_CHUNK, PassCosts
 from .ffn.sparse import SparseCounters, SparseFlashFFN, load_sparsity
 from .store.format import FlashStore
 
@@ -160,6 +161,8 @@ class Engine:
                         parallel=o.parallel, tokenizer=self.tokenizer)
         # a draft of an id the target does not have (a head padded wider) could never be accepted
         rows = min(o.draft_vocab or engine.config.vocab_size, self.config.vocab_size)
+        # its passes: a prompt in chunks of DRAFT_CHUNK, one row of logits over the ids it keeps
+        engine.plan.working_bytes = working_bytes(store, self.context, DRAFT_CHUNK, rows)
         head = engine.model.head
         # (a tied head is the embedding too: cutting it would only add a copy)
         if rows < engine.config.vocab_size and head is not engine.model.embed:

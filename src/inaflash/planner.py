@@ -83,20 +83,20 @@ def kv_bytes(store: FlashStore, context: int, sequences: int = 1) -> int:
 SCRATCH_BYTES = 10 << 20
 
 
-def working_bytes(store: FlashStore, context: int) -> int:
-    """What one forward pass of a PREFILL_CHUNK-token chunk allocates beside the plan's buffers (float32): the
+def working_bytes(store: FlashStore, context: int, chunk: int = PREFILL_CHUNK, vocab: int | None = None) -> int:
+    """What one forward pass of a `chunk`-token chunk allocates beside the plan's buffers (float32): the
     hidden states, q/k/v and attention output, the FFN's activations (gate, up, h), one row of attention scores per
     head and token over the context, the last token's logits, and a float16 attention matrix converted to float32
     for a pass of many tokens (ops.linear); and SCRATCH_BYTES. Measured against it (tests/test_memory.py): SmolLM2
     in naive and hybrid held 10-18 MB beyond its resident part, KV cache, buffers and resident layers over a
     121-token prompt and 120 tokens (this formula at 256 tokens of context: 23.0 MB)."""
-    c, T = store.config, PREFILL_CHUNK
+    c, T = store.config, chunk
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     hidden = T * (4 * c.hidden_size + 2 * q + 2 * kv) * 4
     ffn = T * 3 * c.intermediate_size * 4
     scores = c.num_heads * T * min(context, c.max_position_embeddings) * 4
     widest = max(q, c.hidden_size) * c.hidden_size * 4
-    return hidden + ffn + scores + c.vocab_size * 4 + widest + SCRATCH_BYTES
+    return hidden + ffn + scores + (vocab or c.vocab_size) * 4 + widest + SCRATCH_BYTES
 
 
 def plan_memory(store: FlashStore, budget: int | None, context: int, predictor_bytes: int, window: int,

@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_DRAFT = 8  # the verification pass carries at most 1 + MAX_DRAFT tokens
+# The draft model takes a prompt in chunks of this many tokens, its plan's working memory one chunk's (the target's
+# prefill chunk, 256, planned 39 MB for Qwen2.5-0.5B at 300 tokens of context, this 17): it reads nothing, so small
+# chunks cost it little, and what it does not hold is the target's.
+DRAFT_CHUNK = 32
 # a draft must promise this much more than plain decoding: the measured pass costs move +-5% between runs on this
 # disk (Qwen2.5 hybrid, k = 2..9: 0.99-1.13x a 1-token pass), and with a 2% margin open-ended prompts kept drafting a
 # token or two at ~5% acceptance, 0.93-0.96x plain (bench/results/2026-12-05-Qwen2.5-...-mem530MB.md)
