@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BudgetError, InaflashError
-from .memory import pin_mmap_threshold, release_free_heap, reset_peak_rss, rss_bytes
+from .memory import drop_pages, pin_mmap_threshold, release_free_heap, reset_peak_rss, rss_bytes
 from .ffn.dense import HybridFFN, NaiveFlashFFN, ResidentFFN
 from .ffn.kernels import warn_if_missing
 from .models import build_model
@@ -169,6 +169,8 @@ class Engine:
             cut = head[:rows].clone() if isinstance(head, torch.Tensor) else head.first_rows(rows)
             engine.model.head = engine.weights["lm_head.weight"] = cut
             engine.plan.resident_bytes -= head.nbytes - cut.nbytes
+            for t in (head,) if isinstance(head, torch.Tensor) else head.tensors:
+                drop_pages(t)  # (a mapping of the store's file: freeing the tensor alone keeps its pages)
             del head
             release_free_heap()
         return engine

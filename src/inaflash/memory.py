@@ -38,6 +38,26 @@ def release_free_heap() -> None:
         pass
 
 
+MADV_DONTNEED = 4  # from the Linux kernel's mman-common.h
+
+
+def drop_pages(t) -> None:
+    """Give back the whole pages under tensor `t`, about to be dropped: the resident part's tensors map
+    resident.safetensors (safetensors' load_file: one shared mapping of the file, so a tensor freed alone keeps its
+    pages resident while any other tensor of the file lives: the draft model's cut head stayed 76 MB of RSS above
+    its plan). Only pages wholly inside `t` (an edge page may hold a neighbour's bytes); a no-op where madvise is
+    not there."""
+    page = 4096
+    start, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page
+    if end <= start:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
 def _status_bytes(field: str) -> int | None:
     """A size line of /proc/self/status (e.g. VmRSS) in bytes; None where /proc is not there."""
     try:

@@ -374,6 +374,10 @@ class Int8Matrix:
         """The first n rows as a matrix of their own (a cut head: the rest is freed once nothing holds it)."""
         return Int8Matrix(self.codes[:n].clone(), self.scales[:n].clone())
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.codes, self.scales
+
     def __getitem__(self, ids: torch.Tensor | slice) -> torch.Tensor:
         """Rows `ids` (token ids, or a slice of rows) dequantized to float32."""
         return self.codes[ids].float() * self.scales[ids].float()[..., None]
@@ -430,6 +434,10 @@ class Int4Matrix:
     def first_rows(self, n: int) -> Int4Matrix:
         """The first n rows as a matrix of their own (a cut head: the rest is freed once nothing holds it)."""
         return Int4Matrix(self.raw[:n].clone())
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.raw,)
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decode(self.raw[ids.reshape(-1)]).view(*ids.shape, self.cols)
