@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import streamed
 from .errors import BudgetError, InaflashError
 from .memory import drop_pages, pin_mmap_threshold, release_free_heap, reset_peak_rss, rss_bytes
 from .ffn.dense import HybridFFN, NaiveFlashFFN, ResidentFFN
@@ -75,16 +76,25 @@ class Engine:
                                         f"holds {self.draft_bytes / 1e6:.1f} MB (lower --draft-vocab, or no --draft)")
                 budget -= self.draft_bytes
         reset_peak_rss()  # from here the peak is runtime + model data: stats compare it with the plan
-        self.embedding = self.reader = None
+        self.embedding = self.reader = self.head = None
+        self._budget, self._freed = budget, 0
         try:
             sparsity = load_sparsity(store) if mode in ("auto", "sparse") else None  # read once (with predictors)
+            # the head read from flash: the planners see a budget larger by what that frees (its bytes less its
+            # buffers); the plan is corrected below
+            head_name = store.head_name() if self._head_on_flash(mode, budget, sparsity, window, cache_format) \
+                else None
+            self._freed = freed = 0 if head_name is None else \
+                store.resident_span(head_name)[1] - streamed.dram_bytes(store, head_name)
+            if budget is not None:
+                budget += freed
             if mode == "auto":
                 self.choice = choose_mode(store, budget, self.context, sparsity, window, cache_format,
                                           context_given=context is not None, sequences=o.parallel)
                 mode, budget, self.context = self.choice.mode, self.choice.budget, self.choice.context
         except BaseException as e:
             self.close()
-            raise self._with_draft(e) from None
+            raise self._explain(e) from None
         self.mode = mode
         # checksums: every page read from flash and every resident tensor checked against the store's checksums
         # (README: the cost, measured); off only when asked, and then said
@@ -124,7 +134,11 @@ class Engine:
                     self.ffn = NaiveFlashFFN(store, self.reader)
             self.sparse = self.ffn if mode == "sparse" else None  # the engine's own, whatever set_ffn swaps in
             self.reader.stats = ReadStats()  # loading (dram mode, the oracle) is not generation I/O
-            self.weights = store.resident_weights(check=o.checksums)
+            self.weights = store.resident_weights(check=o.checksums, unchecked=frozenset({head_name} - {None}))
+            if head_name is not None:  # mapped, never touched: FlashMatrix reads and checks it itself
+                self.head = streamed.FlashMatrix(store, head_name, self.weights[head_name], checksums=o.checksums)
+                self.head.reader.stats = self.reader.stats  # its reads count with the FFN's
+                self.weights[head_name] = self.head
             if store.embed is not None:
                 from .embedding import FlashEmbedding
 
@@ -138,12 +152,46 @@ class Engine:
             self.bounded = mode == "sparse" or budget is not None
             if self.plan is not None:
                 self.plan.draft_bytes = self.draft_bytes
+                if head_name is not None:
+                    self.plan.resident_bytes -= freed + streamed.dram_bytes(store, head_name)
+                    self.plan.staging_bytes += streamed.dram_bytes(store, head_name)
+                    self.plan.budget_bytes -= freed
         except BaseException as e:
             self.close()
-            raise self._with_draft(e) from None
+            raise self._explain(e) from None
 
-    def _with_draft(self, e: BaseException) -> BaseException:
-        """A budget refused after the draft model took its part says so."""
+    def _head_on_flash(self, mode: str, budget: int | None, sparsity, window: int, cache_format: str) -> bool:
+        """--head: flash, or auto where the budget cannot hold the model otherwise (naive, hybrid, auto; a float or
+        int4 head)."""
+        o, store = self.options, self.store
+        name = store.head_name()
+        streamable = name is not None and f"{name}.scale" not in store.manifest["resident"].get("crc32c", {})
+        if o.head == "flash":
+            if mode in ("dram", "sparse") or not streamable:
+                raise InaflashError(f"--head flash reads a float or int4 head in naive or hybrid mode (or auto), "
+                                    f"not {'this store' if not streamable else mode + ' mode'}")
+            return True
+        if o.head == "dram" or budget is None or mode not in ("auto", "naive", "hybrid") or not streamable \
+                or store.resident_span(name)[1] <= streamed.dram_bytes(store, name):  # (it would free nothing)
+            return False
+        try:
+            if mode == "auto":
+                choose_mode(store, budget, self.context, sparsity, window, cache_format,
+                            context_given=o.context is not None, sequences=o.parallel)
+            else:
+                plan_dense(store, mode, budget, self.context, o.parallel)
+            return False
+        except BudgetError:  # (too small with the head read too: refused below, naming that minimum)
+            return True
+
+    def _explain(self, e: BaseException) -> BaseException:
+        """A budget refused with the head read from flash names that minimum; after the draft model took its part,
+        says so."""
+        if isinstance(e, BudgetError) and getattr(self, "_freed", 0):
+            least = plan_dense(self.store, "naive", None, self.context, self.options.parallel).planned_bytes
+            e = BudgetError(f"memory budget {(self._budget) / 1e6:.1f} MB is too small even with the output head "
+                            f"read from flash: the smallest plan (naive) needs at least "
+                            f"{(least - self._freed) / 1e6:.1f} MB")
         if isinstance(e, BudgetError) and self.draft_bytes:
             return BudgetError(f"{e}; the draft model took {self.draft_bytes / 1e6:.1f} MB of --memory before it "
                                  "(lower --draft-vocab, or no --draft)")
@@ -218,6 +266,8 @@ class Engine:
     def close(self) -> None:
         if self.draft is not None:
             self.draft.close()
+        if self.head is not None:
+            self.head.close()
         if self.reader is not None:
             self.reader.close()
         if self.embedding is not None:

@@ -24,6 +24,12 @@ SPECULATION = {
              "says it pays (lossless)",
     "off": "one token per forward pass",
 }
+HEAD = {
+    "auto": "in DRAM, unless --memory cannot hold it beside the rest (naive, hybrid): then read from flash every pass",
+    "dram": "the output head held in DRAM (refused with the minimum where it does not fit)",
+    "flash": "the output head (and a tied embedding) read from flash every pass: its bytes of DRAM for its bytes "
+             "read per pass (naive, hybrid)",
+}
 SPARSE_ONLY = {"window": "--window", "use_predictor": "--no-predictor", "compute": "--compute",
                "cache_format": "--cache-format", "density": "--density", "hot_neurons": "--no-hot-neurons"}
 
@@ -38,6 +44,7 @@ class Options:
     parallel: int = 1  # sequences decoded together (the server's batch): each its KV cache, planned in --memory
     draft: str | None = None  # speculation "draft": the draft model (a store, GGUF or HF folder; the loader opens it)
     draft_vocab: int = 0  # keep only the draft head's first N token ids (BPE's most frequent merges); 0: all
+    head: str = "auto"  # where the output head lives: HEAD
     # sparse mode
     window: int = 4  # keep the neurons of the last `window` tokens cached (0: no reuse)
     use_predictor: bool = True  # False: the true active set (an oracle that holds the FFN: measuring only)
@@ -55,7 +62,7 @@ class Options:
     def __post_init__(self):
         for name, value, choices in (("mode", self.mode, MODES), ("compute", self.compute, COMPUTE),
                                      ("cache format", self.cache_format, CACHE_FORMATS),
-                                     ("speculation", self.speculation, SPECULATION),
+                                     ("speculation", self.speculation, SPECULATION), ("head", self.head, HEAD),
                                      ("dtype", self.dtype, DTYPES)):
             if value not in choices:
                 raise InaflashError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")

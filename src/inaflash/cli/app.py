@@ -62,6 +62,10 @@ RUN_OPTIONS = {
     "draft_vocab": (int, typer.Option(
         0, min=0, help="Keep only the draft model's first N token ids in its output layer (BPE's most common "
                        "merges; e.g. 32768 saves 57 MB on Qwen2.5-0.5B); 0: all. Still lossless.")),
+    "head": (str, typer.Option(
+        "auto", help="Where the output head lives: auto (in DRAM, unless --memory cannot hold it beside the rest in "
+                     "naive/hybrid: then read from flash every pass, said at start); dram; flash (its bytes of DRAM "
+                     "traded for its bytes read per pass: Qwen2.5-1.5B's is 146 MB).")),
     "window": (int, typer.Option(4, min=0, help="sparse: keep neurons used in the last K tokens (0 = no reuse).")),
     "no_predictor": (bool, typer.Option(
         False, "--no-predictor", help="sparse: use the true active set (oracle; holds the FFN: measuring only).")),
@@ -100,6 +104,7 @@ def run_options(command):
                           hot_neurons=not flags["no_hot_neurons"], checksums=not flags["no_checksums"],
                           speculation="draft" if flags["draft"] and flags["speculation"] == "lookup"
                           else flags["speculation"], draft=flags["draft"], draft_vocab=flags["draft_vocab"],
+                          head=flags["head"],
                           dtype=flags["dtype"], bundling=False if flags["no_bundling"] else None)
         return command(model=flags["model"], options=options, **kw)
 
@@ -117,6 +122,10 @@ def open_model(model: str | None, options: Options):
     m = load(model, options)
     if m.engine.choice is not None:
         print(f"inaflash: mode {m.engine.mode}: {m.engine.choice.reason}", file=sys.stderr)
+    if m.engine.head is not None and options.head == "auto":
+        print(f"inaflash: the output head ({m.engine.head.rows * m.engine.head.row_bytes / 1e6:.1f} MB) does not fit "
+              "--memory beside the rest: it is read from flash every pass (--head dram refuses instead)",
+              file=sys.stderr)
     ignored = options.unused(m.engine.mode)
     if ignored:
         print(f"inaflash: note: mode {m.engine.mode} does not use {', '.join(ignored)}; ignored", file=sys.stderr)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,10 +289,30 @@ class FlashStore:
         return files["resident.safetensors"]["bytes"] + files.get(PALETTE_FILE, {}).get("bytes", 0) + embed_buffer \
             + files[CHECKSUM_FILE]["bytes"]  # the page checksums stay in DRAM
 
-    def resident_weights(self, check: bool = True) -> dict[str, torch.Tensor]:
+    def head_name(self) -> str | None:
+        """The output head's tensor in the resident part (a tied one is the embedding's), None for a model
+        whose head is named otherwise (OPT)."""
+        names = self.manifest["resident"].get("crc32c", {})
+        return next((n for n in ("lm_head.weight", "model.embed_tokens.weight") if n in names), None)
+
+    def resident_span(self, name: str) -> tuple[int, int, list[int]]:
+        """(file offset, bytes, shape) of tensor `name`'s data in resident.safetensors, from the file's header."""
+        path = self.path / "resident.safetensors"
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if 0 < n < 1 << 27 else {}
+            start, end = header[name]["data_offsets"]
+            return 8 + n + int(start), int(end) - int(start), [int(d) for d in header[name]["shape"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"store {self.path}: resident.safetensors has no readable {name} ({e}); re-convert "
+                             "the store") from None
+
+    def resident_weights(self, check: bool = True, unchecked: frozenset = frozenset()) -> dict[str, torch.Tensor]:
         """Name -> tensor, or quant.Int8Matrix for int8 matrices (stored as `name` codes + `name.scale`), or
         quant.Int4Matrix for int4 ones (a uint8 tensor: the format's rows as stored). `check`:
-        each tensor's CRC-32C against the manifest's (~50 ms for Qwen2.5-1.5B's 390 MB)."""
+        each tensor's CRC-32C against the manifest's (~50 ms for Qwen2.5-1.5B's 390 MB), but those `unchecked`
+        (mapped, never touched here: a head read from flash checks itself, streamed.FlashMatrix)."""
         from safetensors.torch import load_file
 
         name = "resident.safetensors"
@@ -305,7 +326,7 @@ class FlashStore:
                 raise StoreError(f"store {self.path}: {name} holds other tensors than its manifest lists "
                                  "(damaged; re-convert the store)")
             for n, t in w.items():
-                if checksum.crc32c(t) != want[n]:
+                if n not in unchecked and checksum.crc32c(t) != want[n]:
                     raise StoreError(f"store {self.path}: tensor {n} of {name} does not match its checksum "
                                      "(damaged; re-convert the store)")
         for n in [n for n in w if n.endswith(".scale")]:
