@@ -118,8 +118,8 @@ def load(model: str | Path | None = None, options: Options | None = None, **chan
 
     options (or any of its fields by name): mode (default auto), memory ("50%", "300MiB", bytes), context, window,
     use_predictor, compute, cache_format, density, hot_neurons, checksums, speculation, draft (a draft model, opened
-    and converted as `model` is), draft_vocab; dtype of a conversion; bundling=False requires (or converts
-    into) the unbundled layout, for the bundling ablation."""
+    and converted as `model` is), draft_vocab, head (auto, dram, flash: where the output head lives); dtype of a
+    conversion; bundling=False requires (or converts into) the unbundled layout, for the bundling ablation."""
     options = Options.of(options, **changes)
     layout = None if options.bundling is None else ("bundled" if options.bundling else "unbundled")
     store = resolve_store(model, options.dtype, layout=layout)

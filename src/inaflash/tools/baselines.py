@@ -83,7 +83,8 @@ def limited_engine(path: str, limit: int, margin: int, context: int, options: di
         sys.exit(f"the runtime alone (Python, torch, tokenizer: {runtime / 1e6:.0f} MB) + a {margin / 1e6:.0f} MB "
                  f"margin exceeds the {limit / 1e6:.0f} MB limit")
     engine = Engine(store, memory=budget, context=context, **options)
-    print(json.dumps({"event": "loaded", "t": time.perf_counter(), "chosen_mode": engine.mode,
+    print(json.dumps({"event": "loaded", "t": time.perf_counter(),
+                      "chosen_mode": engine.mode + (", head on flash" if engine.head is not None else ""),
                       "planned_bytes": engine.plan.planned_bytes if engine.plan else None}), flush=True)
     return engine
 
