@@ -128,3 +128,23 @@ def test_a_damaged_head_is_found_when_it_is_first_read(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptStoreError, match="resident.safetensors"):
         Engine(FlashStore(damaged), mode="naive", head="flash")
+
+
+def test_a_head_damaged_after_open_is_found_by_the_pass_that_reads_it(tmp_path):
+    """The head's pages are checked on every pass against the CRCs taken when it was first read: a byte flipped in
+    the file while the engine runs stops the next pass with CorruptStoreError instead of wrong logits."""
+    from inaflash.engine import Engine
+
+    store = _store(tmp_path, "llama", "int4", vocab_size=20000)
+    offset, nbytes, _ = store.resident_span(store.head_name())
+    path = store.path / "resident.safetensors"
+    with Engine(store, mode="naive", head="flash", speculation="off") as engine:
+        engine.reset(8)
+        engine.forward(torch.tensor([5, 6]), 0)
+        with open(path, "r+b") as f:
+            f.seek(offset + nbytes - 100)
+            byte = f.read(1)
+            f.seek(offset + nbytes - 100)
+            f.write(bytes([byte[0] ^ 0x01]))
+        with pytest.raises(CorruptStoreError, match="resident.safetensors"):
+            engine.forward(torch.tensor([7]), 2)

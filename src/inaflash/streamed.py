@@ -112,12 +112,21 @@ class FlashMatrix:
         x = x.float().contiguous()
         out = torch.empty(x.shape[0], self.rows)
         pending = self._start(0)
-        for i, (r0, r1) in enumerate(self.slices):
-            batch, raw = pending
-            batch.wait()
-            if i + 1 < len(self.slices):
-                pending = self._start(i + 1)  # into the other buffer, while this slice is multiplied
-            out[:, r0:r1] = linear(x, self._matrix(raw, r1 - r0))
+        try:
+            for i, (r0, r1) in enumerate(self.slices):
+                batch, raw = pending
+                batch.wait()
+                pending = None
+                if i + 1 < len(self.slices):
+                    pending = self._start(i + 1)  # into the other buffer, while this slice is multiplied
+                out[:, r0:r1] = linear(x, self._matrix(raw, r1 - r0))
+        except BaseException:
+            if pending is not None:  # nothing may land in a buffer after this pass has given it up
+                try:
+                    pending[0].wait()
+                except BaseException:
+                    pass
+            raise
         return out
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
