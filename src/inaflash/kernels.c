@@ -427,6 +427,49 @@ static inline __attribute__((always_inline)) void gate_up_q4_tokens(const bundle
     }
 }
 
+/* The int16 coefficients of 32 rows for one output group (v: 4 vectors of 8 floats, rows in order) into q: scaled
+ * so the largest is 32767, the scale returned (packs_epi32 interleaves 4-lane halves: permuted back to order) */
+static inline __attribute__((always_inline)) float quantize_coefficients(const __m256 v[4], int16_t *q) {
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
+    const float amax = hmax(m);
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+    for (int i = 0; i < 4; i += 2) {
+        __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)),
+                                       _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv)));
+        _mm256_store_si256((__m256i *)(q + 8 * i), _mm256_permute4x64_epi64(p, 0xD8));
+    }
+    return amax / 32767.f;
+}
+
+/* The 32 int4 down codes at byte `at` of 4 rows as byte pairs (row 0, row 1 | row 2, row 3) per output: P[0], P[1]
+ * the low nibbles' outputs j = 0, 2, .., 14 and 16, .., 30; P[2], P[3] the high nibbles' 1, .., 15 and 17, .., 31 */
+static inline __attribute__((always_inline)) void pair_codes(const uint8_t *const *rows, int64_t at, __m256i P[4]) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const __m256i X = _mm256_loadu2_m128i((const __m128i *)(rows[2] + at), (const __m128i *)(rows[0] + at));
+    const __m256i Y = _mm256_loadu2_m128i((const __m128i *)(rows[3] + at), (const __m128i *)(rows[1] + at));
+    const __m256i xl = _mm256_and_si256(X, low4), yl = _mm256_and_si256(Y, low4);
+    const __m256i xh = _mm256_and_si256(_mm256_srli_epi16(X, 4), low4), yh = _mm256_and_si256(_mm256_srli_epi16(Y, 4), low4);
+    P[0] = _mm256_unpacklo_epi8(xl, yl), P[1] = _mm256_unpackhi_epi8(xl, yl);
+    P[2] = _mm256_unpacklo_epi8(xh, yh), P[3] = _mm256_unpackhi_epi8(xh, yh);
+}
+
+/* o[0..31] += scale * the int32 sums acc[8] of one output group: lanes summed (acc[0], acc[1] -> j = 0, 2, .., 14;
+ * acc[2], acc[3] -> 16, .., 30; odds from acc[4..7]), evens and odds interleaved back into order */
+static inline __attribute__((always_inline)) void add_group(const __m256i acc[8], float scale, float *o) {
+    const __m256 s = _mm256_set1_ps(scale);
+    __m256 v[4];
+    for (int i = 0; i < 4; i++)
+        v[i] = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_add_epi32(
+            _mm256_permute2x128_si256(acc[2 * i], acc[2 * i + 1], 0x20),
+            _mm256_permute2x128_si256(acc[2 * i], acc[2 * i + 1], 0x31))));
+    for (int i = 0; i < 2; i++) {  /* evens v[i] and odds v[i + 2] of outputs 16i .. 16i + 15 */
+        __m256 lo = _mm256_unpacklo_ps(v[i], v[i + 2]), hi = _mm256_unpackhi_ps(v[i], v[i + 2]);
+        _mm256_storeu_ps(o + 16 * i, _mm256_add_ps(_mm256_loadu_ps(o + 16 * i), _mm256_permute2f128_ps(lo, hi, 0x20)));
+        _mm256_storeu_ps(o + 16 * i + 8, _mm256_add_ps(_mm256_loadu_ps(o + 16 * i + 8), _mm256_permute2f128_ps(lo, hi, 0x31)));
+    }
+}
+
 /* One token, int4 down columns in groups of 32: out += sum over R rows of h[r] * field_OUT(r) in integers, as the
  * gate/up dot products are. The coefficients c[r][k] = h[r] * scale[r][k] are quantized to int16 per output group k
  * over the block of rows (one float scale per k and block: ~1e-5 relative error, where int8 coefficients cost 2%
@@ -456,18 +499,11 @@ static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layo
     }
     for (int64_t k = 0; k < ngroups; k++) {
         for (int r = R; r < DB; r++) c[k][r] = 0.f;
-        __m256 v[4], m = _mm256_setzero_ps();
-        for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i] = _mm256_load_ps(c[k] + 8 * i)));
-        const float amax = hmax(m);
-        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
-        sb[k] = amax / 32767.f;
-        for (int i = 0; i < 4; i += 2) {  /* packs_epi32 interleaves 4-lane halves: permute back to order */
-            __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)),
-                                           _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv)));
-            _mm256_store_si256((__m256i *)(cq[k] + 8 * i), _mm256_permute4x64_epi64(p, 0xD8));
-        }
+        const __m256 v[4] = {_mm256_load_ps(c[k]), _mm256_load_ps(c[k] + 8), _mm256_load_ps(c[k] + 16),
+                             _mm256_load_ps(c[k] + 24)};
+        sb[k] = quantize_coefficients(v, cq[k]);
     }
-    const __m256i low4 = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256();
     const int64_t off = L->code_off[OUT], lines = (L->row_bytes + 63) / 64;
     for (int64_t k = 0; k < ngroups; k++) {
         /* the bundles the gate/up pass takes next, a share per group: a block's down projection takes ~3 us of
@@ -478,38 +514,18 @@ static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layo
         __m256i acc[8];
         for (int i = 0; i < 8; i++) acc[i] = zero;
         for (int r = 0; r < Rp; r += 4) {
-            const uint8_t *p0 = rows[r] + off + 16 * k, *p1 = rows[r + 1] + off + 16 * k;
-            const uint8_t *p2 = rows[r + 2] + off + 16 * k, *p3 = rows[r + 3] + off + 16 * k;
-            __m256i X = _mm256_loadu2_m128i((const __m128i *)p2, (const __m128i *)p0);  /* lanes: rows 0, 2 */
-            __m256i Y = _mm256_loadu2_m128i((const __m128i *)p3, (const __m128i *)p1);  /* lanes: rows 1, 3 */
-            __m256i xl = _mm256_and_si256(X, low4), yl = _mm256_and_si256(Y, low4);
-            __m256i xh = _mm256_and_si256(_mm256_srli_epi16(X, 4), low4), yh = _mm256_and_si256(_mm256_srli_epi16(Y, 4), low4);
             int32_t w01, w23;
             memcpy(&w01, &cq[k][r], 4);
             memcpy(&w23, &cq[k][r + 2], 4);
             const __m256i w = _mm256_setr_m128i(_mm_set1_epi32(w01), _mm_set1_epi32(w23));
-            /* byte pairs (row 0, row 1 | row 2, row 3) per output: of the low nibbles j = 0, 2, .., 14 (unpacklo)
-               and 16, .., 30 (unpackhi); of the high nibbles 1, .., 15 and 17, .., 31; widened to int16 pairs */
-            const __m256i P[4] = {_mm256_unpacklo_epi8(xl, yl), _mm256_unpackhi_epi8(xl, yl),
-                                  _mm256_unpacklo_epi8(xh, yh), _mm256_unpackhi_epi8(xh, yh)};
+            __m256i P[4];
+            pair_codes(rows + r, off + 16 * k, P);  /* widened to int16 pairs below */
             for (int i = 0; i < 4; i++) {
                 acc[2 * i] = DOT_S16(acc[2 * i], _mm256_unpacklo_epi8(P[i], zero), w);
                 acc[2 * i + 1] = DOT_S16(acc[2 * i + 1], _mm256_unpackhi_epi8(P[i], zero), w);
             }
         }
-        /* lanes summed: acc[0], acc[1] -> j = 0, 2, .., 14; acc[2], acc[3] -> 16, .., 30; odds from acc[4..7] */
-        const __m256 s = _mm256_set1_ps(sb[k]);
-        __m256 v[4];
-        for (int i = 0; i < 4; i++)
-            v[i] = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_add_epi32(
-                _mm256_permute2x128_si256(acc[2 * i], acc[2 * i + 1], 0x20),
-                _mm256_permute2x128_si256(acc[2 * i], acc[2 * i + 1], 0x31))));
-        float *o = out + 32 * k;
-        for (int i = 0; i < 2; i++) {  /* evens v[i] and odds v[i + 2] of outputs 16i .. 16i + 15, interleaved */
-            __m256 lo = _mm256_unpacklo_ps(v[i], v[i + 2]), hi = _mm256_unpackhi_ps(v[i], v[i + 2]);
-            _mm256_storeu_ps(o + 16 * i, _mm256_add_ps(_mm256_loadu_ps(o + 16 * i), _mm256_permute2f128_ps(lo, hi, 0x20)));
-            _mm256_storeu_ps(o + 16 * i + 8, _mm256_add_ps(_mm256_loadu_ps(o + 16 * i + 8), _mm256_permute2f128_ps(lo, hi, 0x31)));
-        }
+        add_group(acc, sb[k], out + 32 * k);
     }
 }
 
@@ -550,39 +566,28 @@ static inline __attribute__((always_inline)) void rows_down_q4_tokens(const bund
             for (; k < ngroups; k++) gt[k] += h[r][t] * mn[k];
         }
     }
-    const __m256i low4 = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256();
     const int64_t off = L->code_off[OUT], lines = (L->row_bytes + 63) / 64;
     for (int64_t k = 0; k < ngroups; k++) {
         for (int64_t i = nnext * lines * k / ngroups; i < nnext * lines * (k + 1) / ngroups; i++)
             _mm_prefetch((const char *)next[i / lines] + 64 * (i % lines), _MM_HINT_T0);
         for (int t = 0; t < tb; t++) {  /* rows_down_q4's quantization of the coefficients, per token */
-            __m256 v[4], m = _mm256_setzero_ps();
-            for (int i = 0; i < 4; i++) {
-                v[i] = _mm256_mul_ps(_mm256_load_ps(hc[t] + 8 * i), _mm256_load_ps(sc[k] + 8 * i));
-                m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
-            }
-            const float amax = hmax(m);
-            const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
-            sb[t] = amax / 32767.f;
-            /* each 4 rows' coefficient pairs as the multiply-add takes them: (r, r + 1) in the low lanes, (r + 2,
-               r + 3) in the high ones */
-            for (int i = 0; i < 4; i += 2) {
-                const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)),
-                                                           _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv))), 0xD8);
-                for (int j = 0; j < 4; j++)  /* rows 8i + 4j .. 8i + 4j + 3: dwords 2j, 2j + 1 of p */
-                    cw[t][2 * i + j] = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j,
-                                                                   2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1));
+            int16_t q[DB] __attribute__((aligned(32)));
+            const __m256 v[4] = {_mm256_mul_ps(_mm256_load_ps(hc[t]), _mm256_load_ps(sc[k])),
+                                 _mm256_mul_ps(_mm256_load_ps(hc[t] + 8), _mm256_load_ps(sc[k] + 8)),
+                                 _mm256_mul_ps(_mm256_load_ps(hc[t] + 16), _mm256_load_ps(sc[k] + 16)),
+                                 _mm256_mul_ps(_mm256_load_ps(hc[t] + 24), _mm256_load_ps(sc[k] + 24))};
+            sb[t] = quantize_coefficients(v, q);
+            for (int r = 0; r < DB; r += 4) {  /* (r, r + 1) in the low lanes, (r + 2, r + 3) in the high ones */
+                int32_t w01, w23;
+                memcpy(&w01, &q[r], 4);
+                memcpy(&w23, &q[r + 2], 4);
+                cw[t][r / 4] = _mm256_setr_m128i(_mm_set1_epi32(w01), _mm_set1_epi32(w23));
             }
         }
         for (int r = 0; r < Rp; r += 4) {  /* rows_down_q4's pairs, widened once for every token */
-            const uint8_t *p0 = rows[r] + off + 16 * k, *p1 = rows[r + 1] + off + 16 * k;
-            const uint8_t *p2 = rows[r + 2] + off + 16 * k, *p3 = rows[r + 3] + off + 16 * k;
-            __m256i X = _mm256_loadu2_m128i((const __m128i *)p2, (const __m128i *)p0);
-            __m256i Y = _mm256_loadu2_m128i((const __m128i *)p3, (const __m128i *)p1);
-            __m256i xl = _mm256_and_si256(X, low4), yl = _mm256_and_si256(Y, low4);
-            __m256i xh = _mm256_and_si256(_mm256_srli_epi16(X, 4), low4), yh = _mm256_and_si256(_mm256_srli_epi16(Y, 4), low4);
-            const __m256i P[4] = {_mm256_unpacklo_epi8(xl, yl), _mm256_unpackhi_epi8(xl, yl),
-                                  _mm256_unpacklo_epi8(xh, yh), _mm256_unpackhi_epi8(xh, yh)};
+            __m256i P[4];
+            pair_codes(rows + r, off + 16 * k, P);
             for (int i = 0; i < 4; i++) {
                 wide[r / 4][2 * i] = _mm256_unpacklo_epi8(P[i], zero);
                 wide[r / 4][2 * i + 1] = _mm256_unpackhi_epi8(P[i], zero);
@@ -591,22 +596,9 @@ static inline __attribute__((always_inline)) void rows_down_q4_tokens(const bund
         for (int t = 0; t < tb; t++) {
             __m256i acc[8];
             for (int i = 0; i < 8; i++) acc[i] = zero;
-            for (int r = 0; r < Rp; r += 4) {
-                const __m256i w = cw[t][r / 4];
-                for (int i = 0; i < 8; i++) acc[i] = DOT_S16(acc[i], wide[r / 4][i], w);
-            }
-            const __m256 s = _mm256_set1_ps(sb[t]);
-            __m256 v[4];
-            for (int i = 0; i < 4; i++)
-                v[i] = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_add_epi32(
-                    _mm256_permute2x128_si256(acc[2 * i], acc[2 * i + 1], 0x20),
-                    _mm256_permute2x128_si256(acc[2 * i], acc[2 * i + 1], 0x31))));
-            float *o = out + t * d + 32 * k;
-            for (int i = 0; i < 2; i++) {
-                __m256 lo = _mm256_unpacklo_ps(v[i], v[i + 2]), hi = _mm256_unpackhi_ps(v[i], v[i + 2]);
-                _mm256_storeu_ps(o + 16 * i, _mm256_add_ps(_mm256_loadu_ps(o + 16 * i), _mm256_permute2f128_ps(lo, hi, 0x20)));
-                _mm256_storeu_ps(o + 16 * i + 8, _mm256_add_ps(_mm256_loadu_ps(o + 16 * i + 8), _mm256_permute2f128_ps(lo, hi, 0x31)));
-            }
+            for (int r = 0; r < Rp; r += 4)
+                for (int i = 0; i < 8; i++) acc[i] = DOT_S16(acc[i], wide[r / 4][i], cw[t][r / 4]);
+            add_group(acc, sb[t], out + t * d + 32 * k);
         }
     }
 }
