@@ -427,18 +427,17 @@ static inline __attribute__((always_inline)) void gate_up_q4_tokens(const bundle
     }
 }
 
-/* The int16 coefficients of 32 rows for one output group (v: 4 vectors of 8 floats, rows in order) into q: scaled
- * so the largest is 32767, the scale returned (packs_epi32 interleaves 4-lane halves: permuted back to order) */
-static inline __attribute__((always_inline)) float quantize_coefficients(const __m256 v[4], int16_t *q) {
+/* The int16 coefficients of 32 rows for one output group (v: 4 vectors of 8 floats, rows in order) into q[0] (rows
+ * 0-15) and q[1] (16-31): scaled so the largest is 32767, the scale returned (packs_epi32 interleaves 4-lane
+ * halves: permuted back to order) */
+static inline __attribute__((always_inline)) float quantize_coefficients(const __m256 v[4], __m256i q[2]) {
     __m256 m = _mm256_setzero_ps();
     for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
     const float amax = hmax(m);
     const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
-    for (int i = 0; i < 4; i += 2) {
-        __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)),
-                                       _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv)));
-        _mm256_store_si256((__m256i *)(q + 8 * i), _mm256_permute4x64_epi64(p, 0xD8));
-    }
+    for (int i = 0; i < 2; i++)
+        q[i] = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[2 * i], inv)),
+                                                           _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * i + 1], inv))), 0xD8);
     return amax / 32767.f;
 }
 
@@ -501,7 +500,10 @@ static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layo
         for (int r = R; r < DB; r++) c[k][r] = 0.f;
         const __m256 v[4] = {_mm256_load_ps(c[k]), _mm256_load_ps(c[k] + 8), _mm256_load_ps(c[k] + 16),
                              _mm256_load_ps(c[k] + 24)};
-        sb[k] = quantize_coefficients(v, cq[k]);
+        __m256i q[2];
+        sb[k] = quantize_coefficients(v, q);
+        _mm256_store_si256((__m256i *)cq[k], q[0]);
+        _mm256_store_si256((__m256i *)(cq[k] + 16), q[1]);
     }
     const __m256i zero = _mm256_setzero_si256();
     const int64_t off = L->code_off[OUT], lines = (L->row_bytes + 63) / 64;
@@ -572,18 +574,16 @@ static inline __attribute__((always_inline)) void rows_down_q4_tokens(const bund
         for (int64_t i = nnext * lines * k / ngroups; i < nnext * lines * (k + 1) / ngroups; i++)
             _mm_prefetch((const char *)next[i / lines] + 64 * (i % lines), _MM_HINT_T0);
         for (int t = 0; t < tb; t++) {  /* rows_down_q4's quantization of the coefficients, per token */
-            int16_t q[DB] __attribute__((aligned(32)));
+            __m256i q[2];
             const __m256 v[4] = {_mm256_mul_ps(_mm256_load_ps(hc[t]), _mm256_load_ps(sc[k])),
                                  _mm256_mul_ps(_mm256_load_ps(hc[t] + 8), _mm256_load_ps(sc[k] + 8)),
                                  _mm256_mul_ps(_mm256_load_ps(hc[t] + 16), _mm256_load_ps(sc[k] + 16)),
                                  _mm256_mul_ps(_mm256_load_ps(hc[t] + 24), _mm256_load_ps(sc[k] + 24))};
             sb[t] = quantize_coefficients(v, q);
-            for (int r = 0; r < DB; r += 4) {  /* (r, r + 1) in the low lanes, (r + 2, r + 3) in the high ones */
-                int32_t w01, w23;
-                memcpy(&w01, &q[r], 4);
-                memcpy(&w23, &q[r + 2], 4);
-                cw[t][r / 4] = _mm256_setr_m128i(_mm_set1_epi32(w01), _mm_set1_epi32(w23));
-            }
+            for (int j = 0; j < DB / 4; j++)  /* rows 4j, 4j + 1 in the low lanes, 4j + 2, 4j + 3 in the high ones */
+                cw[t][j] = _mm256_permutevar8x32_epi32(q[j / 4], _mm256_setr_epi32(
+                    2 * (j % 4), 2 * (j % 4), 2 * (j % 4), 2 * (j % 4),
+                    2 * (j % 4) + 1, 2 * (j % 4) + 1, 2 * (j % 4) + 1, 2 * (j % 4) + 1));
         }
         for (int r = 0; r < Rp; r += 4) {  /* rows_down_q4's pairs, widened once for every token */
             __m256i P[4];
