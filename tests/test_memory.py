@@ -76,6 +76,7 @@ def test_a_budget_below_every_mode_is_refused_with_the_minimum(smollm2_store_f16
             load(smollm2_store_f16, mode=mode, memory="50%", context=256, head="dram")
     with load(smollm2_store_f16, memory="50%", context=256) as model:
         assert model.engine.head is not None and model.engine.plan.planned_bytes <= half
+        assert f"--memory {half / 1e6:.0f} MB" in model.engine.choice.reason  # the budget given, not the planners
 
 
 DROP = r"""

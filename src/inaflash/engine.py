@@ -90,7 +90,8 @@ class Engine:
                 budget += freed
             if mode == "auto":
                 self.choice = choose_mode(store, budget, self.context, sparsity, window, cache_format,
-                                          context_given=context is not None, sequences=o.parallel)
+                                          context_given=context is not None, sequences=o.parallel,
+                                          head_freed=freed)
                 mode, budget, self.context = self.choice.mode, self.choice.budget, self.choice.context
         except BaseException as e:
             self.close()

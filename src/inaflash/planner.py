@@ -297,7 +297,8 @@ MIN_AUTO_CONTEXT = 256  # auto shrinks a default context (not one asked for) dow
 
 
 def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, window: int,
-                cache_format: str = "store", context_given: bool = True, sequences: int = 1) -> Choice:
+                cache_format: str = "store", context_given: bool = True, sequences: int = 1,
+                head_freed: int = 0) -> Choice:
     """`--mode auto`: the fastest mode whose plan fits `budget` (None: 80% of the DRAM available now).
     dram if the whole model fits; else sparse if the store's calibration passed its quality gate (calibrate.py:
     within the bounds on the validation text), the caches fit, and the neurons it computes per token are fewer bytes
@@ -305,11 +306,13 @@ def choose_mode(store: FlashStore, budget: int | None, context: int, sparsity, w
     calibration without a passed gate: its text would leave dense's.
     Where even streaming does not fit and the context was not asked for, the KV cache is planned for fewer tokens
     (down to MIN_AUTO_CONTEXT; the default model's float16 store at --memory 50%: 1024 tokens need 47 MB of its
-    135)."""
+    135). `head_freed`: what reading the output head from flash frees, already in `budget` (the reasons name
+    the budget given)."""
     given = budget is not None
     budget = budget if given else int(0.8 * available_bytes())
     whole = dram_bytes(store, context, sequences)
-    where = f"--memory {budget / 1e6:.0f} MB" if given else f"80% of the {budget / 0.8e6:.0f} MB available"
+    where = f"--memory {(budget - head_freed) / 1e6:.0f} MB" if given else \
+        f"80% of the {budget / 0.8e6:.0f} MB available"
     if whole <= budget:
         return Choice("dram", f"the whole model ({whole / 1e6:.0f} MB with its KV cache) fits in {where}", budget,
                       context)
