@@ -9,34 +9,39 @@ from .reader import FlashReader, aligned_buffer
 from .store.format import ALIGN, EMBED_BATCH, FlashStore, round_up
 
 
+def read_rows(reader: FlashReader, buf: torch.Tensor, offset: int, row_bytes: int, ids: list[int]) -> torch.Tensor:
+    """uint8 [len(ids), row_bytes]: rows `ids` of a table of `row_bytes` rows starting at `offset` in the reader's
+    file, read EMBED_BATCH at a time into `buf` (EMBED_BATCH slots of round_up(row_bytes) + ALIGN bytes: the most
+    pages a row can straddle)."""
+    span = round_up(row_bytes) + ALIGN
+    out = torch.empty(len(ids), row_bytes, dtype=torch.uint8)
+    for s in range(0, len(ids), EMBED_BATCH):
+        requests, starts = [], []
+        for k, i in enumerate(ids[s:s + EMBED_BATCH]):
+            first = offset + i * row_bytes
+            aligned = first // ALIGN * ALIGN
+            requests.append((aligned, buf[k * span:k * span + round_up(first + row_bytes) - aligned]))
+            starts.append(k * span + first - aligned)
+        reader.read(requests)
+        for k, start in enumerate(starts):
+            out[s + k] = buf[start:start + row_bytes]
+    return out
+
+
 class FlashEmbedding:
     def __init__(self, store: FlashStore, threads: int = 4, checksums: bool = True):
         e = store.embed
         path = store.path / e["file"]
         self.reader = FlashReader(path, threads=threads, pages=store.pages(path, checksums))
         self.rows, self.row_bytes, self.dtype = e["rows"], e["row_bytes"], store.dtype
-        self.span = round_up(self.row_bytes) + ALIGN  # the most pages one row can straddle
-        self.buf = aligned_buffer(EMBED_BATCH * self.span)
+        self.buf = aligned_buffer(EMBED_BATCH * (round_up(self.row_bytes) + ALIGN))
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows [T, hidden] (float32) of token ids [T]."""
         ids = ids.reshape(-1).tolist()
         if any(not 0 <= i < self.rows for i in ids):
             raise IndexError(f"token id out of range 0..{self.rows - 1}")
-        out = torch.empty(len(ids), self.row_bytes // self.dtype.itemsize)
-        for s in range(0, len(ids), EMBED_BATCH):
-            batch, requests, starts, pos = ids[s:s + EMBED_BATCH], [], [], 0
-            for i in batch:
-                first = i * self.row_bytes
-                aligned = first // ALIGN * ALIGN
-                length = round_up(first + self.row_bytes) - aligned
-                requests.append((aligned, self.buf[pos:pos + length]))
-                starts.append(pos + first - aligned)
-                pos += length
-            self.reader.read(requests)
-            for k, start in enumerate(starts):
-                out[s + k] = self.buf[start:start + self.row_bytes].view(self.dtype)
-        return out
+        return read_rows(self.reader, self.buf, 0, self.row_bytes, ids).view(self.dtype).float()
 
     def close(self) -> None:
         self.reader.close()

@@ -77,21 +77,21 @@ class Engine:
                 budget -= self.draft_bytes
         reset_peak_rss()  # from here the peak is runtime + model data: stats compare it with the plan
         self.embedding = self.reader = self.head = None
-        self._budget, self._freed = budget, 0
+        self._budget, self._freed, head_bytes, head_buffers = budget, 0, 0, 0
         try:
             sparsity = load_sparsity(store) if mode in ("auto", "sparse") else None  # read once (with predictors)
-            # the head read from flash: the planners see a budget larger by what that frees (its bytes less its
-            # buffers); the plan is corrected below
-            head_name = store.head_name() if self._head_on_flash(mode, budget, sparsity, window, cache_format) \
-                else None
-            self._freed = freed = 0 if head_name is None else \
-                store.resident_span(head_name)[1] - streamed.dram_bytes(store, head_name)
-            if budget is not None:
-                budget += freed
+            head_name, self.choice = self._head_on_flash(mode, budget, sparsity, window, cache_format)
+            if head_name is not None:
+                # the planners see a budget larger by what reading the head frees (its bytes less its buffers); the
+                # plan is corrected below
+                head_bytes, head_buffers = store.resident_span(head_name)[1], streamed.dram_bytes(store, head_name)
+                self._freed = head_bytes - head_buffers
+                if budget is not None:
+                    budget += self._freed
             if mode == "auto":
-                self.choice = choose_mode(store, budget, self.context, sparsity, window, cache_format,
-                                          context_given=context is not None, sequences=o.parallel,
-                                          head_freed=freed)
+                self.choice = self.choice or choose_mode(store, budget, self.context, sparsity, window, cache_format,
+                                                         context_given=context is not None, sequences=o.parallel,
+                                                         head_freed=self._freed)
                 mode, budget, self.context = self.choice.mode, self.choice.budget, self.choice.context
         except BaseException as e:
             self.close()
@@ -154,16 +154,17 @@ class Engine:
             if self.plan is not None:
                 self.plan.draft_bytes = self.draft_bytes
                 if head_name is not None:
-                    self.plan.resident_bytes -= freed + streamed.dram_bytes(store, head_name)
-                    self.plan.staging_bytes += streamed.dram_bytes(store, head_name)
-                    self.plan.budget_bytes -= freed
+                    self.plan.resident_bytes -= head_bytes
+                    self.plan.staging_bytes += head_buffers
+                    self.plan.budget_bytes -= self._freed
         except BaseException as e:
             self.close()
             raise self._explain(e) from None
 
-    def _head_on_flash(self, mode: str, budget: int | None, sparsity, window: int, cache_format: str) -> bool:
-        """--head: flash, or auto where the budget cannot hold the model otherwise (naive, hybrid, auto; a float or
-        int4 head)."""
+    def _head_on_flash(self, mode: str, budget: int | None, sparsity, window: int, cache_format: str):
+        """(the head's name where it is read from flash, else None; auto's choice where it was made with the head in
+        DRAM, else None). --head flash; auto where the budget cannot hold the model otherwise (naive, hybrid, auto;
+        a float or int4 head, larger than its buffers)."""
         o, store = self.options, self.store
         name = store.head_name()
         streamable = name is not None and f"{name}.scale" not in store.manifest["resident"].get("crc32c", {})
@@ -171,26 +172,25 @@ class Engine:
             if mode in ("dram", "sparse") or not streamable:
                 raise InaflashError(f"--head flash reads a float or int4 head in naive or hybrid mode (or auto), "
                                     f"not {'this store' if not streamable else mode + ' mode'}")
-            return True
+            return name, None
         if o.head == "dram" or budget is None or mode not in ("auto", "naive", "hybrid") or not streamable \
                 or store.resident_span(name)[1] <= streamed.dram_bytes(store, name):  # (it would free nothing)
-            return False
+            return None, None
         try:
             if mode == "auto":
-                choose_mode(store, budget, self.context, sparsity, window, cache_format,
-                            context_given=o.context is not None, sequences=o.parallel)
-            else:
-                plan_dense(store, mode, budget, self.context, o.parallel)
-            return False
+                return None, choose_mode(store, budget, self.context, sparsity, window, cache_format,
+                                         context_given=o.context is not None, sequences=o.parallel)
+            plan_dense(store, mode, budget, self.context, o.parallel)  # (arithmetic: the plan is made below)
+            return None, None
         except BudgetError:  # (too small with the head read too: refused below, naming that minimum)
-            return True
+            return name, None
 
     def _explain(self, e: BaseException) -> BaseException:
         """A budget refused with the head read from flash names that minimum; after the draft model took its part,
         says so."""
-        if isinstance(e, BudgetError) and getattr(self, "_freed", 0):
+        if isinstance(e, BudgetError) and self._freed:
             least = plan_dense(self.store, "naive", None, self.context, self.options.parallel).planned_bytes
-            e = BudgetError(f"memory budget {(self._budget) / 1e6:.1f} MB is too small even with the output head "
+            e = BudgetError(f"memory budget {self._budget / 1e6:.1f} MB is too small even with the output head "
                             f"read from flash: the smallest plan (naive) needs at least "
                             f"{(least - self._freed) / 1e6:.1f} MB")
         if isinstance(e, BudgetError) and self.draft_bytes:

@@ -13,6 +13,7 @@ import torch
 
 from .errors import CorruptStoreError, InaflashError
 from .ops import linear
+from .embedding import read_rows
 from .reader import FlashReader, aligned_buffer
 from .store import checksum
 from .store.format import ALIGN, EMBED_BATCH, FlashStore, round_up
@@ -134,23 +135,9 @@ class FlashMatrix:
         flat = ids.reshape(-1).tolist()
         if any(not 0 <= i < self.rows for i in flat):
             raise IndexError(f"token id out of range 0..{self.rows - 1}")
-        out = torch.empty(len(flat), self.cols)
-        span = round_up(self.row_bytes) + ALIGN
-        for s in range(0, len(flat), EMBED_BATCH):
-            batch, requests, starts = flat[s:s + EMBED_BATCH], [], []
-            for k, i in enumerate(batch):
-                start, length, skip = self._span(i, i + 1)
-                requests.append((start, self.row_buf[k * span:k * span + length]))
-                starts.append(k * span + skip)
-            self.reader.read(requests)
-            raw = torch.stack([self.row_buf[a:a + self.row_bytes] for a in starts])
-            w = self._matrix(raw, len(batch))
-            out[s:s + len(batch)] = w.decode(raw.view(len(batch), self.row_bytes)) if self.int4 else w.float()
+        rows = read_rows(self.reader, self.row_buf, self.offset, self.row_bytes, flat)
+        out = Int4Matrix(rows).decode(rows) if self.int4 else rows.view(self.dtype).float()
         return out.view(*ids.shape, self.cols)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.rows, self.cols
 
     def close(self) -> None:
         self.reader.close()

@@ -295,15 +295,19 @@ class FlashStore:
         names = self.manifest["resident"].get("crc32c", {})
         return next((n for n in ("lm_head.weight", "model.embed_tokens.weight") if n in names), None)
 
+    @functools.cached_property
+    def _resident_header(self) -> tuple[int, dict]:
+        """(where the data starts, the header) of resident.safetensors, read once."""
+        with open(self.path / "resident.safetensors", "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return 8 + n, json.loads(f.read(n)) if 0 < n < 1 << 27 else {}
+
     def resident_span(self, name: str) -> tuple[int, int, list[int]]:
         """(file offset, bytes, shape) of tensor `name`'s data in resident.safetensors, from the file's header."""
-        path = self.path / "resident.safetensors"
         try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n)) if 0 < n < 1 << 27 else {}
+            data, header = self._resident_header
             start, end = header[name]["data_offsets"]
-            return 8 + n + int(start), int(end) - int(start), [int(d) for d in header[name]["shape"]]
+            return data + int(start), int(end) - int(start), [int(d) for d in header[name]["shape"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StoreError(f"store {self.path}: resident.safetensors has no readable {name} ({e}); re-convert "
                              "the store") from None
