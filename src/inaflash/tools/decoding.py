@@ -77,8 +77,10 @@ from llama_cpp import Llama
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 path, prompts, n, stop, draft, n_ctx = (sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]),
                                         set(json.loads(sys.argv[4])), int(sys.argv[5]), int(sys.argv[6]))
+# logits_all with a draft: llama-cpp-python 0.3.x turns it on itself for a draft model but sizes its logits store by
+# the argument (n_batch rows, not n_ctx), so the first pass past 64 positions failed (ValueError: could not broadcast)
 llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=64, n_threads=2, use_mmap=True, verbose=False,
-            draft_model=LlamaPromptLookupDecoding(num_pred_tokens=draft) if draft else None)
+            logits_all=bool(draft), draft_model=LlamaPromptLookupDecoding(num_pred_tokens=draft) if draft else None)
 print(json.dumps({"event": "loaded", "t": time.perf_counter()}), flush=True)
 for i, ids in enumerate(prompts):
     out, times, t0 = [], [], time.perf_counter()
