@@ -2,6 +2,8 @@
 token where the arithmetic is exact; sampled tokens keep the model's distribution; the policy drafts only where its
 cost model says a wider pass pays."""
 
+import time
+
 import pytest
 import torch
 
@@ -192,3 +194,29 @@ def test_a_batch_with_a_draft_model_gives_each_prompt_its_plain_greedy_tokens(ti
         out, stats = generate_batch(engine, prompts, 24, stop=set())
     assert out == alone
     assert stats.tokens_per_pass > len(prompts)  # more than one token per sequence per pass
+
+
+def test_a_step_s_time_counts_the_drafting(tiny_pair, monkeypatch):
+    """decode_step's seconds (what ms_per_token and tokens/s are made of) include the draft model's work, not only the
+    verification pass: a draft model's forward passes are part of what speculation costs (they were left out once,
+    which overstated its speed-up). The pass alone is what pass_costs records."""
+    from inaflash.engine import Engine
+    from inaflash.generate import GenerationStats, stream_ids
+    from inaflash.speculate import DraftModel
+
+    slow = 0.05
+    propose = DraftModel.propose
+
+    def slow_propose(self, history, k):
+        time.sleep(slow)
+        return propose(self, history, k)
+
+    target, _ = tiny_pair
+    calls = []
+    monkeypatch.setattr(DraftModel, "propose", lambda self, h, k: calls.append(k) or slow_propose(self, h, k))
+    with Engine(target, mode="dram", speculation="draft", draft_store=target) as engine:
+        _streaming_costs(engine, monkeypatch)
+        stats = GenerationStats()
+        list(stream_ids(engine, [3, 17, 42, 5, 88, 9], 12, stats=stats, stop=set()))
+    produced = stats.generated_tokens - 1
+    assert calls and stats.ms_per_token * produced >= len(calls) * slow * 1e3
