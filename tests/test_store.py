@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from inaflash.ffn.dense import bundle_views
 from inaflash.reader import FlashReader, aligned_buffer
+from inaflash.errors import InaflashError
 from inaflash.store.sources import open_source
 from inaflash.store.format import FlashStore
 from inaflash.store.convert import write_store
@@ -162,3 +163,67 @@ def test_reader_reads_registered_buffers_through_io_uring(tmp_path, monkeypatch,
             r.read([(4096 * 3, a)])
             assert bytes(a.numpy()) == data[3 * 4096:19 * 4096] and r.stats.fixed == 0 and r.stats.requests == 3
         assert "failed a read (Input/output error)" in caplog.text
+
+
+def _gguf(path, tensors):
+    """A GGUF holding only a tensor table: {name: (float32 array, GGML type)}."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, (a, qtype) in tensors.items():
+        if qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_gguf_converts_by_default_to_the_formats_nearest_its_own(tmp_path, smollm2_gguf):
+    """convert/load's default formats follow the source: the FFN's and the resident part's (attention, head, a tied
+    embedding) bits per weight, weighted by elements, to the nearest store format; an unbundled FFN is float (the
+    only format written unbundled); a Hugging Face folder float. A damaged file is named."""
+    import gguf
+    import numpy as np
+
+    from inaflash.loader import source_formats
+    from inaflash.store.sources import closest_formats
+
+    Q = gguf.GGMLQuantizationType
+    a = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    f16 = _gguf(tmp_path / "f16.gguf", {"blk.0.ffn_up.weight": (a, Q.F16), "blk.0.attn_q.weight": (a, Q.Q8_0),
+                                        "output.weight": (a, Q.Q8_0), "token_embd.weight": (a, Q.F16)})
+    assert closest_formats(f16)[:2] == ("float", "int8")  # the untied embedding (on flash) is not counted
+    q4 = _gguf(tmp_path / "q4.gguf", {"blk.0.ffn_up.weight": (a, Q.Q4_0), "blk.0.ffn_down.weight": (a, Q.Q8_0),
+                                      "blk.0.ffn_gate.weight": (a, Q.Q4_0), "blk.0.attn_q.weight": (a, Q.Q4_0),
+                                      "token_embd.weight": (a, Q.Q4_0)})  # tied: the embedding is the head
+    ffn, resident, why = closest_formats(q4)
+    assert (ffn, resident) == ("int4", "int4") and "FFN Q4_0/Q8_0 5.8 bits/weight -> int4" in why
+    assert source_formats(q4, "unbundled")[:2] == ("float", "int4")
+    assert source_formats(tmp_path, "bundled") == ("float", "float", None)  # not a GGUF: a folder's float
+    # the embedded default model: Q4_1 everywhere but its tied embedding, Q8_0
+    assert closest_formats(smollm2_gguf)[:2] == ("int4", "int8")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 20)
+    with pytest.raises(InaflashError, match="not a valid GGUF file"):
+        closest_formats(bad)
+
+
+def test_a_gguf_loads_into_its_nearest_formats_the_default_model_into_float(tmp_path, monkeypatch, smollm2_gguf,
+                                                                             capfd):
+    """load()/run on a GGUF converts it once into the formats closest_formats chooses and says so on stderr; the
+    embedded default model (no model named) stays float: int formats move its greedy text (docs/measurements.md)."""
+    from inaflash.loader import resolve_store
+
+    monkeypatch.setenv("INAFLASH_HOME", str(tmp_path))
+    store = resolve_store(smollm2_gguf)
+    assert (store.ffn_format, store.resident_format) == ("int4", "int8")
+    err = capfd.readouterr().err
+    assert "into a store with FFN int4, resident int8: the formats nearest its own (FFN Q4_1 5.0 bits/weight" in err
+    assert resolve_store(smollm2_gguf).path == store.path and "converting" not in capfd.readouterr().err  # once
+    default = resolve_store(None)
+    assert (default.ffn_format, default.resident_format) == ("float", "float") and default.path != store.path

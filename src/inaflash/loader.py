@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 from .api import Model, model_name
@@ -45,16 +46,37 @@ def _source_key(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def cached_store_path(source: Path, dtype: str, layout: str = "bundled", resident_format: str = "float") -> Path:
-    suffix = ("" if layout == "bundled" else f"-{layout}") + ("" if resident_format == "float" else
-                                                                f"-resident-{resident_format}")
+def cached_store_path(source: Path, dtype: str, layout: str = "bundled", resident_format: str = "float",
+                      ffn_format: str = "float") -> Path:
+    """Where a source converts to: named by its dtype, layout and formats ("auto": those source_formats chooses,
+    which follow from the source itself) and a key of the source file."""
+    suffix = ("" if layout == "bundled" else f"-{layout}") + ("" if ffn_format == "float" else f"-ffn-{ffn_format}") \
+        + ("" if resident_format == "float" else f"-resident-{resident_format}")
     return home() / "stores" / f"{source.stem}-{dtype}{suffix}-{_source_key(source)}"
 
 
+def source_formats(path: Path, layout: str = "bundled") -> tuple[str, str, str | None]:
+    """(ffn_format, resident_format, why) a source converts to by default: a GGUF into the formats nearest its own
+    (sources.closest_formats: a Q4 file into int4, not a float16 store of three times the bytes), its FFN in float
+    where the unbundled layout is asked for (written in float only); a Hugging Face folder in float."""
+    if not (path.is_file() and path.suffix == ".gguf"):
+        return "float", "float", None
+    from .store.sources import closest_formats
+
+    ffn, resident, why = closest_formats(path)
+    return ("float" if layout != "bundled" else ffn), resident, why
+
+
 def resolve_store(model: str | Path | None = None, dtype: str = Options.dtype, progress: bool = True,
-                  layout: str | None = None, resident_format: str = "float") -> FlashStore:
+                  layout: str | None = None, resident_format: str | None = None,
+                  ffn_format: str | None = None) -> FlashStore:
     """layout: None (a store as it is; sources converted bundled), or the FFN layout required ("unbundled" for the
-    bundling ablation)."""
+    bundling ablation). A source is converted once into $INAFLASH_HOME, in the formats given or (None) those
+    source_formats chooses, said on stderr."""
+    if model is None:
+        # the embedded default stays float: every int format we write moves its greedy text off the float16 store's
+        # (10 prompts x 32 tokens, mean greedy prefix: FFN int4 4.0, resident int8 15.1; docs/measurements.md)
+        ffn_format, resident_format = ffn_format or "float", resident_format or "float"
     path = Path(model) if model is not None else default_model_path()
     if path.is_dir() and any((path / f).exists() for f in STORE_MARKERS):
         store = FlashStore(path)  # a store, or what is left of one (FlashStore says which)
@@ -65,7 +87,7 @@ def resolve_store(model: str | Path | None = None, dtype: str = Options.dtype, p
     if not path.exists():
         raise InaflashError(f"model not found: {path}")
     layout = layout or "bundled"
-    target = cached_store_path(path, dtype, layout, resident_format)
+    target = cached_store_path(path, dtype, layout, resident_format or "auto", ffn_format or "auto")
     if target.parent.is_dir():
         remove_dead_partials(target.parent)  # killed conversions of any model into this home
     if (target / "manifest.json").exists():
@@ -74,7 +96,7 @@ def resolve_store(model: str | Path | None = None, dtype: str = Options.dtype, p
         log.info("%s was written by another version of inaflash; converting again", target)
     log.info("converting %s into %s (once)", path, target)
     try:
-        _convert_in_child(path, target, dtype, layout, resident_format, progress)
+        _convert_in_child(path, target, dtype, layout, resident_format, progress, ffn_format)
     except OSError as e:  # a read-only or full $INAFLASH_HOME
         raise InaflashError(f"cannot write the converted store into {target.parent}: {e.strerror or e}; set "
                             "INAFLASH_HOME to a writable directory with room, or convert it yourself "
@@ -87,16 +109,24 @@ def is_current_store(path: Path) -> bool:
     return (path / "manifest.json").exists() and (peek_manifest(path) or {}).get("format_version") == FORMAT_VERSION
 
 
-def _convert(path: str, target: str, dtype: str, layout: str, resident_format: str, progress: bool,
-             ffn_format: str = "float") -> None:
+def _convert(path: str, target: str, dtype: str, layout: str, resident_format: str | None, progress: bool,
+             ffn_format: str | None = "float") -> None:
+    """(In the child.) Formats None: source_formats', said on stderr."""
     from .store.sources import open_source
+
+    if ffn_format is None or resident_format is None:
+        auto_ffn, auto_resident, why = source_formats(Path(path), layout)
+        ffn_format, resident_format = ffn_format or auto_ffn, resident_format or auto_resident
+        if progress:
+            print(f"inaflash: converting {Path(path).name} into a store with FFN {ffn_format}, resident "
+                  f"{resident_format}" + (f": the formats nearest its own ({why})" if why else ""), file=sys.stderr)
 
     write_store(open_source(Path(path)), target, dtype=dtype, overwrite=True, progress=progress, layout=layout,
                 resident_format=resident_format, ffn_format=ffn_format)
 
 
-def _convert_in_child(path: Path, target: Path, dtype: str, layout: str, resident_format: str,
-                      progress: bool, ffn_format: str = "float") -> None:
+def _convert_in_child(path: Path, target: Path, dtype: str, layout: str, resident_format: str | None,
+                      progress: bool, ffn_format: str | None = "float") -> None:
     """Convert in a child process (spawned: torch and fork do not mix), whose error comes back as raised there. What
     conversion holds (transformers' import and GGUF tokenizer, the reader, float32 tensors, a fragmented heap)
     leaves with the child: a first run reported a runtime of 414 MB where later runs of the same model report 279."""

@@ -111,10 +111,11 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     unbundled: bool = typer.Option(False, "--unbundled", help="Write gate rows, up rows and down columns as "
                                                              "separate blocks (for the --no-bundling ablation)."),
-    ffn_format: str = typer.Option("float", help="How FFN bundles are stored and read: " + "; ".join(
-        f"{k}: {v}" for k, v in FFN_FORMATS.items()) + "."),
-    resident_format: str = typer.Option("float", help="; ".join(f"{k}: {v}" for k, v in RESIDENT_FORMATS.items())
-                                        + "."),
+    ffn_format: str = typer.Option("auto", help="How FFN bundles are stored and read: " + "; ".join(
+        f"{k}: {v}" for k, v in FFN_FORMATS.items()) + "; auto: a GGUF's nearest (a Q4 file int4, Q8_0 int8, F16 "
+        "float), a Hugging Face folder's float."),
+    resident_format: str = typer.Option("auto", help="; ".join(f"{k}: {v}" for k, v in RESIDENT_FORMATS.items())
+                                        + "; auto: as --ffn-format's."),
     embeddings: str = typer.Option("flash", help="flash: an untied input embedding is read from flash one row per "
                                                  "token; dram: held in memory. (A tied one is the head: in DRAM.)"),
     dkm: bool = typer.Option(False, "--dkm", help="palette3/palette4: learn each layer's palette by differentiable "
@@ -130,6 +131,14 @@ def convert(
 
     if embeddings not in ("flash", "dram"):
         raise InaflashError(f"--embeddings must be flash or dram, not {embeddings!r}")
+    if "auto" in (ffn_format, resident_format):
+        from ..loader import source_formats
+
+        auto_ffn, auto_resident, why = source_formats(src, "unbundled" if unbundled else "bundled")
+        ffn_format = auto_ffn if ffn_format == "auto" else ffn_format
+        resident_format = auto_resident if resident_format == "auto" else resident_format
+        print(f"inaflash: FFN {ffn_format}, resident {resident_format}"
+              + (f" (auto: the formats nearest the source's own: {why})" if why else ""), file=sys.stderr)
     encoder = None
     if dkm:
         from ..calibrate import recorded_calibration_inputs

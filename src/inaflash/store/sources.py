@@ -212,6 +212,48 @@ class GGUFSource(ModelSource):
         return torch.from_numpy(np.array(w, copy=True))
 
 
+# bits per weight of the store's formats with their scales (quant.FFN_FORMATS; a resident int8 row's scale is ~0)
+STORE_BITS = {"int4": 5.0, "int8": 8.25, "float": 16.0}
+_FFN_TENSORS = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+_RESIDENT_TENSORS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")
+
+
+def closest_formats(path: Path) -> tuple[str, str, str]:
+    """The store formats nearest a GGUF's own, (ffn_format, resident_format, why): per part (the FFN's matrices;
+    attention and head, a tied embedding being the head), the bits per weight of llama.cpp's types weighted by
+    elements (Q4_K 4.5, Q4_1 5.0, Q6_K 6.6, Q8_0 8.5, F16 16), and the format whose bits are nearest (int4 5.0, int8
+    8.25, float). Q4_K_M (Qwen2.5-1.5B): FFN 4.8 and resident 5.8 bits -> int4 / int4; SmolLM2's Q4_1 (a Q8_0 tied
+    embedding): FFN 5.0 -> int4, resident 6.8 -> int8. Reads the tensor table only."""
+    import gguf
+
+    try:
+        reader = _open_gguf(path)
+    except InaflashError:
+        raise
+    except Exception as e:  # as GGUFSource: the gguf package's ValueError/struct.error/IndexError on bad files
+        raise InaflashError(f"not a valid GGUF file: {path} ({type(e).__name__}: {e})") from None
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    parts = {"FFN": [0, 0.0, set()], "resident": [0, 0.0, set()]}
+    for t in reader.tensors:
+        if t.name.endswith(_FFN_TENSORS):
+            part = parts["FFN"]
+        elif t.name.endswith(_RESIDENT_TENSORS) or t.name == "output.weight" or (tied and t.name == "token_embd.weight"):
+            part = parts["resident"]
+        else:
+            continue
+        block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        part[0] += int(t.n_elements)
+        part[1] += int(t.n_elements) * size * 8 / block
+        part[2].add(t.tensor_type.name)
+    chosen, said = [], []
+    for name, (n, bits, types) in parts.items():
+        mean = bits / n if n else 16.0
+        fmt = min(STORE_BITS, key=lambda f: (abs(STORE_BITS[f] - mean), -STORE_BITS[f]))
+        chosen.append(fmt)
+        said.append(f"{name} {'/'.join(sorted(types))} {mean:.1f} bits/weight -> {fmt}")
+    return chosen[0], chosen[1], "; ".join(said)
+
+
 def _gguf_to_hf(name: str) -> str | None:
     if name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[name]
