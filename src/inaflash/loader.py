@@ -55,28 +55,40 @@ def cached_store_path(source: Path, dtype: str, layout: str = "bundled", residen
     return home() / "stores" / f"{source.stem}-{dtype}{suffix}-{_source_key(source)}"
 
 
-def source_formats(path: Path, layout: str = "bundled") -> tuple[str, str, str | None]:
-    """(ffn_format, resident_format, why) a source converts to by default: a GGUF into the formats nearest its own
-    (sources.closest_formats: a Q4 file into int4, not a float16 store of three times the bytes), its FFN in float
-    where the unbundled layout is asked for (written in float only); a Hugging Face folder in float."""
-    if not (path.is_file() and path.suffix == ".gguf"):
-        return "float", "float", None
-    from .store.sources import closest_formats
+def source_formats(path: Path, layout: str = "bundled", ffn_format: str = "auto", resident_format: str = "auto",
+                   say: bool = False) -> tuple[str, str, str | None]:
+    """(ffn_format, resident_format, why auto chose so or None) a source converts to, each "auto" chosen from the
+    source: a GGUF's the formats nearest its own (sources.closest_formats: a Q4 file into int4, not a float16 store
+    of three times the bytes), its FFN in float where the unbundled layout is asked for (written in float only); a
+    Hugging Face folder's float. `say`: what auto chose from a GGUF, on stderr."""
+    if "auto" not in (ffn_format, resident_format):
+        return ffn_format, resident_format, None
+    why = None
+    if path.is_file() and path.suffix == ".gguf":
+        from .store.sources import closest_formats
 
-    ffn, resident, why = closest_formats(path)
-    return ("float" if layout != "bundled" else ffn), resident, why
+        auto_ffn, auto_resident, why = closest_formats(path)
+        auto_ffn = auto_ffn if layout == "bundled" else "float"
+    else:
+        auto_ffn = auto_resident = "float"
+    ffn_format = auto_ffn if ffn_format == "auto" else ffn_format
+    resident_format = auto_resident if resident_format == "auto" else resident_format
+    if say and why:
+        print(f"inaflash: converting {path.name} into a store with FFN {ffn_format}, resident {resident_format}: the "
+              f"formats nearest its own ({why})", file=sys.stderr)
+    return ffn_format, resident_format, why
 
 
 def resolve_store(model: str | Path | None = None, dtype: str = Options.dtype, progress: bool = True,
-                  layout: str | None = None, resident_format: str | None = None,
-                  ffn_format: str | None = None) -> FlashStore:
+                  layout: str | None = None, resident_format: str = "auto", ffn_format: str = "auto") -> FlashStore:
     """layout: None (a store as it is; sources converted bundled), or the FFN layout required ("unbundled" for the
-    bundling ablation). A source is converted once into $INAFLASH_HOME, in the formats given or (None) those
-    source_formats chooses, said on stderr."""
+    bundling ablation). A source is converted once into $INAFLASH_HOME, in the formats given, "auto" as
+    source_formats chooses (said on stderr)."""
     if model is None:
         # the embedded default stays float: every int format we write moves its greedy text off the float16 store's
         # (10 prompts x 32 tokens, mean greedy prefix: FFN int4 4.0, resident int8 15.1; docs/measurements.md)
-        ffn_format, resident_format = ffn_format or "float", resident_format or "float"
+        ffn_format = "float" if ffn_format == "auto" else ffn_format
+        resident_format = "float" if resident_format == "auto" else resident_format
     path = Path(model) if model is not None else default_model_path()
     if path.is_dir() and any((path / f).exists() for f in STORE_MARKERS):
         store = FlashStore(path)  # a store, or what is left of one (FlashStore says which)
@@ -87,7 +99,7 @@ def resolve_store(model: str | Path | None = None, dtype: str = Options.dtype, p
     if not path.exists():
         raise InaflashError(f"model not found: {path}")
     layout = layout or "bundled"
-    target = cached_store_path(path, dtype, layout, resident_format or "auto", ffn_format or "auto")
+    target = cached_store_path(path, dtype, layout, resident_format, ffn_format)
     if target.parent.is_dir():
         remove_dead_partials(target.parent)  # killed conversions of any model into this home
     if (target / "manifest.json").exists():
@@ -109,24 +121,19 @@ def is_current_store(path: Path) -> bool:
     return (path / "manifest.json").exists() and (peek_manifest(path) or {}).get("format_version") == FORMAT_VERSION
 
 
-def _convert(path: str, target: str, dtype: str, layout: str, resident_format: str | None, progress: bool,
-             ffn_format: str | None = "float") -> None:
-    """(In the child.) Formats None: source_formats', said on stderr."""
+def _convert(path: str, target: str, dtype: str, layout: str, resident_format: str, progress: bool,
+             ffn_format: str = "float") -> None:
+    """(In the child: "auto" formats are chosen here, from the source's tensor table.)"""
     from .store.sources import open_source
 
-    if ffn_format is None or resident_format is None:
-        auto_ffn, auto_resident, why = source_formats(Path(path), layout)
-        ffn_format, resident_format = ffn_format or auto_ffn, resident_format or auto_resident
-        if progress:
-            print(f"inaflash: converting {Path(path).name} into a store with FFN {ffn_format}, resident "
-                  f"{resident_format}" + (f": the formats nearest its own ({why})" if why else ""), file=sys.stderr)
+    ffn_format, resident_format, _ = source_formats(Path(path), layout, ffn_format, resident_format, say=progress)
 
     write_store(open_source(Path(path)), target, dtype=dtype, overwrite=True, progress=progress, layout=layout,
                 resident_format=resident_format, ffn_format=ffn_format)
 
 
-def _convert_in_child(path: Path, target: Path, dtype: str, layout: str, resident_format: str | None,
-                      progress: bool, ffn_format: str | None = "float") -> None:
+def _convert_in_child(path: Path, target: Path, dtype: str, layout: str, resident_format: str,
+                      progress: bool, ffn_format: str = "float") -> None:
     """Convert in a child process (spawned: torch and fork do not mix), whose error comes back as raised there. What
     conversion holds (transformers' import and GGUF tokenizer, the reader, float32 tensors, a fragmented heap)
     leaves with the child: a first run reported a runtime of 414 MB where later runs of the same model report 279."""

@@ -131,14 +131,10 @@ def convert(
 
     if embeddings not in ("flash", "dram"):
         raise InaflashError(f"--embeddings must be flash or dram, not {embeddings!r}")
-    if "auto" in (ffn_format, resident_format):
-        from ..loader import source_formats
+    from ..loader import source_formats
 
-        auto_ffn, auto_resident, why = source_formats(src, "unbundled" if unbundled else "bundled")
-        ffn_format = auto_ffn if ffn_format == "auto" else ffn_format
-        resident_format = auto_resident if resident_format == "auto" else resident_format
-        print(f"inaflash: FFN {ffn_format}, resident {resident_format}"
-              + (f" (auto: the formats nearest the source's own: {why})" if why else ""), file=sys.stderr)
+    ffn_format, resident_format, _ = source_formats(src, "unbundled" if unbundled else "bundled", ffn_format,
+                                                    resident_format, say=True)
     encoder = None
     if dkm:
         from ..calibrate import recorded_calibration_inputs

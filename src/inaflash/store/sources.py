@@ -126,7 +126,7 @@ def _load_tokenizer(path: Path, **kw):
 def _open_gguf(path: Path):
     """gguf's reader, told where a file cut short ends: its tensor table says how far the data must reach, and a file
     that stops before that is named truncated (gguf alone failed with numpy's "When changing to a larger dtype, its
-    size must be a divisor of ..." on a view past the end)."""
+    size must be a divisor of ..." on a view past the end). Any other failure to read it: InaflashError naming it."""
     import gguf
     import numpy as np
 
@@ -146,7 +146,12 @@ def _open_gguf(path: Path):
                                     "(where its tensor table says the data ends): copy or download it again")
             return super()._build_tensors(start_offs, fields)
 
-    return Reader(str(path))
+    try:
+        return Reader(str(path))
+    except InaflashError:
+        raise
+    except Exception as e:  # the gguf package raises ValueError/struct.error/IndexError on bad files
+        raise InaflashError(f"not a valid GGUF file: {path} ({type(e).__name__}: {e})") from None
 
 
 class GGUFSource(ModelSource):
@@ -157,12 +162,7 @@ class GGUFSource(ModelSource):
         from transformers import AutoConfig
 
         self.path = path
-        try:
-            self._reader = _open_gguf(path)
-        except InaflashError:
-            raise
-        except Exception as e:  # the gguf package raises ValueError/struct.error/IndexError on bad files
-            raise InaflashError(f"not a valid GGUF file: {path} ({type(e).__name__}: {e})") from None
+        self._reader = _open_gguf(path)
         arch = self._field("general.architecture")
         if arch not in ("llama", "qwen2", "mistral"):
             raise UnsupportedModelError(
@@ -226,12 +226,7 @@ def closest_formats(path: Path) -> tuple[str, str, str]:
     embedding): FFN 5.0 -> int4, resident 6.8 -> int8. Reads the tensor table only."""
     import gguf
 
-    try:
-        reader = _open_gguf(path)
-    except InaflashError:
-        raise
-    except Exception as e:  # as GGUFSource: the gguf package's ValueError/struct.error/IndexError on bad files
-        raise InaflashError(f"not a valid GGUF file: {path} ({type(e).__name__}: {e})") from None
+    reader = _open_gguf(path)
     tied = not any(t.name == "output.weight" for t in reader.tensors)
     parts = {"FFN": [0, 0.0, set()], "resident": [0, 0.0, set()]}
     for t in reader.tensors:
