@@ -146,8 +146,9 @@ def convert(
                                 f"not {ffn_format}")
         from ..loader import resolve_store
 
-        # recorded through the source's float16 store (converted once, as `run` would)
-        inputs, calibration = recorded_calibration_inputs(resolve_store(src), dkm_tokens)
+        # recorded through the source's float store (converted once into $INAFLASH_HOME): the outputs DKM keeps
+        inputs, calibration = recorded_calibration_inputs(
+            resolve_store(src, ffn_format="float", resident_format="float"), dkm_tokens)
         encoder = DKMEncoder(ffn_format, inputs, out.parent / f".{out.name}.dkm", steps=dkm_steps,
                              calibration=calibration)
     write_store(open_source(src), out, dtype=dtype, overwrite=overwrite,

