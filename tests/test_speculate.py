@@ -220,3 +220,24 @@ def test_a_step_s_time_counts_the_drafting(tiny_pair, monkeypatch):
         list(stream_ids(engine, [3, 17, 42, 5, 88, 9], 12, stats=stats, stop=set()))
     produced = stats.generated_tokens - 1
     assert calls and stats.ms_per_token * produced >= len(calls) * slow * 1e3
+
+
+def test_the_draft_model_stops_after_a_token_it_is_unsure_of(tiny_pair):
+    """A draft ends with the first token the draft model gives less than min_p (its probabilities checked here
+    against a forward of its own); with min_p 0 it drafts all k. Either way the tokens are its greedy choices."""
+    from inaflash.engine import Engine
+    from inaflash.speculate import DraftModel
+
+    _, draft = tiny_pair
+    history = [3, 17, 42, 5, 88, 9]
+    with Engine(draft, mode="dram", speculation="off") as engine:
+        full = DraftModel(engine, 64, 4, min_p=0.0).propose(history, 6)
+        assert len(full) == 6
+        engine.reset(64)
+        logits = engine.forward(torch.tensor(history + full), 0)[len(history) - 1:]
+        assert [int(x) for x in logits.argmax(-1)[:6]] == full  # greedy, token by token
+        p = torch.softmax(logits, -1).max(-1).values[:6]
+        for min_p in (float(p[0]) + 1e-6, float(p[:3].max()) + 1e-6, float(p.min()) - 1e-6):
+            cut = DraftModel(engine, 64, 4, min_p=min_p).propose(history, 6)
+            stop = next((i for i in range(6) if float(p[i]) < min_p), 5)  # the first unsure token is the last drafted
+            assert cut == full[:stop + 1], min_p
