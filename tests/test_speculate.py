@@ -241,3 +241,48 @@ def test_the_draft_model_stops_after_a_token_it_is_unsure_of(tiny_pair):
             cut = DraftModel(engine, 64, 4, min_p=min_p).propose(history, 6)
             stop = next((i for i in range(6) if float(p[i]) < min_p), 5)  # the first unsure token is the last drafted
             assert cut == full[:stop + 1], min_p
+
+
+def test_a_cut_draft_head_takes_in_the_prompt_s_rarer_ids(tiny_pair, monkeypatch, tmp_path):
+    """A draft head cut to the first 40 ids gains rows for the prompt's ids beyond them (read from the store, each row
+    checked): its logits for those ids are the whole head's, its drafts name them by token id, and greedy output is
+    still plain decoding's. A row whose bytes changed on disk is refused naming the damage."""
+    import shutil
+
+    from inaflash.engine import Engine
+    from inaflash.errors import CorruptStoreError
+    from inaflash.generate import generate_ids
+    from inaflash.speculate import DraftModel
+    from inaflash.store.format import FlashStore
+
+    target, _ = tiny_pair
+    prompt = [3, 17, 42, 5, 88, 9, 61, 95] * 3  # 42, 88, 61, 95: beyond the first 40; the model answers 95 95 ...
+    with Engine(target, mode="dram", speculation="off") as plain_engine:
+        plain, _ = generate_ids(plain_engine, prompt, 12, stop=set())
+        whole = plain_engine.forward(torch.tensor(prompt), 0)
+    with Engine(target, mode="dram", speculation="draft", draft_store=target, draft_vocab=40) as engine:
+        _streaming_costs(engine, monkeypatch)
+        spec, s = generate_ids(engine, prompt, 12, stop=set())
+        vocab = engine.draft.vocab
+        assert vocab.ids == [42, 61, 88, 95] and engine.draft.model.head.shape[0] == 44
+        engine.draft.reset(len(prompt))
+        cut = engine.draft.forward(torch.tensor(prompt), 0)
+        torch.testing.assert_close(cut[:, :40], whole[:, :40])
+        torch.testing.assert_close(cut[:, 40:], whole[:, [42, 61, 88, 95]])
+        assert vocab.token(41) == 61 and vocab.token(7) == 7
+    # itself as its draft agrees with every draft it can name: 95, through the prompt's rows
+    assert spec == plain and set(plain) == {95} and s.accepted_tokens == s.drafted_tokens > 0
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(target.path, damaged)
+    store = FlashStore(damaged)
+    offset, nbytes, shape = store.resident_span("lm_head.weight")
+    with Engine(store, mode="dram", speculation="draft", draft_store=store, draft_vocab=40) as engine:
+        row = offset + 88 * (nbytes // shape[0])
+        with open(damaged / "resident.safetensors", "r+b") as f:  # after the head was loaded and checked whole
+            f.seek(row)
+            byte = f.read(1)
+            f.seek(row)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(CorruptStoreError, match="draft head row 88"):
+            DraftModel(engine.draft, 64, 4, prompt=[88])

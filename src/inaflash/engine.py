@@ -19,9 +19,10 @@ from .ops import warm_up
 from .planner import (active_neurons_per_token, choose_mode, hot_neurons, parse_memory, plan_dense, plan_memory,
                       working_bytes)
 from .reader import FlashReader, ReadStats
-from .speculate import DRAFT_CHUNK, PassCosts
+from .speculate import DRAFT_CHUNK, DRAFT_EXTRA_ROWS, DraftVocab, PassCosts
 from .ffn.sparse import SparseCounters, SparseFlashFFN, load_sparsity
 from .store.format import FlashStore
+from .store.quant import Int4Matrix
 
 DEFAULT_CONTEXT = 1024
 
@@ -61,6 +62,7 @@ class Engine:
         self.choice = None
         self.pass_costs = PassCosts()  # seconds of a forward pass by its width, as they run (speculation's costs)
         self.draft, self.draft_bytes = None, 0
+        self.vocab = None  # a draft model's cut head (set by the target that opens it: _open_draft)
         budget = None if memory is None else parse_memory(memory, store)
         if o.speculation == "draft":
             # first, while only the runtime is in memory: its head is loaded whole before it is cut to draft_vocab
@@ -215,9 +217,16 @@ class Engine:
         head = engine.model.head
         # (a tied head is the embedding too: cutting it would only add a copy)
         if rows < engine.config.vocab_size and head is not engine.model.embed:
-            cut = head[:rows].clone() if isinstance(head, torch.Tensor) else head.first_rows(rows)
+            if isinstance(head, (torch.Tensor, Int4Matrix)):
+                # the first `rows` ids, and room for the rarer ids prompts bring (speculate.DraftVocab)
+                extra = min(DRAFT_EXTRA_ROWS, engine.config.vocab_size - rows)
+                engine.vocab = DraftVocab(store, "lm_head.weight", head, rows, extra, checksums=o.checksums)
+                cut, held = engine.vocab.head(), engine.vocab.nbytes
+            else:  # an int8 head: cut, without room for more
+                cut = head.first_rows(rows)
+                held = cut.nbytes
             engine.model.head = engine.weights["lm_head.weight"] = cut
-            engine.plan.resident_bytes -= head.nbytes - cut.nbytes
+            engine.plan.resident_bytes += held - head.nbytes
             for t in (head,) if isinstance(head, torch.Tensor) else head.tensors:
                 drop_pages(t)  # (a mapping of the store's file: freeing the tensor alone keeps its pages)
             del head
@@ -267,6 +276,8 @@ class Engine:
     def close(self) -> None:
         if self.draft is not None:
             self.draft.close()
+        if self.vocab is not None:
+            self.vocab.close()
         if self.head is not None:
             self.head.close()
         if self.reader is not None:

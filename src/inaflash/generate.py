@@ -200,7 +200,7 @@ def start_sequence(engine: Engine, prompt_ids: list[int], cache, temperature: fl
     if spec == "draft" and engine.draft is None:
         raise InaflashError("speculation draft: this engine was opened without a draft model (draft=MODEL)")
     policy = DraftPolicy(engine.pass_costs) if spec in ("lookup", "draft") else None
-    drafter = DraftModel(engine.draft, len(prompt_ids) + max_tokens + MAX_DRAFT, DRAFT_CHUNK) \
+    drafter = DraftModel(engine.draft, len(prompt_ids) + max_tokens + MAX_DRAFT, DRAFT_CHUNK, prompt=prompt_ids) \
         if spec == "draft" else None
     seq = Sequence(list(prompt_ids), len(prompt_ids), cache, temperature, top_p, generator, max_tokens, policy,
                    drafter=drafter)

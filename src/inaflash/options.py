@@ -43,7 +43,8 @@ class Options:
     speculation: str = "lookup"  # draft tokens verified in one pass (speculate.py); "off": one token a pass
     parallel: int = 1  # sequences decoded together (the server's batch): each its KV cache, planned in --memory
     draft: str | None = None  # speculation "draft": the draft model (a store, GGUF or HF folder; the loader opens it)
-    draft_vocab: int = 0  # keep only the draft head's first N token ids (BPE's most frequent merges); 0: all
+    # keep only the draft head's first N token ids (BPE's most frequent merges) and the rarer ids of its prompts; 0: all
+    draft_vocab: int = 32768
     head: str = "auto"  # where the output head lives: HEAD
     # sparse mode
     window: int = 4  # keep the neurons of the last `window` tokens cached (0: no reuse)

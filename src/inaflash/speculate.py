@@ -25,6 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .embedding import read_rows
+from .errors import CorruptStoreError
+from .reader import FlashReader, aligned_buffer
+from .store.checksum import page_crcs
+from .store.format import ALIGN, EMBED_BATCH, round_up
+from .store.quant import Int4Matrix
+
 MAX_DRAFT = 8  # the verification pass carries at most 1 + MAX_DRAFT tokens
 # The draft model takes a prompt in chunks of this many tokens, its plan's working memory one chunk's (the target's
 # prefill chunk, 256, planned 39 MB for Qwen2.5-0.5B at 300 tokens of context, this 17): it reads nothing, so small
@@ -42,6 +49,12 @@ MIN_NGRAM, MAX_NGRAM = 2, 4  # suffix lengths looked up, longest first
 # over plain decoding and open-ended 1.37 / 1.46 / 1.49 / 1.49 / 1.46x (/tmp script: acceptance by token, the
 # bench's pass costs), a broad optimum; it changes what is drafted, never what is emitted
 MIN_DRAFT_P = 0.4
+# head rows a draft model cut to --draft-vocab ids adds for its prompts' ids beyond them (preallocated and planned:
+# 2.3 MB for Qwen2.5-0.5B's int4 head): a code edit copies identifiers whose ids are rare merges. Simulated as above
+# (cut to 32768 ids): code edits 2.12 -> 2.31x over plain decoding, open-ended 1.49 -> 1.50x; the whole head (151936
+# ids) 2.61 / 1.54x before its cost (67 MB more of the budget, ~6 ms more a draft token); the prompt's ids and the
+# text generated so far no better than the prompt's alone
+DRAFT_EXTRA_ROWS = 4096
 
 
 def lookup(history: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
@@ -139,15 +152,76 @@ class DraftPolicy:
                 break  # tokens after the first miss were not judged
 
 
+class DraftVocab:
+    """A draft model's head cut to its first `base` token ids (BPE's most frequent merges), plus rows for the ids its
+    prompts use beyond them, read from the store as prompts arrive (up to `extra` of them, in a buffer allocated at
+    open: nothing grows later). Rows are only ever appended, so a row's token never changes while sequences draft.
+    Each row read is checked against a CRC-32C taken per row at open, from the head as loaded and checked whole."""
+
+    def __init__(self, store, name: str, head, base: int, extra: int, checksums: bool = True):
+        self.int4 = isinstance(head, Int4Matrix)
+        full = head.raw if self.int4 else head
+        self.base, self.vocab = base, full.shape[0]
+        self.buf = full.new_empty((base + extra, full.shape[1]))
+        self.buf[:base] = full[:base]
+        self.offset, nbytes, _ = store.resident_span(name)
+        self.row_bytes = nbytes // self.vocab
+        self.crcs = page_crcs(full, self.row_bytes) if checksums else None
+        self.ids: list[int] = []  # the token id of each row added after the base
+        self.row_of: dict[int, int] = {}
+        self.reader = FlashReader(store.path / "resident.safetensors", threads=1)
+        self.row_buf = aligned_buffer(EMBED_BATCH * (round_up(self.row_bytes) + ALIGN))
+
+    @property
+    def nbytes(self) -> int:
+        """What it holds beside the model: the head's buffer, the row checksums, the read buffer."""
+        crcs = 0 if self.crcs is None else self.crcs.nbytes
+        return self.buf.nbytes + crcs + self.row_buf.nbytes
+
+    def head(self):
+        """The head over the rows it has (a view of the buffer: no copy)."""
+        n = self.base + len(self.ids)
+        return Int4Matrix(self.buf[:n]) if self.int4 else self.buf[:n]
+
+    def add(self, token_ids) -> bool:
+        """Rows for those of token_ids beyond the base it has not yet (while room is left); True where any came."""
+        room = self.buf.shape[0] - self.base - len(self.ids)
+        new = sorted({t for t in token_ids if self.base <= t < self.vocab and t not in self.row_of})[:room]
+        if not new:
+            return False
+        raw = read_rows(self.reader, self.row_buf, self.offset, self.row_bytes, new)
+        if self.crcs is not None:
+            bad = [t for t, c in zip(new, page_crcs(raw, self.row_bytes)) if c != self.crcs[t]]
+            if bad:
+                raise CorruptStoreError(f"{self.reader.path}: draft head row {bad[0]} does not match its checksum "
+                                        "(the store is damaged: re-convert it)")
+        n = self.base + len(self.ids)
+        self.buf[n:n + len(new)] = raw.view(self.buf.dtype).view(len(new), -1)
+        for t in new:
+            self.row_of[t] = self.base + len(self.ids)
+            self.ids.append(t)
+        return True
+
+    def token(self, row: int) -> int:
+        """The token id of head row `row`."""
+        return row if row < self.base else self.ids[row - self.base]
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 class DraftModel:
     """One sequence's drafter: `engine` (the draft model's, dram mode) drafts greedily into a KV cache of its own.
     Its cache holds the sequence's history up to `pos`; propose() first feeds what it has not seen (the prompt, in
     chunks, on the first call; then the tokens decided since), and keep() takes back what verification rejected
     (those positions are overwritten by the next feed: no copy)."""
 
-    def __init__(self, engine, max_seq: int, chunk: int, min_p: float = MIN_DRAFT_P):
+    def __init__(self, engine, max_seq: int, chunk: int, min_p: float = MIN_DRAFT_P, prompt=()):
         self.engine, self.cache, self.pos, self.chunk = engine, engine.new_cache(max_seq), 0, chunk
         self.min_p = min_p
+        self.vocab = getattr(engine, "vocab", None)  # a cut head's: the prompt's rarer ids join it
+        if self.vocab is not None and self.vocab.add(prompt):
+            engine.model.head = self.vocab.head()
 
     def cost(self, costs: PassCosts) -> float:
         """Seconds of one draft token over the target's 1-token pass (0.2 before either is measured)."""
@@ -168,7 +242,7 @@ class DraftModel:
             self.pos += len(feed)
         for i in range(k):
             top = int(torch.argmax(logits))
-            out.append(top)
+            out.append(top if self.vocab is None else self.vocab.token(top))
             if i == k - 1 or (self.min_p > 0 and float(torch.softmax(logits, -1)[top]) < self.min_p):
                 break  # the last draft token is not fed: the target's pass decides the token after it
             t0 = time.perf_counter()

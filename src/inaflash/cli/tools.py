@@ -163,7 +163,8 @@ def bench(
     decoding_streams: bool = typer.Option(True, help="--decoding: also the pass costs and the 1/2/4/8 streams."),
     draft: Optional[str] = typer.Option(None, help="--decoding: also speculation with this draft model (a store "
                                                    "sharing the tokenizer), in its own child under each --limit."),
-    draft_vocab: int = typer.Option(0, min=0, help="--draft: keep the draft head's first N token ids (0: all)."),
+    draft_vocab: int = typer.Option(32768, min=0, help="--draft: keep the draft head's first N token ids and the "
+                                                         "prompts' rarer ones (0: all)."),
 ):
     """Reproduce the paper's ablation (naive -> +predictor -> +windowing -> +bundling) and per-token latency
     split (I/O, predictor, memory management, compute) on this machine, next to dram, hybrid and the baselines."""

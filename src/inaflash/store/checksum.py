@@ -44,18 +44,19 @@ def crc32c(data) -> int:
     return google_crc32c.value(a.tobytes())
 
 
-def page_crcs(data) -> np.ndarray:
-    """uint32 CRC-32C of each 4096-byte page of `data` (its length a multiple of PAGE)."""
+def page_crcs(data, page: int = PAGE) -> np.ndarray:
+    """uint32 CRC-32C of each `page`-byte piece of `data` (its length a multiple of `page`; the store's pages, or a
+    matrix's rows)."""
     a = np.ascontiguousarray(_u8(data))
-    if a.size % PAGE:
-        raise ValueError(f"{a.size} bytes is not a whole number of {PAGE}-byte pages")
-    out = np.empty(a.size // PAGE, dtype=np.uint32)
-    if _PAGES is not None and _PAGES(a.ctypes.data, out.size, PAGE, out.ctypes.data) == 0:
+    if a.size % page:
+        raise ValueError(f"{a.size} bytes is not a whole number of {page}-byte pages")
+    out = np.empty(a.size // page, dtype=np.uint32)
+    if _PAGES is not None and _PAGES(a.ctypes.data, out.size, page, out.ctypes.data) == 0:
         return out
     import google_crc32c
 
     for i in range(out.size):
-        out[i] = google_crc32c.value(a[i * PAGE:(i + 1) * PAGE].tobytes())
+        out[i] = google_crc32c.value(a[i * page:(i + 1) * page].tobytes())
     return out
 
 

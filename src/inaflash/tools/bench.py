@@ -257,7 +257,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
           out_dir: str | Path = RESULTS, max_seconds: float = 120.0, prompt_ids: list[int] | None = None,
           progress: bool = True, cache_format: str = "store", density: float | None = None,
           decoding: bool = False, decoding_tokens: int = 64, decoding_streams: bool = True,
-          draft: str | None = None, draft_vocab: int = 0) -> dict:
+          draft: str | None = None, draft_vocab: int = 32768) -> dict:
     """prompt_ids: use these instead of `prompt_tokens` of real text (a model without a tokenizer).
     cache_format: the sparse rows' neuron cache ("store": bundles as stored, or "int8"). density: the sparse rows'
     selected fraction per token (None: the calibrated threshold). decoding: also measure more tokens per pass

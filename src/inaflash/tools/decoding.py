@@ -154,7 +154,7 @@ def _limited(name: str, script: str, args: list[str], limit: int, files, tokens:
 
 
 def decoding(store, limit: int, gen_tokens: int, options: dict, progress: bool = True, streams: bool = True,
-             draft: str | None = None, draft_vocab: int = 0) -> dict:
+             draft: str | None = None, draft_vocab: int = 32768) -> dict:
     """The speculation and (`streams`) the streams rows under one whole-process limit (children), with the same
     prompts for all; `draft`: also a child with that draft model (speculation "draft", its head cut to
     `draft_vocab` ids)."""
@@ -329,8 +329,9 @@ def markdown(d: dict) -> list[str]:
                      f"{r.get('tokens_per_pass') or 0:.2f} | {r.get('accepted', '-')}/{r.get('drafted', '-')} | "
                      f"{same} |")
     if draft_rows:
-        lines += ["", f"With the draft model {Path(d['draft']).name} (head cut to {d['draft_vocab'] or 'all'} token ids; "
-                      "its own child: it takes part of the budget), against inaflash-off above:", "",
+        cut = f"the first {d['draft_vocab']} token ids and the prompt's rarer ones" if d["draft_vocab"] else "all ids"
+        lines += ["", f"With the draft model {Path(d['draft']).name} (its head: {cut}; its own child: it takes part "
+                      "of the budget), against inaflash-off above:", "",
                   "| set | prompt | inaflash-draft tok/s | speed-up over off | over llama.cpp-mmap | tokens/pass | "
                   "accepted/drafted | identical ids (first difference) |", "|---|---|---|---|---|---|---|---|"]
         for r in draft_rows:
