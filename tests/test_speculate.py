@@ -286,3 +286,39 @@ def test_a_cut_draft_head_takes_in_the_prompt_s_rarer_ids(tiny_pair, monkeypatch
             f.write(bytes([byte[0] ^ 0xFF]))
         with pytest.raises(CorruptStoreError, match="draft head row 88"):
             DraftModel(engine.draft, 64, 4, prompt=[88])
+
+
+@pytest.mark.parametrize("kind,overrides", [("qwen2", {}), ("llama", dict(hidden_size=256, intermediate_size=320))])
+def test_a_few_token_pass_gives_each_token_the_bits_of_a_one_token_pass(kind, overrides, tmp_path, monkeypatch):
+    """On an int4 store (int8 activations: rounding that depends on how sums are ordered) a pass over 9 tokens (a
+    verification) gives each token exactly the logits a one-token pass gives it, so speculation's greedy text is
+    plain decoding's token for token there too (hidden 64: gate/up in a partial block of groups; 256: whole blocks).
+    The native kernel's property: the torch fallback's matrix products order their sums by width."""
+    from inaflash.ffn import kernels
+
+    if not kernels.available():
+        pytest.skip("the torch fallback path (INAFLASH_KERNEL=torch): its products round by width")
+    from inaflash.engine import Engine
+    from inaflash.generate import generate_ids
+    from inaflash.store.convert import write_store
+    from inaflash.store.format import FlashStore
+    from inaflash.store.sources import open_source
+    from tiny import make_tiny
+
+    make_tiny(kind, tmp_path / "hf", seed=3, **overrides)
+    store = FlashStore(write_store(open_source(tmp_path / "hf"), tmp_path / "store", dtype="float32", progress=False,
+                                   ffn_format="int4", resident_format="int4"))
+    ids = torch.tensor([3, 17, 42, 5, 88, 9, 61, 95, 7])
+    with Engine(store, mode="dram", speculation="off") as engine:
+        engine.reset(64)
+        engine.forward(torch.tensor([11, 12, 13]), 0)  # a prompt before: the pass attends to a cache
+        wide = engine.forward(ids, 3)
+        engine.reset(64)
+        engine.forward(torch.tensor([11, 12, 13]), 0)
+        one = torch.cat([engine.forward(ids[i:i + 1], 3 + i) for i in range(len(ids))])
+        assert all(torch.equal(wide[i], one[i]) for i in range(len(ids))), (wide - one).abs().max()
+        plain, _ = generate_ids(engine, [3, 17, 42, 5, 88, 9], 16, stop=set())
+    with Engine(store, mode="dram", speculation="draft", draft_store=store) as engine:
+        _streaming_costs(engine, monkeypatch)
+        spec, s = generate_ids(engine, [3, 17, 42, 5, 88, 9], 16, stop=set())
+    assert spec == plain and s.accepted_tokens > 0

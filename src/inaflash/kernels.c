@@ -24,6 +24,9 @@ enum { F32 = 0, F16 = 1, BF16 = 2, INT8 = 3, INT4 = 4 };
 enum { IN1 = 0, IN2 = 1, OUT = 2, BIAS = 3 };
 enum { SILU = 0, RELU = 1 };
 #define TB 8 /* tokens per pass over a bundle: each weight is loaded once per 8 tokens */
+/* passes of up to this many tokens (speculation's verification: 1 + MAX_DRAFT, and a few sequences of a batch) give
+   each token the bits a one-token pass gives it (models/common.py PER_TOKEN_ATTENTION: the same for attention) */
+#define FEW_TOKENS 16
 
 typedef struct {
     int32_t fmt, d, gated, act;
@@ -628,7 +631,7 @@ static inline float activate(int act, float v) { return act == SILU ? v / (1.f +
    masked neurons) are skipped, the others go to the down projection 4 at a time */
 static inline __attribute__((always_inline)) void rows_pass(const bundle_layout *L, int fmt, int q, const uint8_t *base,
                                                             const int64_t *offsets, int64_t lo, int64_t hi,
-                                                            const acts *A, int64_t t0, int tb, const float *mask,
+                                                            const acts *A, int64_t t0, int tb, int few, const float *mask,
                                                             int64_t m, float *out, float *gm, float *hidden,
                                                             crc_job *crc) {
     const int64_t d = L->d;
@@ -638,8 +641,10 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
     /* int4 with quantized activations: the down projection in integers too, DB rows at a time (one token:
        rows_down_q4; several: rows_down_q4_tokens) */
     const int qdown = fmt == INT4 && q && L->group[OUT] == 32;
-    /* several tokens of int4 with quantized activations, whole blocks of 8 groups: gate/up unpacked once per block */
-    const int q4tokens = fmt == INT4 && q && tb > 1 && L->gated && (L->d / 32) % 8 == 0;
+    /* several tokens of int4 with quantized activations, whole blocks of 8 groups: gate/up unpacked once per block
+       (a prompt's chunk; a pass of a few tokens, speculation's verification, takes each token's gate/up as a
+       one-token pass does, so that a token computes the same bits alone or verified beside others) */
+    const int q4tokens = fmt == INT4 && q && tb > 1 && !few && L->gated && (L->d / 32) % 8 == 0;
     for (int64_t r = lo; r < hi; r++) {
         if (crc) crc_upto(crc, r * L->row_bytes, 0);  /* the pages under rows lo..r-1 */
         const uint8_t *row = base + (offsets ? offsets[r] : r * L->row_bytes);
@@ -650,10 +655,11 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
         const int64_t third = (L->row_bytes / 3 + 63) & ~(int64_t)63;
 #define AHEAD(part) do { if (ahead) for (int64_t o = (part) * third; o < ((part) + 1) * third && o < L->row_bytes; o += 64) \
                              _mm_prefetch(ahead + o, _MM_HINT_T0); } while (0)
-        if ((qdown && L->gated && tb == 1) || q4tokens) {  /* int4 gate and up in one pass */
+        if ((qdown && L->gated && (tb == 1 || few)) || q4tokens) {  /* int4 gate and up in one pass */
             AHEAD(0);
             AHEAD(1);
-            if (tb == 1) gate_up_q4(L, row, A, t0, a, b); else gate_up_q4_tokens(L, row, A, t0, tb, a, b);
+            if (q4tokens) gate_up_q4_tokens(L, row, A, t0, tb, a, b);
+            else for (int t = 0; t < tb; t++) gate_up_q4(L, row, A, t0 + t, a + t, b + t);
             AHEAD(2);
         } else {
             AHEAD(0);
@@ -665,14 +671,19 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
 #undef AHEAD
         float bias = L->gated ? 0.f : scalar_at(L, row, BIAS, 0);
         int any = 0;
-        if (tb > 1 && L->act == SILU) {  /* all the block's tokens at once (lanes past tb: unused) */
+        if (L->act == SILU && tb == 1) {  /* one token as a lane of several (broadcast: a[0] was just stored, and a
+                                             vector load of it waits for the store; ~10% of a 1-token FFN) */
+            const __m256 v = _mm256_set1_ps(a[0] + bias);
+            __m256 s = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+            hv[0] = _mm256_cvtss_f32(L->gated ? _mm256_mul_ps(s, _mm256_set1_ps(b[0])) : s);
+        } else if (L->act == SILU) {  /* all the block's tokens at once (lanes past tb: unused) */
             const __m256 v = _mm256_add_ps(_mm256_loadu_ps(a), _mm256_set1_ps(bias));
             __m256 s = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
             _mm256_storeu_ps(hv, L->gated ? _mm256_mul_ps(s, _mm256_loadu_ps(b)) : s);
         }
         for (int t = 0; t < tb; t++) {
             float ht;
-            if (tb > 1 && L->act == SILU) ht = hv[t];
+            if (L->act == SILU) ht = hv[t];
             else {
                 float v = activate(L->act, a[t] + bias);
                 ht = L->gated ? v * b[t] : v;
@@ -682,7 +693,10 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
             h[R % RA][t] = ht;
             any |= ht != 0.f;
         }
-        if (!any) continue;
+        /* SiLU's rare exact zeros (an underflow) stay: skipping a row changes which rows share a block of the down
+           projection's int16 coefficients, so a token that skips it alone and one beside others that do not would
+           round differently; ReLU's zeros and masked neurons are many, and worth skipping */
+        if (!any && (L->act != SILU || mask)) continue;
         if (qdown) {
             if (tb == 1) hq[R] = h[R % RA][0];
             else for (int t = 0; t < tb; t++) hT[R][t] = h[R % RA][t];
@@ -710,14 +724,15 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
 static void rows_all_tokens(const bundle_layout *L, int q, const uint8_t *base, const int64_t *offsets, int64_t lo,
                             int64_t hi, const acts *A, int64_t T, const float *mask, int64_t m, float *out, float *gm,
                             float *hidden, crc_job *crc) {
+    const int few = T <= FEW_TOKENS;  /* a pass of a few tokens computes each token as a one-token pass does */
     for (int64_t t0 = 0; t0 < T; t0 += TB) {
         int tb = T - t0 < TB ? (int)(T - t0) : TB;
         float *g = gm + t0 * (L->d / L->group[OUT]);
         crc_job *c = t0 == 0 ? crc : NULL;  /* pages hashed in the first pass over the rows */
         /* one instance per format, with and without quantized activations, and the 1-token case, so the compiler
            specializes each inner loop */
-#define PASS(FMT, Q) do { if (tb == 1) rows_pass(L, FMT, Q, base, offsets, lo, hi, A, t0, 1, mask, m, out, g, hidden, c); \
-                          else rows_pass(L, FMT, Q, base, offsets, lo, hi, A, t0, tb, mask, m, out, g, hidden, c); } while (0)
+#define PASS(FMT, Q) do { if (tb == 1) rows_pass(L, FMT, Q, base, offsets, lo, hi, A, t0, 1, 1, mask, m, out, g, hidden, c); \
+                          else rows_pass(L, FMT, Q, base, offsets, lo, hi, A, t0, tb, few, mask, m, out, g, hidden, c); } while (0)
         switch (L->fmt) {
         case F32: PASS(F32, 0); break;
         case F16: PASS(F16, 0); break;
