@@ -168,7 +168,7 @@ class DraftVocab:
         self.row_bytes = nbytes // self.vocab
         self.crcs = page_crcs(full, self.row_bytes) if checksums else None
         self.ids: list[int] = []  # the token id of each row added after the base
-        self.row_of: dict[int, int] = {}
+        self.added: set[int] = set()  # (the same ids, for lookups)
         self.reader = FlashReader(store.path / "resident.safetensors", threads=1)
         self.row_buf = aligned_buffer(EMBED_BATCH * (round_up(self.row_bytes) + ALIGN))
 
@@ -186,7 +186,7 @@ class DraftVocab:
     def add(self, token_ids) -> bool:
         """Rows for those of token_ids beyond the base it has not yet (while room is left); True where any came."""
         room = self.buf.shape[0] - self.base - len(self.ids)
-        new = sorted({t for t in token_ids if self.base <= t < self.vocab and t not in self.row_of})[:room]
+        new = sorted({t for t in token_ids if self.base <= t < self.vocab and t not in self.added})[:room]
         if not new:
             return False
         raw = read_rows(self.reader, self.row_buf, self.offset, self.row_bytes, new)
@@ -197,9 +197,8 @@ class DraftVocab:
                                         "(the store is damaged: re-convert it)")
         n = self.base + len(self.ids)
         self.buf[n:n + len(new)] = raw.view(self.buf.dtype).view(len(new), -1)
-        for t in new:
-            self.row_of[t] = self.base + len(self.ids)
-            self.ids.append(t)
+        self.ids += new
+        self.added.update(new)
         return True
 
     def token(self, row: int) -> int:
@@ -219,7 +218,7 @@ class DraftModel:
     def __init__(self, engine, max_seq: int, chunk: int, min_p: float = MIN_DRAFT_P, prompt=()):
         self.engine, self.cache, self.pos, self.chunk = engine, engine.new_cache(max_seq), 0, chunk
         self.min_p = min_p
-        self.vocab = getattr(engine, "vocab", None)  # a cut head's: the prompt's rarer ids join it
+        self.vocab = engine.vocab  # a cut head's: the prompt's rarer ids join it
         if self.vocab is not None and self.vocab.add(prompt):
             engine.model.head = self.vocab.head()
 
