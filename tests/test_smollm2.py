@@ -58,7 +58,7 @@ def _read_bytes() -> int:
 def test_naive_reads_whole_ffn_per_token(smollm2_store_f16):
     store = FlashStore(smollm2_store_f16)
     steps = 4
-    with Engine(store, mode="naive") as engine:
+    with Engine(store, mode="naive", speculation="off") as engine:  # one token a pass, whatever lookup finds
         before = _read_bytes()
         _, stats = generate_ids(engine, [1, 504, 3458, 282], steps + 1, temperature=0.0, stop=set())
         disk = _read_bytes() - before
@@ -75,7 +75,7 @@ def test_cli_json_contract(smollm2_store_f16):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     out = subprocess.run(
         [sys.executable, "-m", "inaflash", "run", "--model", str(smollm2_store_f16), "--mode", "naive",
-         "--max-tokens", "6", "--temperature", "0", "--raw", "--json", PROMPT],
+         "--max-tokens", "6", "--temperature", "0", "--speculation", "off", "--raw", "--json", PROMPT],
         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
