@@ -164,6 +164,58 @@ def test_int4_down_projection_in_integers(d, m, T):
     assert rel(got, alone) < 1e-4
 
 
+@pytest.mark.parametrize("fmt", ["palette4", "palette3"])
+@pytest.mark.parametrize("d", [64, 576, 1536])
+@pytest.mark.parametrize("T", [1, 3, 9, 20])
+def test_palette_kernel_against_its_decoded_weights(fmt, d, T):
+    """Palettes go through int4's integer paths, each nibble (palette3: each 3-bit index, widened as it loads) looked
+    up in the layer's levels: within 2% of the float FFN over the decoded weights (int8 activations, as int4), the
+    down projection within 5e-4 of the kernel's own hidden activations times the decoded columns (a wrong level,
+    row or nibble order is an error of order 1); rows by offset and mask; a pass of up to 16 tokens gives each token
+    the bits it gets alone (palette3 widens a row's indices once for them all)."""
+    fields = fields_of("swiglu", d)
+    m = 77
+    bundles = torch.randn(m + 20, 3 * d, generator=torch.Generator().manual_seed(d)) * 0.05
+    raw, books = quant.encode(fmt, bundles, fields)
+    w = quant.decode(fmt, raw, fields, 3 * d, torch.float32, books)
+    kernel = BundleFFN(fmt, fields, torch.float16, raw.shape[1], d, "silu", True, books=[books])
+    assert kernel.ok
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(T))
+    ids = torch.arange(m) + 7
+    expected, h = reference("swiglu", w[ids], x, d)
+    hidden = torch.empty(T, m)
+    got = kernel(x, raw.flatten(), m, offsets=ids * raw.shape[1], hidden=hidden)
+    assert rel(got, expected) < 2e-2 and rel(hidden, h) < 2e-2
+    assert rel(got, hidden @ w[ids][:, 2 * d:]) < 5e-4
+    mask = torch.rand(T, m, generator=torch.Generator().manual_seed(d)) > 0.3
+    masked = kernel(x, raw.flatten(), m, offsets=ids * raw.shape[1], mask=mask, hidden=hidden)
+    assert (hidden[~mask] == 0).all() and rel(masked, hidden @ w[ids][:, 2 * d:]) < 5e-4
+    alone = torch.cat([kernel(x[t:t + 1], raw, m + 20) for t in range(T)])
+    together = kernel(x, raw, m + 20)
+    if T <= 16:
+        assert torch.equal(together, alone)
+    else:
+        assert rel(together, alone) < 1e-4
+
+
+def test_palette_kernel_takes_only_what_it_computes():
+    """The kernel computes palettes on SwiGLU bundles with quantized activations and books on the 1/127 grid; other
+    cases (OPT's fc1 with its float bias, float activations, a book written before the grid) decline, and BundleMath
+    then decodes through torch."""
+    d = 64
+    bundles = torch.randn(100, 3 * d, generator=torch.Generator().manual_seed(0)) * 0.05
+    raw, books = quant.encode("palette4", bundles, fields_of("swiglu", d))
+    args = ("palette4", fields_of("swiglu", d), torch.float16, raw.shape[1], d, "silu")
+    assert BundleFFN(*args, True, books=[books]).ok
+    assert not BundleFFN(*args, False, books=[books]).ok  # float activations: the integer paths only
+    assert not BundleFFN(*args, True).ok  # no books
+    off = {k: (v.float() * 0.999 + 0.0004).half() for k, v in books.items()}
+    assert quant.book_levels(off["gate"]) is None and not BundleFFN(*args, True, books=[off]).ok
+    opt = fields_of("relu", d)
+    raw_opt, books_opt = quant.encode("palette4", torch.randn(100, 2 * d + 1) * 0.05, opt)
+    assert not BundleFFN("palette4", opt, torch.float16, raw_opt.shape[1], d, "relu", True, books=[books_opt]).ok
+
+
 @pytest.fixture(scope="module")
 def int4_llama(tmp_path_factory):
     from inaflash.store.sources import open_source
@@ -443,12 +495,12 @@ from inaflash.ffn.kernels import BundleFFN
 from inaflash.store import quant
 print(native.VARIANT)
 h = hashlib.sha256()
-for fmt in ("int8", "int4"):
+for fmt in ("int8", "int4", "palette4", "palette3"):
     for d, n in ((256, 300), (1536, 520)):
         fields = {"gate": (0, d), "up": (d, 2 * d), "down": (2 * d, 3 * d)}
         bundles = torch.randn(n, 3 * d, generator=torch.Generator().manual_seed(d)) * 0.05
-        raw = quant.encode(fmt, bundles, fields)[0]
-        kernel = BundleFFN(fmt, fields, torch.float16, raw.shape[1], d, "silu", True)
+        raw, books = quant.encode(fmt, bundles, fields)
+        kernel = BundleFFN(fmt, fields, torch.float16, raw.shape[1], d, "silu", True, books=[books] if books else None)
         for T in (1, 3, 9):
             h.update(kernel(torch.randn(T, d, generator=torch.Generator().manual_seed(T)), raw, n).numpy().tobytes())
 w = torch.randn(300, 1536, generator=torch.Generator().manual_seed(1))

@@ -90,7 +90,9 @@ def reference_dequant(store, layer):
             word = chunk.reshape(n, -1, 3).astype(np.int64)
             word = word[..., 0] | word[..., 1] << 8 | word[..., 2] << 16
             idx = ((word[..., None] >> np.arange(0, 24, 3)) & 7).reshape(n, -1)
-        normalized[name] = books[f"{layer}.{name}"].float().numpy()[idx]
+        book = books[f"{layer}.{name}"].float().numpy() * 127  # on the grid of 1/127: levels, worth level / 127
+        assert np.abs(book - np.round(book)).max() < 0.05
+        normalized[name] = (np.round(book) / np.float32(127)).astype(np.float32)[idx]
         per_weight = np.repeat(scales[:, k:k + (b - a) // 32], 32, axis=1)
         low = np.repeat(lows[:, k:k + (b - a) // 32], 32, axis=1)
         out[:, a:b] = normalized[name] * per_weight + low
@@ -149,7 +151,7 @@ def test_bundles_dequantize_as_documented_and_within_bound(stores, fmt):
             for name, (a, b) in q.fields.items():
                 if name in bound:
                     entries, scale, low = bound[name]
-                    c = books[f"{layer}.{name}"].float().numpy()
+                    c = np.round(books[f"{layer}.{name}"].float().numpy() * 127) / np.float32(127)
                     w = (exact[:, a:b] - low) / scale
                     assert w.min() >= 0 and w.max() <= 1 + 1e-6  # minimum rounded down, scale up
                     assert np.allclose(np.abs(w - entries), np.abs(w[..., None] - c).min(-1), atol=1e-5)

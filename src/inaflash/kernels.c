@@ -20,7 +20,10 @@
 #include <string.h>
 #include <math.h>
 
-enum { F32 = 0, F16 = 1, BF16 = 2, INT8 = 3, INT4 = 4 };
+enum { F32 = 0, F16 = 1, BF16 = 2, INT8 = 3, INT4 = 4, PAL4 = 5, PAL3 = 6 };
+/* int4 and the palettes share the int4 paths: groups of 32 with a float16 scale and minimum, codes as nibbles
+   (palette3's 3-bit indices are widened to nibbles as they load), palettes' nibbles looked up in the field's levels */
+#define Q4(fmt) ((fmt) >= INT4)
 enum { IN1 = 0, IN2 = 1, OUT = 2, BIAS = 3 };
 enum { SILU = 0, RELU = 1 };
 #define TB 8 /* tokens per pass over a bundle: each weight is loaded once per 8 tokens */
@@ -37,6 +40,8 @@ typedef struct {
     int64_t scale_off, min_off;  /* bytes from the bundle's start to the float16 scales / minimums */
     int32_t qx;  /* int8/int4: quantize activations to int8 per weight group (as llama.cpp's Q8 activations) for
                     the gate/up dot products: integer multiply-adds instead of converting every code to float */
+    uint8_t lut[4][16];  /* palettes: each field's codebook as levels 0..127 (quant.py's PALETTE_LEVELS grid) */
+    float level;  /* palettes: what a level is worth (1 / 127); int4: 1 */
 } bundle_layout;
 
 /* activations for one call: float x, and for qx its int8 codes (int4: per 32 the evens then the odds, the weights'
@@ -67,7 +72,7 @@ static inline void crc_upto(crc_job *c, int64_t end_byte, int all) {
 #include <omp.h>
 #endif
 
-int inaflash_kernel_version(void) { return 2; }  /* 2: bundle_ffn hashes pages (crcs) */
+int inaflash_kernel_version(void) { return 3; }  /* 2: bundle_ffn hashes pages (crcs); 3: palettes */
 #ifndef INAFLASH_VNNI
 #define INAFLASH_VNNI 0
 #endif
@@ -217,27 +222,72 @@ static inline __attribute__((always_inline)) __m256i block_q8(const uint8_t *fie
     return DOT_U8S8(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
 }
 
+/* palette3's 3-bit indices (8 per 3 bytes, index k at bits 3k of the little-endian 24-bit word) as int4 lays codes
+   out (two a byte, low nibble first): each 3 bytes into a 32-bit lane, then the 6-bit pairs of indices spread to one
+   a byte (12 -> 16 bits of each lane apart, then 6 -> 8), and each pair's second index moved up a bit to the high
+   nibble. 32 indices from 12 bytes (the 4 after them are loaded, never used: a bundle's codes are always followed by
+   its scales). */
+/* the 32 indices at lo (in the low 128 bits) and the 32 at hi (the high 128) */
+static inline __m256i pal3_pair(const uint8_t *lo, const uint8_t *hi) {
+    const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                            0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+    __m256i w = _mm256_shuffle_epi8(_mm256_loadu2_m128i((const __m128i *)hi, (const __m128i *)lo), spread);
+    w = _mm256_or_si256(_mm256_and_si256(w, _mm256_set1_epi32(0x000FFF)),
+                        _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0xFFF000)), 4));
+    w = _mm256_or_si256(_mm256_and_si256(w, _mm256_set1_epi32(0x003F003F)),
+                        _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x0FC00FC0)), 2));
+    return _mm256_or_si256(_mm256_and_si256(w, _mm256_set1_epi32(0x07070707)),
+                           _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x38383838)), 1));
+}
+
+/* the 64 codes of a field from code j (j % 64 == 0) as 32 nibble pairs */
+static inline __attribute__((always_inline)) __m256i codes64(int fmt, const uint8_t *field, int64_t j) {
+    if (fmt == PAL3) return pal3_pair(field + j / 8 * 3, field + j / 8 * 3 + 12);
+    return _mm256_loadu_si256((const __m256i *)(field + j / 2));
+}
+
+/* a field's levels in both 128-bit lanes (for a byte shuffle: nibble -> level) */
+static inline __m256i field_lut(const bundle_layout *L, int f) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)L->lut[f]));
+}
+
 /* int4, 64 codes (two groups of 32, 32 bytes; lo/hi: their low and high nibbles) against int8 activations x0, x1
    stored per 64 as [evens of the first 32, evens of the second 32, odds of the first, odds of the second] (the order
    low and high nibbles come out in): 8 int32 partial sums, lanes 0-3 of the first group, 4-7 of the second */
-static inline __attribute__((always_inline)) __m256i q4_dot64_split(__m256i lo, __m256i hi, __m256i x0, __m256i x1) {
+static inline __attribute__((always_inline)) __m256i q4_dot64_split(int fmt, __m256i lo, __m256i hi, __m256i x0,
+                                                                    __m256i x1) {
 #if INAFLASH_VNNI
+    (void)fmt;
     return DOT_U8S8(DOT_U8S8(_mm256_setzero_si256(), lo, x0), hi, x1);
 #else
+    /* int4: both halves' int16 pair sums add before widening (4 * 15 * 127 fits); palette levels (<= 127) do not */
+    if (fmt != INT4)
+        return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_set1_epi16(1)),
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_set1_epi16(1)));
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)),
                              _mm256_set1_epi16(1));
 #endif
 }
 
-/* the same from the 32 code bytes v: low and high nibbles split here */
-static inline __attribute__((always_inline)) __m256i q4_dot64(__m256i v, __m256i x0, __m256i x1) {
+/* the 32 code bytes v split into low and high nibbles (palettes: looked up in lut, the field's levels) */
+static inline __attribute__((always_inline)) void split_codes(int fmt, __m256i lut, __m256i v, __m256i *lo, __m256i *hi) {
     const __m256i low4 = _mm256_set1_epi8(15);
-    return q4_dot64_split(_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), x0, x1);
+    *lo = _mm256_and_si256(v, low4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    if (fmt != INT4) *lo = _mm256_shuffle_epi8(lut, *lo), *hi = _mm256_shuffle_epi8(lut, *hi);
 }
 
-/* q4_dot64 of the 64 codes at field + j / 2 against the activations at xq + j */
-static inline __attribute__((always_inline)) __m256i chunk64_q4(const uint8_t *field, int64_t j, const int8_t *xq) {
-    return q4_dot64(_mm256_loadu_si256((const __m256i *)(field + j / 2)), _mm256_loadu_si256((const __m256i *)(xq + j)),
+/* q4_dot64_split of the 32 code bytes v */
+static inline __attribute__((always_inline)) __m256i q4_dot64(int fmt, __m256i lut, __m256i v, __m256i x0, __m256i x1) {
+    __m256i lo, hi;
+    split_codes(fmt, lut, v, &lo, &hi);
+    return q4_dot64_split(fmt, lo, hi, x0, x1);
+}
+
+/* q4_dot64 of the 64 codes of field from code j against the activations at xq + j */
+static inline __attribute__((always_inline)) __m256i chunk64_q4(int fmt, __m256i lut, const uint8_t *field, int64_t j,
+                                                               const int8_t *xq) {
+    return q4_dot64(fmt, lut, codes64(fmt, field, j), _mm256_loadu_si256((const __m256i *)(xq + j)),
                     _mm256_loadu_si256((const __m256i *)(xq + j + 32)));
 }
 
@@ -251,28 +301,29 @@ static inline __attribute__((always_inline)) void field_dot_q(const bundle_layou
     const uint8_t *field = row + L->code_off[f];
     float sw[MAXG], mn[MAXG], db[MAXG];
     halfs_to_floats(row + L->scale_off + 2 * L->group_base[f], ngroups, sw);
-    if (fmt == INT4) halfs_to_floats(row + L->min_off + 2 * L->group_base[f], ngroups, mn);
+    if (Q4(fmt)) halfs_to_floats(row + L->min_off + 2 * L->group_base[f], ngroups, mn);
+    const __m256i lut = Q4(fmt) ? field_lut(L, f) : _mm256_setzero_si256();
     for (int t = 0; t < tb; t++) {
         const int8_t *xq = A->q + (t0 + t) * d;
         const float *qs = A->qs + (t0 + t) * ngroups, *xs = A->xsum + (t0 + t) * ngroups;
-        float mins = fmt == INT4 ? dot_floats(mn, xs, ngroups) : 0.f;
+        float mins = Q4(fmt) ? dot_floats(mn, xs, ngroups) : 0.f;
         int64_t k = 0;
         for (; k + 8 <= ngroups; k += 8)
             _mm256_storeu_ps(db + k, _mm256_mul_ps(_mm256_loadu_ps(sw + k), _mm256_loadu_ps(qs + k)));
         for (; k < ngroups; k++) db[k] = sw[k] * qs[k];
         __m256 c0 = _mm256_setzero_ps(), c1 = c0;  /* two chains */
-        if (fmt == INT4 && g == 32) {  /* 64 codes a step (d % 64 == 0: checked at entry) */
+        if (Q4(fmt) && g == 32) {  /* 64 codes a step (d % 64 == 0: checked at entry) */
             const __m256i lanes[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
                                       _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
             for (k = 0; k + 8 <= ngroups; k += 8) {
                 __m256 dv = _mm256_loadu_ps(db + k);
-                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(field, k * 32, xq)), _mm256_permutevar8x32_ps(dv, lanes[0]), c0);
-                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(field, k * 32 + 64, xq)), _mm256_permutevar8x32_ps(dv, lanes[1]), c1);
-                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(field, k * 32 + 128, xq)), _mm256_permutevar8x32_ps(dv, lanes[2]), c0);
-                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(field, k * 32 + 192, xq)), _mm256_permutevar8x32_ps(dv, lanes[3]), c1);
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(fmt, lut, field, k * 32, xq)), _mm256_permutevar8x32_ps(dv, lanes[0]), c0);
+                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(fmt, lut, field, k * 32 + 64, xq)), _mm256_permutevar8x32_ps(dv, lanes[1]), c1);
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(fmt, lut, field, k * 32 + 128, xq)), _mm256_permutevar8x32_ps(dv, lanes[2]), c0);
+                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(fmt, lut, field, k * 32 + 192, xq)), _mm256_permutevar8x32_ps(dv, lanes[3]), c1);
             }
             for (; k < ngroups; k += 2)
-                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(field, k * 32, xq)),
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(fmt, lut, field, k * 32, xq)),
                                      _mm256_set_m128(_mm_set1_ps(db[k + 1]), _mm_set1_ps(db[k])), c0);
             res[t] = hsum(_mm256_add_ps(c0, c1)) + mins;
             continue;
@@ -335,19 +386,21 @@ static inline __attribute__((always_inline)) void rows_axpy(const bundle_layout 
 /* One token, int4 in groups of 32 with quantized activations: gate . x and up . x in one pass, sharing the
  * activation loads; the group scales (times the activations' scales) and the minimums' term are taken 8 groups at a
  * time inside the loop, from the float16 values as stored. ngroups is even (d % 64 == 0). */
-static inline __attribute__((always_inline)) void gate_up_q4(const bundle_layout *L, const uint8_t *row,
-                                                            const acts *A, int64_t t, float *ga, float *ub) {
+static inline __attribute__((always_inline)) void gate_up_q4(const bundle_layout *L, int fmt, const uint8_t *row,
+                                                            const uint8_t *fg, const uint8_t *fu, const acts *A,
+                                                            int64_t t, float *ga, float *ub) {
     const int64_t ngroups = L->d / 32;
     const int8_t *xq = A->q + t * L->d;
     const float *qs = A->qs + t * ngroups, *xs = A->xsum + t * ngroups;
-    const uint8_t *fg = row + L->code_off[IN1], *fu = row + L->code_off[IN2];
     const uint8_t *sg = row + L->scale_off + 2 * L->group_base[IN1], *su = row + L->scale_off + 2 * L->group_base[IN2];
     const uint8_t *mg = row + L->min_off + 2 * L->group_base[IN1], *mu = row + L->min_off + 2 * L->group_base[IN2];
     const __m256i lanes[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
                               _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
     __m256 cg = _mm256_setzero_ps(), cu = cg, ming = cg, minu = cg;
     int64_t k = 0;
-#define CHUNK(field, j, x0, x1) _mm256_cvtepi32_ps(q4_dot64(_mm256_loadu_si256((const __m256i *)((field) + (j) / 2)), x0, x1))
+    const __m256i lg = fmt != INT4 ? field_lut(L, IN1) : _mm256_setzero_si256();
+    const __m256i lu = fmt != INT4 ? field_lut(L, IN2) : _mm256_setzero_si256();
+#define CHUNK(field, j, x0, x1) _mm256_cvtepi32_ps(q4_dot64(fmt, (field) == fg ? lg : lu, codes64(fmt, field, j), x0, x1))
     for (; k + 8 <= ngroups; k += 8) {
         const __m256 q8 = _mm256_loadu_ps(qs + k), x8 = _mm256_loadu_ps(xs + k);
         const __m256 dg = _mm256_mul_ps(half8(sg + 2 * k), q8), du = _mm256_mul_ps(half8(su + 2 * k), q8);
@@ -381,24 +434,23 @@ static inline __attribute__((always_inline)) void gate_up_q4(const bundle_layout
  * integer sums of a block's 8 groups are gathered into one vector (hadd) so that each token costs one conversion and
  * one FMA per block and field, not one per 2 groups as gate_up_q4 spends. Only for widths of whole blocks
  * (ngroups % 8 == 0: rows_pass checks; other widths take field_dot_q). */
-static inline __attribute__((always_inline)) void gate_up_q4_tokens(const bundle_layout *L, const uint8_t *row,
+static inline __attribute__((always_inline)) void gate_up_q4_tokens(const bundle_layout *L, int fmt, const uint8_t *row,
                                                                    const acts *A, int64_t t0, int tb, float *a,
                                                                    float *b) {
     const int64_t d = L->d, ngroups = d / 32;
     const uint8_t *fg = row + L->code_off[IN1], *fu = row + L->code_off[IN2];
     const uint8_t *sg = row + L->scale_off + 2 * L->group_base[IN1], *su = row + L->scale_off + 2 * L->group_base[IN2];
     const uint8_t *mg = row + L->min_off + 2 * L->group_base[IN1], *mu = row + L->min_off + 2 * L->group_base[IN2];
-    const __m256i low4 = _mm256_set1_epi8(15);
+    const __m256i lg = fmt != INT4 ? field_lut(L, IN1) : _mm256_setzero_si256();
+    const __m256i lu = fmt != INT4 ? field_lut(L, IN2) : _mm256_setzero_si256();
     const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  /* the groups as two hadds leave them */
     __m256 accg[TB], accu[TB], ming[TB], minu[TB];
     for (int t = 0; t < tb; t++) accg[t] = accu[t] = ming[t] = minu[t] = _mm256_setzero_ps();
     for (int64_t k = 0; k < ngroups; k += 8) {
         __m256i G[8], U[8];  /* low and high nibbles of 4 chunks of 64 codes */
         for (int c = 0; c < 4; c++) {
-            __m256i vg = _mm256_loadu_si256((const __m256i *)(fg + k * 16 + 32 * c));
-            __m256i vu = _mm256_loadu_si256((const __m256i *)(fu + k * 16 + 32 * c));
-            G[2 * c] = _mm256_and_si256(vg, low4), G[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(vg, 4), low4);
-            U[2 * c] = _mm256_and_si256(vu, low4), U[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(vu, 4), low4);
+            split_codes(fmt, lg, codes64(fmt, fg, k * 32 + 64 * c), &G[2 * c], &G[2 * c + 1]);
+            split_codes(fmt, lu, codes64(fmt, fu, k * 32 + 64 * c), &U[2 * c], &U[2 * c + 1]);
         }
         const __m256 wg = _mm256_permutevar8x32_ps(half8(sg + 2 * k), order);
         const __m256 wu = _mm256_permutevar8x32_ps(half8(su + 2 * k), order);
@@ -409,8 +461,8 @@ static inline __attribute__((always_inline)) void gate_up_q4_tokens(const bundle
             for (int c = 0; c < 4; c++) {
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
-                pg[c] = q4_dot64_split(G[2 * c], G[2 * c + 1], x0, x1);
-                pu[c] = q4_dot64_split(U[2 * c], U[2 * c + 1], x0, x1);
+                pg[c] = q4_dot64_split(fmt, G[2 * c], G[2 * c + 1], x0, x1);
+                pu[c] = q4_dot64_split(fmt, U[2 * c], U[2 * c + 1], x0, x1);
             }
             /* lanes 0-3 of pg[c] are group 2c's partial sums, 4-7 group 2c + 1's: two hadds sum each group's 4,
                leaving groups in the order 0, 2, 4, 6 | 1, 3, 5, 7 */
@@ -446,12 +498,15 @@ static inline __attribute__((always_inline)) float quantize_coefficients(const _
 
 /* The 32 int4 down codes at byte `at` of 4 rows as byte pairs (row 0, row 1 | row 2, row 3) per output: P[0], P[1]
  * the low nibbles' outputs j = 0, 2, .., 14 and 16, .., 30; P[2], P[3] the high nibbles' 1, .., 15 and 17, .., 31 */
-static inline __attribute__((always_inline)) void pair_codes(const uint8_t *const *rows, int64_t at, __m256i P[4]) {
-    const __m256i low4 = _mm256_set1_epi8(15);
-    const __m256i X = _mm256_loadu2_m128i((const __m128i *)(rows[2] + at), (const __m128i *)(rows[0] + at));
-    const __m256i Y = _mm256_loadu2_m128i((const __m128i *)(rows[3] + at), (const __m128i *)(rows[1] + at));
-    const __m256i xl = _mm256_and_si256(X, low4), yl = _mm256_and_si256(Y, low4);
-    const __m256i xh = _mm256_and_si256(_mm256_srli_epi16(X, 4), low4), yh = _mm256_and_si256(_mm256_srli_epi16(Y, 4), low4);
+static inline __attribute__((always_inline)) void pair_codes(int fmt, __m256i lut, const uint8_t *const *rows,
+                                                            int64_t off, int64_t k, __m256i P[4]) {
+    const __m256i X = fmt == PAL3 ? pal3_pair(rows[0] + off + 12 * k, rows[2] + off + 12 * k) :
+        _mm256_loadu2_m128i((const __m128i *)(rows[2] + off + 16 * k), (const __m128i *)(rows[0] + off + 16 * k));
+    const __m256i Y = fmt == PAL3 ? pal3_pair(rows[1] + off + 12 * k, rows[3] + off + 12 * k) :
+        _mm256_loadu2_m128i((const __m128i *)(rows[3] + off + 16 * k), (const __m128i *)(rows[1] + off + 16 * k));
+    __m256i xl, xh, yl, yh;
+    split_codes(fmt, lut, X, &xl, &xh);
+    split_codes(fmt, lut, Y, &yl, &yh);
     P[0] = _mm256_unpacklo_epi8(xl, yl), P[1] = _mm256_unpackhi_epi8(xl, yl);
     P[2] = _mm256_unpacklo_epi8(xh, yh), P[3] = _mm256_unpackhi_epi8(xh, yh);
 }
@@ -481,7 +536,7 @@ static inline __attribute__((always_inline)) void add_group(const __m256i acc[8]
  * is ~2x fewer instructions than converting every code to float (rows_axpy). R <= DB; rows past R in the last
  * group of 4 point at a real row with coefficient 0. int4's minimums are summed in float per row into gm. */
 #define DB 32
-static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layout *L, const uint8_t **rows,
+static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layout *L, int fmt, const uint8_t **rows,
                                                               const float *h, int R, float *out, float *gm,
                                                               const uint8_t *const *next, int nnext) {
     const int64_t d = L->d, ngroups = d / 32;
@@ -504,11 +559,11 @@ static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layo
         const __m256 v[4] = {_mm256_load_ps(c[k]), _mm256_load_ps(c[k] + 8), _mm256_load_ps(c[k] + 16),
                              _mm256_load_ps(c[k] + 24)};
         __m256i q[2];
-        sb[k] = quantize_coefficients(v, q);
+        sb[k] = quantize_coefficients(v, q) * L->level;
         _mm256_store_si256((__m256i *)cq[k], q[0]);
         _mm256_store_si256((__m256i *)(cq[k] + 16), q[1]);
     }
-    const __m256i zero = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256(), lut = fmt != INT4 ? field_lut(L, OUT) : zero;
     const int64_t off = L->code_off[OUT], lines = (L->row_bytes + 63) / 64;
     for (int64_t k = 0; k < ngroups; k++) {
         /* the bundles the gate/up pass takes next, a share per group: a block's down projection takes ~3 us of
@@ -524,7 +579,7 @@ static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layo
             memcpy(&w23, &cq[k][r + 2], 4);
             const __m256i w = _mm256_setr_m128i(_mm_set1_epi32(w01), _mm_set1_epi32(w23));
             __m256i P[4];
-            pair_codes(rows + r, off + 16 * k, P);  /* widened to int16 pairs below */
+            pair_codes(fmt, lut, rows + r, off, k, P);  /* widened to int16 pairs below */
             for (int i = 0; i < 4; i++) {
                 acc[2 * i] = DOT_S16(acc[2 * i], _mm256_unpacklo_epi8(P[i], zero), w);
                 acc[2 * i + 1] = DOT_S16(acc[2 * i + 1], _mm256_unpackhi_epi8(P[i], zero), w);
@@ -541,7 +596,8 @@ static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layo
  * every code and spent an FMA per 8 outputs, row and token (Qwen2.5-1.5B, 128 tokens in dram: the FFN's down third
  * took most of a prefill). The integer sums are rows_down_q4's, term for term: a token computes the same here as
  * alone. */
-static inline __attribute__((always_inline)) void rows_down_q4_tokens(const bundle_layout *L, const uint8_t **rows,
+static inline __attribute__((always_inline)) void rows_down_q4_tokens(const bundle_layout *L, int fmt,
+                                                                     const uint8_t **rows,
                                                                      float h[][TB], int R, int tb, float *out,
                                                                      float *gm, const uint8_t *const *next,
                                                                      int nnext) {
@@ -571,7 +627,7 @@ static inline __attribute__((always_inline)) void rows_down_q4_tokens(const bund
             for (; k < ngroups; k++) gt[k] += h[r][t] * mn[k];
         }
     }
-    const __m256i zero = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256(), lut = fmt != INT4 ? field_lut(L, OUT) : zero;
     const int64_t off = L->code_off[OUT], lines = (L->row_bytes + 63) / 64;
     for (int64_t k = 0; k < ngroups; k++) {
         for (int64_t i = nnext * lines * k / ngroups; i < nnext * lines * (k + 1) / ngroups; i++)
@@ -582,7 +638,7 @@ static inline __attribute__((always_inline)) void rows_down_q4_tokens(const bund
                                  _mm256_mul_ps(_mm256_load_ps(hc[t] + 8), _mm256_load_ps(sc[k] + 8)),
                                  _mm256_mul_ps(_mm256_load_ps(hc[t] + 16), _mm256_load_ps(sc[k] + 16)),
                                  _mm256_mul_ps(_mm256_load_ps(hc[t] + 24), _mm256_load_ps(sc[k] + 24))};
-            sb[t] = quantize_coefficients(v, q);
+            sb[t] = quantize_coefficients(v, q) * L->level;
             for (int j = 0; j < DB / 4; j++)  /* rows 4j, 4j + 1 in the low lanes, 4j + 2, 4j + 3 in the high ones */
                 cw[t][j] = _mm256_permutevar8x32_epi32(q[j / 4], _mm256_setr_epi32(
                     2 * (j % 4), 2 * (j % 4), 2 * (j % 4), 2 * (j % 4),
@@ -590,7 +646,7 @@ static inline __attribute__((always_inline)) void rows_down_q4_tokens(const bund
         }
         for (int r = 0; r < Rp; r += 4) {  /* rows_down_q4's pairs, widened once for every token */
             __m256i P[4];
-            pair_codes(rows + r, off + 16 * k, P);
+            pair_codes(fmt, lut, rows + r, off, k, P);
             for (int i = 0; i < 4; i++) {
                 wide[r / 4][2 * i] = _mm256_unpacklo_epi8(P[i], zero);
                 wide[r / 4][2 * i + 1] = _mm256_unpackhi_epi8(P[i], zero);
@@ -640,11 +696,11 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
     int R = 0;
     /* int4 with quantized activations: the down projection in integers too, DB rows at a time (one token:
        rows_down_q4; several: rows_down_q4_tokens) */
-    const int qdown = fmt == INT4 && q && L->group[OUT] == 32;
+    const int qdown = Q4(fmt) && q && L->group[OUT] == 32;
     /* several tokens of int4 with quantized activations, whole blocks of 8 groups: gate/up unpacked once per block
        (a prompt's chunk; a pass of a few tokens, speculation's verification, takes each token's gate/up as a
        one-token pass does, so that a token computes the same bits alone or verified beside others) */
-    const int q4tokens = fmt == INT4 && q && tb > 1 && !few && L->gated && (L->d / 32) % 8 == 0;
+    const int q4tokens = Q4(fmt) && q && tb > 1 && !few && L->gated && (L->d / 32) % 8 == 0;
     for (int64_t r = lo; r < hi; r++) {
         if (crc) crc_upto(crc, r * L->row_bytes, 0);  /* the pages under rows lo..r-1 */
         const uint8_t *row = base + (offsets ? offsets[r] : r * L->row_bytes);
@@ -658,8 +714,17 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
         if ((qdown && L->gated && (tb == 1 || few)) || q4tokens) {  /* int4 gate and up in one pass */
             AHEAD(0);
             AHEAD(1);
-            if (q4tokens) gate_up_q4_tokens(L, row, A, t0, tb, a, b);
-            else for (int t = 0; t < tb; t++) gate_up_q4(L, row, A, t0 + t, a + t, b + t);
+            const uint8_t *fg = row + L->code_off[IN1], *fu = row + L->code_off[IN2];
+            if (q4tokens) gate_up_q4_tokens(L, fmt, row, A, t0, tb, a, b);
+            else if (fmt == PAL3 && tb > 1) {  /* a few tokens: the indices widened to nibbles once, not per token
+                                                  (the same integers: each token's bits are a one-token pass's) */
+                uint8_t ng[MAXG * 16] __attribute__((aligned(32))), nu[MAXG * 16] __attribute__((aligned(32)));
+                for (int64_t j = 0; j < d; j += 64) {
+                    _mm256_store_si256((__m256i *)(ng + j / 2), codes64(PAL3, fg, j));
+                    _mm256_store_si256((__m256i *)(nu + j / 2), codes64(PAL3, fu, j));
+                }
+                for (int t = 0; t < tb; t++) gate_up_q4(L, PAL4, row, ng, nu, A, t0 + t, a + t, b + t);
+            } else for (int t = 0; t < tb; t++) gate_up_q4(L, fmt, row, fg, fu, A, t0 + t, a + t, b + t);
             AHEAD(2);
         } else {
             AHEAD(0);
@@ -707,8 +772,8 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
                 int nnext = 0;
                 for (int64_t i = r + 1; i < hi && nnext < PREFETCH; i++)
                     next[nnext++] = base + (offsets ? offsets[i] : i * L->row_bytes);
-                if (tb == 1) rows_down_q4(L, rows, hq, R, out + t0 * d, gm, next, nnext);
-                else rows_down_q4_tokens(L, rows, hT, R, tb, out + t0 * d, gm, next, nnext);
+                if (tb == 1) rows_down_q4(L, fmt, rows, hq, R, out + t0 * d, gm, next, nnext);
+                else rows_down_q4_tokens(L, fmt, rows, hT, R, tb, out + t0 * d, gm, next, nnext);
                 R = 0;
             }
             continue;
@@ -716,8 +781,8 @@ static inline __attribute__((always_inline)) void rows_pass(const bundle_layout 
         rows[R++] = row;
         if (R == RA) { rows_axpy(L, fmt, rows, h, RA, tb, out + t0 * d, gm); R = 0; }
     }
-    if (R && qdown && tb == 1) rows_down_q4(L, rows, hq, R, out + t0 * d, gm, NULL, 0);
-    else if (R && qdown) rows_down_q4_tokens(L, rows, hT, R, tb, out + t0 * d, gm, NULL, 0);
+    if (R && qdown && tb == 1) rows_down_q4(L, fmt, rows, hq, R, out + t0 * d, gm, NULL, 0);
+    else if (R && qdown) rows_down_q4_tokens(L, fmt, rows, hT, R, tb, out + t0 * d, gm, NULL, 0);
     else if (R) rows_axpy(L, fmt, rows, h, R, tb, out + t0 * d, gm);
 }
 
@@ -738,6 +803,8 @@ static void rows_all_tokens(const bundle_layout *L, int q, const uint8_t *base, 
         case F16: PASS(F16, 0); break;
         case BF16: PASS(BF16, 0); break;
         case INT8: if (q) PASS(INT8, 1); else PASS(INT8, 0); break;
+        case PAL4: PASS(PAL4, 1); break;  /* palettes: quantized activations only (checked at entry) */
+        case PAL3: PASS(PAL3, 1); break;
         default: if (q) PASS(INT4, 1); else PASS(INT4, 0); break;
         }
 #undef PASS
@@ -745,11 +812,11 @@ static void rows_all_tokens(const bundle_layout *L, int q, const uint8_t *base, 
 }
 
 /* per token, per group of gq (a multiple of 32): int8 codes of x, their scale, and the sum of the quantized values
-   (int4's minimums multiply it). int4 (perm): stored per 64 as chunk64_q4 reads them, [evens of the first 32, evens
+   (int4's minimums multiply it); qs is the scale times `level` (a palette level's worth). int4 (perm): stored per 64 as chunk64_q4 reads them, [evens of the first 32, evens
    of the second 32, odds of the first, odds of the second]. Vectors throughout: called once per matrix and token, it
    was ~15 us per call in scalar code with Qwen2.5's 1536 (lrintf a library call), ~0.5 ms per token over 28 FFNs */
-static void quantize_acts(const float *x, int64_t T, int64_t d, int64_t gq, int perm, int8_t *q, float *qs,
-                          float *xsum) {
+static void quantize_acts(const float *x, int64_t T, int64_t d, int64_t gq, int perm, float level, int8_t *q,
+                          float *qs, float *xsum) {
     const int64_t ng = d / gq;
     const __m256i ones8 = _mm256_set1_epi8(1);
     const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
@@ -779,7 +846,7 @@ static void quantize_acts(const float *x, int64_t T, int64_t d, int64_t gq, int 
             __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
             t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
             t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
-            qs[t * ng + j0 / gq] = s;
+            qs[t * ng + j0 / gq] = s * level;  /* palettes: a level's worth folded into the dot products' scale */
             xsum[t * ng + j0 / gq] = s * (float)_mm_cvtsi128_si32(t4);
         }
 }
@@ -796,11 +863,13 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
         if ((f == IN2 && !L->gated) ? 0 : (L->group[f] % 8 || d % L->group[f])) return -1;
     if (d / 32 > MAXG || d / L->group[OUT] > MAXG) return -1;
     if (crcs && offsets) return -1;
-    if (m <= 0 || T <= 0) return crcs && npages > 0 && inaflash_crc32c_pages(base, npages, CRC_PAGE, crcs) ? -3 : 0;
     /* activations quantized per weight group: gate and up must share the grouping, of whole 32s, at most 256 */
     const int64_t gq = L->group[IN1];
     const int q = L->qx && L->fmt >= INT8 && gq % 32 == 0 && gq <= 256 && (!L->gated || L->group[IN2] == gq) &&
-                  (L->fmt != INT4 || (gq == 32 && d % 64 == 0));
+                  (!Q4(L->fmt) || (gq == 32 && d % 64 == 0));
+    /* palettes: SwiGLU bundles in groups of 32 with quantized activations (the integer paths) only */
+    if (L->fmt > INT4 && (!q || !L->gated || L->group[OUT] != 32 || L->group[IN2] != 32)) return -1;
+    if (m <= 0 || T <= 0) return crcs && npages > 0 && inaflash_crc32c_pages(base, npages, CRC_PAGE, crcs) ? -3 : 0;
     const int64_t ngroups = d / L->group[IN1], gout = d / L->group[OUT];
     float *xsum = calloc((size_t)(2 * T * ngroups + 1), sizeof(float));
     int8_t *xq = q ? malloc((size_t)(T * d)) : NULL;
@@ -809,7 +878,7 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
     /* int4's minimums multiply the sum of the activations the codes meet: the quantized ones where q (else the
        two terms, which nearly cancel, would see different x: 2-3% error instead of int8's 0.7%) */
     if (q)
-        quantize_acts(x, T, d, gq, L->fmt == INT4, xq, xsum + T * ngroups, xsum);
+        quantize_acts(x, T, d, gq, Q4(L->fmt), Q4(L->fmt) ? L->level : 1.f, xq, xsum + T * ngroups, xsum);
     else if (L->fmt == INT4)
         for (int64_t t = 0; t < T; t++)
             for (int64_t j = 0; j < d; j++) xsum[t * ngroups + j / gq] += x[t * d + j];
@@ -866,6 +935,7 @@ int inaflash_decode_rows(const bundle_layout *L, const uint8_t *base, const int6
                          float *out, int64_t width, int nthreads) {
     const int64_t d = L->d;
     const int nf = L->gated ? 3 : 2, slots[3] = {IN1, L->gated ? IN2 : OUT, OUT};
+    if (L->fmt > INT4) return -1;  /* palettes decode through torch (quant.decode) */
     for (int i = 0; i < nf; i++) if (L->group[slots[i]] % 8 || d % L->group[slots[i]]) return -1;
 #pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static) if (m >= 256)
     for (int64_t r = 0; r < m; r++) {
@@ -897,7 +967,7 @@ int inaflash_int8_matvec(const int8_t *codes, const uint16_t *scales, int64_t ro
     int8_t *xq = malloc((size_t)(T * cols));
     float *qs = malloc((size_t)(2 * T * nb) * sizeof(float));
     if (!xq || !qs) { free(xq); free(qs); return -2; }
-    quantize_acts(x, T, cols, 32, 0, xq, qs, qs + T * nb);
+    quantize_acts(x, T, cols, 32, 0, 1.f, xq, qs, qs + T * nb);
     int nt = nthreads < 1 ? 1 : nthreads;
     if (rows < 64 * nt) nt = 1;  /* a few rows: the hand-off costs more than it saves */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
@@ -938,7 +1008,7 @@ int inaflash_int4_matvec(const uint8_t *w, int64_t rows, int64_t cols, int64_t r
     int8_t *xq = malloc((size_t)(T * cols));
     float *qs = malloc((size_t)(2 * T * ng) * sizeof(float));
     if (!xq || !qs) { free(xq); free(qs); return -2; }
-    quantize_acts(x, T, cols, 32, 1, xq, qs, qs + T * ng);
+    quantize_acts(x, T, cols, 32, 1, 1.f, xq, qs, qs + T * ng);
     const float *xsum = qs + T * ng;
     int nt = nthreads < 1 ? 1 : nthreads;
     if (rows * T < 64 * nt) nt = 1;  /* a few rows: the hand-off costs more than it saves */
@@ -955,14 +1025,14 @@ int inaflash_int4_matvec(const uint8_t *w, int64_t rows, int64_t cols, int64_t r
             for (; k + 8 <= ng; k += 8) {
                 const __m256 d8 = _mm256_mul_ps(half8(sc + 2 * k), _mm256_loadu_ps(qst + k));
                 mins = _mm256_fmadd_ps(half8(mn + 2 * k), _mm256_loadu_ps(xs + k), mins);
-                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(codes, k * 32, q)), _mm256_permutevar8x32_ps(d8, lanes[0]), c0);
-                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(codes, k * 32 + 64, q)), _mm256_permutevar8x32_ps(d8, lanes[1]), c1);
-                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(codes, k * 32 + 128, q)), _mm256_permutevar8x32_ps(d8, lanes[2]), c0);
-                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(codes, k * 32 + 192, q)), _mm256_permutevar8x32_ps(d8, lanes[3]), c1);
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(INT4, _mm256_setzero_si256(), codes, k * 32, q)), _mm256_permutevar8x32_ps(d8, lanes[0]), c0);
+                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(INT4, _mm256_setzero_si256(), codes, k * 32 + 64, q)), _mm256_permutevar8x32_ps(d8, lanes[1]), c1);
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(INT4, _mm256_setzero_si256(), codes, k * 32 + 128, q)), _mm256_permutevar8x32_ps(d8, lanes[2]), c0);
+                c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(INT4, _mm256_setzero_si256(), codes, k * 32 + 192, q)), _mm256_permutevar8x32_ps(d8, lanes[3]), c1);
             }
             float rest = hsum(mins);
             for (; k < ng; k += 2) {  /* the last groups, two at a time (ng is even) */
-                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(codes, k * 32, q)),
+                c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk64_q4(INT4, _mm256_setzero_si256(), codes, k * 32, q)),
                                      _mm256_set_m128(_mm_set1_ps(half_at(sc + 2 * k + 2) * qst[k + 1]),
                                                      _mm_set1_ps(half_at(sc + 2 * k) * qst[k])), c0);
                 rest += half_at(mn + 2 * k) * xs[k] + half_at(mn + 2 * k + 2) * xs[k + 1];

@@ -3,7 +3,7 @@
 Every provider holds and computes neuron *bundles as stored* (store/format.py: row i = [gate_i | up_i | down[:, i]],
 float or compressed): `BundleMath` multiplies them in place with the native kernel (kernels.c), so no weight is
 decoded into float, transposed or copied on the per-token path, and a cached neuron costs its flash size in DRAM.
-Without the kernel (not built, palette formats, an activation it lacks) BundleMath decodes the rows and uses torch:
+Without the kernel (not built, OPT or off-grid palettes, an activation it lacks) BundleMath decodes the rows and uses torch:
 the down projection then has to be [hidden, neurons] (float16 `F.linear(a, W)` runs 25-45x faster on this CPU than
 `a @ D` with D [neurons, hidden]: 1.9 ms vs 53-94 ms at 8960 x 1536), so down columns are transposed per call.
 """
@@ -99,7 +99,8 @@ class BundleMath:
         self.store, self.fmt = store, fmt or store.ffn_format
         self.row_bytes = row_bytes(store, self.fmt)
         c = store.config
-        self.kernel = BundleFFN(self.fmt, store.fields, store.dtype, self.row_bytes, c.hidden_size, c.hidden_act)
+        self.kernel = BundleFFN(self.fmt, store.fields, store.dtype, self.row_bytes, c.hidden_size, c.hidden_act,
+                                books=store.palettes if self.fmt == store.ffn_format else None)
         self.native = self.kernel.ok
         self.math = FFNMath(store)
 
@@ -131,8 +132,8 @@ class BundleMath:
         if m == 0:
             return torch.zeros(x.shape[0], self.store.config.hidden_size)
         if self.native and x.shape[0] < GEMM_FROM_TOKENS:
-            return self.kernel(x, rows, m, offsets=offsets, mask=mask, hidden=hidden, crcs=crcs)
-        if self.native:  # many tokens: decode once (natively), then torch's float32 GEMM
+            return self.kernel(x, rows, m, offsets=offsets, mask=mask, hidden=hidden, crcs=crcs, layer=layer)
+        if self.kernel.decodes:  # many tokens: decode once (natively), then torch's float32 GEMM
             bundles = self.kernel.decode(rows, m, self.store.bundle_width, offsets)
         else:
             bundles = self.decode(self.gather(rows, m, offsets), layer)

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .quant import PALETTE_BITS, PALETTE_GROUP, _minimum, _scales, kmeans_1d, nearest, palettized
+from .quant import PALETTE_BITS, PALETTE_GROUP, _minimum, _scales, kmeans_1d, nearest, palettized, snap_book, book_values
 
 STEPS = 60  # Adam steps per layer (SmolLM2: ~0.1 s each on 2 cores)
 TOKENS = 512  # calibration tokens per step (sampled from those recorded)
@@ -67,7 +67,7 @@ def fit_layer(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]
         lows[name] = _minimum(xg)
         scales[name] = _scales(xg - lows[name].float()[..., None], 1)
         u0[name] = ((xg - lows[name].float()[..., None]) / scales[name].float()[..., None]).reshape(n, b - a)
-        books0[name] = kmeans_1d(u0[name], k, init=torch.linspace(0, 1, k)).half().float()
+        books0[name] = book_values(snap_book(kmeans_1d(u0[name], k, init=torch.linspace(0, 1, k))))
 
     def rebuilt(u: dict, c: dict, tau: float | None) -> torch.Tensor:
         """The bundles with each palettized field from levels c: soft (tau) or hard (nearest level)."""
@@ -77,7 +77,7 @@ def fit_layer(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]
             if a > at:
                 parts.append(w[:, at:a])
             if tau is None:
-                cs = c[name].detach().sort().values.half().float()  # the levels as stored
+                cs = book_values(snap_book(c[name].detach()))  # the levels as stored
                 v = cs[nearest(u[name].detach(), cs)]
             else:
                 att = torch.softmax(-(u[name].unsqueeze(-1) - c[name]) ** 2 / tau, -1)
@@ -123,8 +123,8 @@ def fit_layer(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]
     u_best, c_best = best
     books, idx = {}, {}
     for name in names:
-        books[name] = c_best[name].sort().values.half()
-        idx[name] = nearest(u_best[name], books[name])
+        books[name] = snap_book(c_best[name])  # the kernel's grid (quant.PALETTE_LEVELS)
+        idx[name] = nearest(u_best[name], book_values(books[name]))
     report = {"kmeans_loss": kmeans_loss, "dkm_loss": best_loss, "steps": steps, "tokens": tokens,
               "seconds": time.perf_counter() - t0}
     return LayerFit(books, idx, scales, lows, report)

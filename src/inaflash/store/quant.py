@@ -11,6 +11,9 @@ whole neuron, and is dequantized into the compute dtype as it is read:
             per group of 32 to [0, 1] by a float16 minimum and scale (w = c[i] * scale + min): the codebook places the
             levels where the normalized weights are, where int4 spaces them evenly. palette3: 8 centroids, 3-bit
             indices (8 per 3 bytes). Codebooks live in palettes.safetensors (a few hundred bytes per layer).
+            Centroids lie on a grid of 1/127 (PALETTE_LEVELS), so that the native kernel multiplies them as integer
+            levels (0..127, int8 activations: the int4 paths with a table lookup); books off the grid (stores
+            written before) are computed through torch.
             Measured on SmolLM2 (palette4): one codebook over a layer's raw weights, perplexity 50 -> 388,000 (the
             weights' scale varies along every row); groups normalized by absmax only, 128 (+156%).
 int8 scales are rounded *up* to float16, so no code leaves its range and the error is at most half a step:
@@ -39,6 +42,34 @@ GROUP = {"int8": 64, "int4": 32}  # int8: per-row scales cost SmolLM2 +5.0% perp
 PALETTE_BITS = {"palette4": 4, "palette3": 3}
 PALETTE_GROUP = 32
 PALETTE_FILE = "palettes.safetensors"
+# centroids are multiples of 1/PALETTE_LEVELS: the kernel's unsigned x signed byte products (maddubs without VNNI)
+# stay within int16 for levels <= 127. The grid moves a centroid by <= 1/254 of its group's range, where palette3's
+# levels lie ~1/7 apart.
+PALETTE_LEVELS = 127
+
+
+def snap_book(book: torch.Tensor) -> torch.Tensor:
+    """Centroids in [0, 1] -> the nearest multiples of 1/PALETTE_LEVELS, float16 (sorted, as they were)."""
+    return ((book.float().clamp(0, 1) * PALETTE_LEVELS).round() / PALETTE_LEVELS).sort().values.half()
+
+
+def book_values(book: torch.Tensor) -> torch.Tensor:
+    """What a codebook's centroids are worth, float32: level / 127 exactly where the book is on the grid (the float16
+    file holds those to within half a unit in its last place), else its float16 values."""
+    levels = book_levels(book)
+    if levels is None:
+        return book.float()
+    return torch.tensor(levels[:book.numel()], dtype=torch.float32) / PALETTE_LEVELS
+
+
+def book_levels(book: torch.Tensor) -> list[int] | None:
+    """A float16 codebook as the kernel's levels (16 bytes, unused entries 0), or None if it is off the grid (within
+    float16's rounding of k / 127: half a unit in the last place is up to 0.031 of a level)."""
+    v = book.float() * PALETTE_LEVELS
+    if (v - v.round()).abs().max().item() > 0.05 or v.min().item() < 0 or v.max().item() > PALETTE_LEVELS + 0.05:
+        return None
+    levels = v.round().to(torch.int64).tolist()
+    return levels + [0] * (16 - len(levels))
 
 
 def _even(n: int) -> int:
@@ -79,7 +110,7 @@ def bundle_bytes(fmt: str, width: int, fields: dict[str, tuple[int, int]], items
 
 
 KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-KERNEL_FORMATS = {"int8": 3, "int4": 4}
+KERNEL_FORMATS = {"int8": 3, "int4": 4, "palette4": 5, "palette3": 6}
 
 
 def kernel_layout(fmt: str, fields: dict[str, tuple[int, int]], dtype: torch.dtype) -> dict | None:
@@ -94,6 +125,17 @@ def kernel_layout(fmt: str, fields: dict[str, tuple[int, int]], dtype: torch.dty
                 "scale_off": 0, "min_off": 0}
     if fmt not in KERNEL_FORMATS:
         return None
+    if fmt in PALETTE_BITS:  # every field indexed in groups of 32 (SwiGLU: gate, up, down), in field order
+        if palettized(fields) != names:
+            return None
+        code_off, group_base, group, pos, k = {}, {}, {}, 0, 0
+        for name, (a, b) in fields.items():
+            code_off[name], group_base[name], group[name] = pos, k, PALETTE_GROUP
+            pos += (b - a) * PALETTE_BITS[fmt] // 8
+            k += (b - a) // PALETTE_GROUP
+        params_at, total = _layout(fmt, fields)
+        return {"fmt": KERNEL_FORMATS[fmt], "code_off": code_off, "group_base": group_base, "group": group,
+                "scale_off": params_at, "min_off": params_at + 2 * total}
     code_off, group_base, group, pos, k = {}, {}, {}, 0, 0
     for name, (a, b, g) in zip(names, groups(fields, GROUP[fmt])):
         code_off[name] = a if fmt == "int8" else pos
@@ -237,8 +279,8 @@ def encode(fmt: str, bundles: torch.Tensor, fields: dict[str, tuple[int, int]]
         scales[name] = _scales(xg - lows[name].float()[..., None], 1)  # rounded up: normalized within [0, 1]
         normalized = ((xg - lows[name].float()[..., None]) / scales[name].float()[..., None]).reshape(n, b - a)
         k = 1 << PALETTE_BITS[fmt]
-        books[name] = kmeans_1d(normalized, k, init=torch.linspace(0, 1, k)).half()
-        idx[name] = nearest(normalized, books[name])
+        books[name] = snap_book(kmeans_1d(normalized, k, init=torch.linspace(0, 1, k)))
+        idx[name] = nearest(normalized, book_values(books[name]))
     return pack_palette(fmt, x, fields, idx, scales, lows), books
 
 
@@ -303,7 +345,7 @@ def decode(fmt: str, raw: torch.Tensor, fields: dict[str, tuple[int, int]], widt
         a, b = fields[name]
         nb, count = (b - a) * bits // 8, (b - a) // PALETTE_GROUP
         idx = _unpack4(raw[:, pos:pos + nb], b - a) if bits == 4 else _unpack3(raw[:, pos:pos + nb])
-        values = books[name].to(dtype)[idx.long()].view(m, count, PALETTE_GROUP)
+        values = book_values(books[name]).to(dtype)[idx.long()].view(m, count, PALETTE_GROUP)
         dst = out[:, a:b].view(m, count, PALETTE_GROUP)
         torch.mul(values, scales[:, k:k + count, None], out=dst)
         dst += lows[:, k:k + count, None]

@@ -137,7 +137,7 @@ def plot(profile: dict, out: Path) -> None:
 
 COMPUTE_SHAPES = [(576, 1536), (1536, 8960)]  # (hidden, neurons): SmolLM2-135M and Qwen2.5-1.5B layers
 COMPUTE_FRACTIONS = [1.0, 0.5, 0.25, 0.1, 0.05]
-COMPUTE_FORMATS = ["float", "int8", "int4"]  # float = float16 bundles
+COMPUTE_FORMATS = ["float", "int8", "int4", "palette4", "palette3"]  # float = float16 bundles
 
 
 COMPUTE_ROTATE_BYTES = 128 << 20  # cycle over copies of a layer adding up to this: more than the L3, as a model's
@@ -173,9 +173,9 @@ def compute_roofline(shapes: list[tuple[int, int]] | None = None, fractions: lis
         fields = {"gate": (0, d), "up": (d, 2 * d), "down": (2 * d, 3 * d)}
         bundles = torch.randn(n, 3 * d, generator=torch.Generator().manual_seed(0)) * 0.05
         for fmt in COMPUTE_FORMATS:
-            raw = bundles.half().view(torch.uint8).view(n, -1) if fmt == "float" else \
-                quant.encode(fmt, bundles, fields)[0]
-            kernel = BundleFFN(fmt, fields, torch.float16, raw.shape[1], d, "silu")
+            raw, books = (bundles.half().view(torch.uint8).view(n, -1), {}) if fmt == "float" else \
+                quant.encode(fmt, bundles, fields)
+            kernel = BundleFFN(fmt, fields, torch.float16, raw.shape[1], d, "silu", books=[books] if books else None)
             copies = [raw.clone() for _ in range(max(2, -(-COMPUTE_ROTATE_BYTES // raw.numel())))]
             for _, _, tokens, fr in [c for c in cells if c[0] == (d, n) and c[1] == fmt]:
                 m, x = max(1, int(n * fr)), torch.randn(tokens, d)
