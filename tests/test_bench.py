@@ -89,6 +89,37 @@ def test_bench_on_a_tiny_model_writes_complete_json_and_markdown(tmp_path):
     assert all(c.name in md for c in CONFIGS) and "Key ratios" in md
 
 
+def test_bench_compare_runs_another_store_of_the_model_under_each_limit(tmp_path):
+    """--compare: inaflash's default on another store of the same model (here an int4 FFN beside float32) under the same
+    whole-process limit and prompt, named by its formats, with its speed over the main store's in the key ratios;
+    a store of another model is refused naming why."""
+    from inaflash.errors import InaflashError
+    from inaflash.tools.bench import bench
+
+    try:
+        own_memory_cgroup()
+    except CgroupUnavailable as e:
+        pytest.skip(f"no cgroup here: {e}")
+    make_tiny("llama", tmp_path / "hf")
+    main = write_store(open_source(tmp_path / "hf"), tmp_path / "f32", dtype="float32", progress=False)
+    other = write_store(open_source(tmp_path / "hf"), tmp_path / "q4", dtype="float32", progress=False,
+                        ffn_format="int4")
+    result = bench(str(main), memory="64MB", limit="700MB", gen_tokens=6, prompt_ids=[3, 17, 42, 5, 88, 9, 61, 2],
+                   configs=["none"], out_dir=tmp_path / "results", progress=False, compare=[str(other)])
+    rows = {b["name"]: b for b in result["baselines"] if b["name"].startswith("inaflash-auto")}
+    assert set(rows) == {"inaflash-auto", "inaflash-auto int4/float"}
+    assert rows["inaflash-auto int4/float"]["store"] == str(other)
+    assert all(r["status"] == "ok" and r["limit_bytes"] == 700e6 for r in rows.values()), rows
+    assert result["summary"]["limited_speedup_int4_float_over_main_700MB"] == pytest.approx(
+        rows["inaflash-auto int4/float"]["tokens_per_s"] / rows["inaflash-auto"]["tokens_per_s"])
+    assert "| inaflash-auto int4/float (dram) | 700.0 | ok |" in next((tmp_path / "results").glob("*.md")).read_text()
+    make_tiny("opt", tmp_path / "opt")
+    foreign = write_store(open_source(tmp_path / "opt"), tmp_path / "opt-store", dtype="float32", progress=False)
+    with pytest.raises(InaflashError, match="not the same model"):
+        bench(str(main), memory="64MB", configs=["none"], baselines=False, out_dir=tmp_path / "r2", progress=False,
+              prompt_ids=[3, 17], compare=[str(foreign)])
+
+
 def test_cgroup_helper_says_why_it_cannot_limit(monkeypatch, tmp_path):
     import inaflash.tools.cgroup as cg
 

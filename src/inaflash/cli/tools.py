@@ -165,6 +165,9 @@ def bench(
                                                    "sharing the tokenizer), in its own child under each --limit."),
     draft_vocab: int = typer.Option(32768, min=0, help="--draft: keep the draft head's first N token ids and the "
                                                          "prompts' rarer ones (0: all)."),
+    compare: Optional[list[str]] = typer.Option(None, help="Also run inaflash's default on this store of the same "
+                                                           "model (e.g. another --ffn-format) under each --limit, "
+                                                           "the same prompt, beside the baselines (repeatable)."),
 ):
     """Reproduce the paper's ablation (naive -> +predictor -> +windowing -> +bundling) and per-token latency
     split (I/O, predictor, memory management, compute) on this machine, next to dram, hybrid and the baselines."""
@@ -175,7 +178,7 @@ def bench(
                        configs=config, baselines=baselines, limit=limit, out_dir=out_dir,
                        max_seconds=max_seconds, cache_format=cache_format, density=density, decoding=decoding,
                        decoding_tokens=decoding_tokens, decoding_streams=decoding_streams, draft=draft,
-                       draft_vocab=draft_vocab)
+                       draft_vocab=draft_vocab, compare=compare)
     print(markdown(result))
 
 

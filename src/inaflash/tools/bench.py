@@ -257,13 +257,15 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
           out_dir: str | Path = RESULTS, max_seconds: float = 120.0, prompt_ids: list[int] | None = None,
           progress: bool = True, cache_format: str = "store", density: float | None = None,
           decoding: bool = False, decoding_tokens: int = 64, decoding_streams: bool = True,
-          draft: str | None = None, draft_vocab: int = 32768) -> dict:
+          draft: str | None = None, draft_vocab: int = 32768, compare: list[str] | None = None) -> dict:
     """prompt_ids: use these instead of `prompt_tokens` of real text (a model without a tokenizer).
     cache_format: the sparse rows' neuron cache ("store": bundles as stored, or "int8"). density: the sparse rows'
     selected fraction per token (None: the calibrated threshold). decoding: also measure more tokens per pass
     (tools/decoding.py: the k-token pass cost per mode; under each limit, speculation on two prompt sets against
     llama.cpp with and without its lookup decoding, and 1/2/4/8 concurrent streams), `decoding_tokens` per prompt;
-    `draft` (a store): also speculation with that draft model, its head cut to `draft_vocab` ids."""
+    `draft` (a store): also speculation with that draft model, its head cut to `draft_vocab` ids.
+    compare: other stores of the same model (another FFN or resident format) whose default also runs under each
+    limit, on the same prompt."""
     from ..engine import Engine
     from ..planner import parse_memory
     from ..paths import load_max_gap, profile_path
@@ -275,6 +277,7 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
         known = ", ".join(c.name for c in CONFIGS)
         raise InaflashError(f"unknown configuration in {configs}; choose from {known}")
     store, unbundled, unbundled_reason = prepare_stores(model, progress, any(c.mode == "sparse" for c in chosen))
+    others = [comparable_store(store, path) for path in compare or []]
     budget = parse_memory(memory, store)
     if prompt_ids is None:
         with Engine(store, mode="naive", context=8) as probe_engine:
@@ -333,10 +336,13 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
             result["baselines"] += run_baselines(store, prompt, gen_tokens, limit_bytes, progress)
             # inaflash's default (--mode auto) under the same whole-process limit, runtime included; one token a
             # pass, as the llama.cpp baseline decodes
-            result["baselines"].append(run_inaflash_limited(
-                store, prompt, gen_tokens, limit_bytes, dict(mode="auto", window=DEFAULT_WINDOW,
-                                                             cache_format=cache_format, max_gap=max_gap,
-                                                             speculation="off")))
+            for one_store in [store, *others]:
+                row = run_inaflash_limited(one_store, prompt, gen_tokens, limit_bytes,
+                                           dict(mode="auto", window=DEFAULT_WINDOW, cache_format=cache_format,
+                                                max_gap=max_gap, speculation="off"))
+                if one_store is not store:
+                    row.update(name=f"inaflash-auto {store_label(one_store)}", store=str(one_store.path))
+                result["baselines"].append(row)
         if decoding:
             from .decoding import decoding as run_decoding
 
@@ -347,6 +353,21 @@ def bench(model: str | None = None, memory: str = "50%", prompt_tokens: int = 12
     result["summary"] = key_ratios(result)
     write_results(result, Path(out_dir))
     return result
+
+
+def store_label(store) -> str:
+    """How a store differs from another of its model: its formats, e.g. `palette3/int4`."""
+    return f"{store.ffn_format}/{store.resident_format}"
+
+
+def comparable_store(store, path: str):
+    """The store at `path` (bench --compare), refused unless it holds the same model's shapes and tokenizer."""
+    from ..store.format import FlashStore
+
+    other = FlashStore(path)
+    if other.config != store.config:
+        raise InaflashError(f"--compare {path}: not the same model as {store.path} (its config differs)")
+    return other
 
 
 def ffn_compute(store) -> str:

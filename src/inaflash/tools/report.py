@@ -25,6 +25,11 @@ def key_ratios(result: dict) -> dict:
         ours, theirs = rows.get("inaflash-auto", {}), rows.get("llama.cpp-mmap", {})
         if ours.get("tokens_per_s") and theirs.get("tokens_per_s"):
             out[f"limited_speedup_over_llamacpp_{limit / 1e6:.0f}MB"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+        for name, other in rows.items():  # bench --compare: another store of the model over the main one
+            if name.startswith("inaflash-auto ") and other.get("tokens_per_s") and ours.get("tokens_per_s"):
+                label = name.split(" ", 1)[1].replace("/", "_")
+                out[f"limited_speedup_{label}_over_main_{limit / 1e6:.0f}MB"] = \
+                    other["tokens_per_s"] / ours["tokens_per_s"]
     llama = result.get("llama_cpp_unlimited") or {}
     if "dram" in by and llama.get("ms_per_token"):
         out["dram_over_llamacpp"] = by["dram"]["ms_per_token"] / llama["ms_per_token"]
@@ -139,13 +144,15 @@ def markdown(result: dict, png_name: str | None = None) -> str:
         lines += ["", "Baselines and inaflash's default (--mode auto; the mode it chose in brackets), each a child process "
                       "under a cgroup-v1 memory limit on "
                       "the whole process (runtime included), model files evicted from the page cache first:", "",
-                  "| baseline | limit MB | status | tokens/s | ms/token | peak cgroup usage MB |", "|---|---|---|---|---|---|"]
+                  "| baseline | limit MB | status | tokens/s | ms/token | MB read/token | peak cgroup usage MB |",
+                  "|---|---|---|---|---|---|---|"]
         for b in result["baselines"]:
             chosen = f" ({b['chosen_mode']})" if b.get("chosen_mode") else ""
+            read = b.get("bytes_read_per_token")
             lines.append(f"| {b['name']}{chosen} | {_mb(b.get('limit_bytes'))} | {b['status']}"
                          f"{': ' + b['reason'] if b.get('reason') else ''} | "
                          f"{b.get('tokens_per_s', 0) or 0:.2f} | {_ms(b.get('ms_per_token'))} | "
-                         f"{_mb(b.get('max_usage_bytes'))} |")
+                         f"{'-' if read is None else _mb(read)} | {_mb(b.get('max_usage_bytes'))} |")
     s = result.get("summary", {})
     gate = result.get("calibration", {}).get("quality")
     if gate:
