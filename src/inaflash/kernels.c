@@ -2,8 +2,9 @@
  *
  * A bundle is one neuron's weights, contiguous: [in1 | in2 | out] (SwiGLU: gate row, up row, down column;
  * OPT: fc1 row, its bias, fc2 column), in float32/float16/bfloat16, or compressed (int8 with a float16 scale per
- * group; int4 with a float16 scale and minimum per group, two codes a byte, low nibble first). The byte layout is
- * quant.py's; Python hands it over as a bundle_layout.
+ * group; int4 with a float16 scale and minimum per group, two codes a byte, low nibble first; palette4/palette3:
+ * int4's groups with 4/3-bit indices into the layer's levels, SwiGLU only). The byte layout is quant.py's; Python
+ * hands it over as a bundle_layout.
  *
  * For each bundle r (rows at base + offsets[r], or base + r * row_bytes) and token t:
  *     h[t, r] = act(in1_r . x_t (+ bias_r)) (* in2_r . x_t)  (* mask[t, r])

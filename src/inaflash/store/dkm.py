@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .quant import PALETTE_BITS, PALETTE_GROUP, _minimum, _scales, kmeans_1d, nearest, palettized, snap_book, book_values
+from .quant import PALETTE_BITS, PALETTE_GROUP, _minimum, _scales, kmeans_1d, nearest, palettized, snap_book, book_values, PALETTE_LEVELS
 
 STEPS = 60  # Adam steps per layer (SmolLM2: ~0.1 s each on 2 cores)
 TOKENS = 512  # calibration tokens per step (sampled from those recorded)
@@ -143,7 +143,9 @@ class DKMEncoder:
         self.fmt, self.inputs, self.steps, self.tokens = fmt, inputs, steps, tokens
         self.work = Path(work)
         self.reports: list[dict] = []
-        self.settings = {"format": fmt, "steps": steps, "tokens": tokens, **(calibration or {})}
+        # the levels' grid too: a layer fitted before books lay on it is fitted again, not resumed
+        self.settings = {"format": fmt, "steps": steps, "tokens": tokens, "levels": PALETTE_LEVELS,
+                         **(calibration or {})}
 
     def __call__(self, layer: int, bundles: torch.Tensor, fields: dict) -> tuple[torch.Tensor, dict]:
         import json
