@@ -77,3 +77,62 @@ def test_convert_dkm_needs_a_palette_format(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 1 and "Traceback" not in err
     assert "--dkm learns palettes: pass --ffn-format palette4 or palette3, not int4" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_sequential_inputs_see_the_layers_already_fitted(tmp_path, monkeypatch):
+    """calibrate.SequentialInputs: layer 0's inputs are the float model's; once layer 0 is fitted, layer 1's are
+    what the model hands layer 1 with layer 0's FFN computed from the fitted weights (here: an FFN of zeros,
+    checked against the engine run with that FFN put in place by hand); the encoder tells it each layer it fits or
+    resumes."""
+    from inaflash.calibrate import SequentialInputs, recorded_inputs
+    from inaflash.engine import Engine
+    from inaflash.ffn.dense import RecordingFFN
+    from inaflash.store.convert import write_store
+    from inaflash.store.format import FlashStore
+    from inaflash.store.sources import open_source
+    from tiny import make_tiny
+
+    make_tiny("llama", tmp_path / "hf")
+    store = FlashStore(write_store(open_source(tmp_path / "hf"), tmp_path / "f32", dtype="float32", progress=False))
+    import inaflash.calibrate
+
+    monkeypatch.setattr(inaflash.calibrate, "CHUNK", 32)  # the tiny model's context is 64
+    ids = torch.randint(0, store.config.vocab_size, (300,), generator=torch.Generator().manual_seed(0))
+    seq = SequentialInputs(store, progress=False, ids=ids)
+    try:
+        with Engine(store, mode="dram", context=33, speculation="off") as engine:
+            plain = recorded_inputs(engine, engine.ffn, ids)
+            assert torch.equal(seq[0], plain[0])
+            zero = torch.zeros(store.config.intermediate_size, store.bundle_width)
+            seq.fitted(0, zero, store.fields)
+            inner = engine.ffn
+
+            class ZeroFirst:
+                def begin_forward(self):
+                    inner.begin_forward()
+
+                def __call__(self, i, x, *args):
+                    return torch.zeros_like(x) if i == 0 else inner(i, x, *args)
+
+            moved = recorded_inputs(engine, ZeroFirst(), ids)
+        got = seq[1]
+        assert torch.allclose(got, moved[1], atol=1e-5) and not torch.allclose(got, plain[1], atol=1e-3)
+        # the encoder reports each fitted layer (decoded from its stored bytes) to the inputs
+        told = []
+        fields, bundles, x = layer(d=store.config.hidden_size, n=store.config.intermediate_size)
+
+        class Told:
+            def __getitem__(self, i):
+                return x[:128]
+
+            def fitted(self, i, w, f):
+                told.append((i, w))
+
+        enc = dkm.DKMEncoder("palette4", Told(), tmp_path / "work", steps=2, tokens=64)
+        raw, books = enc(0, bundles, fields)
+        again = dkm.DKMEncoder("palette4", Told(), tmp_path / "work", steps=2, tokens=64)
+        again(0, bundles, fields)  # resumed: told all the same
+        decoded = quant.decode("palette4", raw, fields, bundles.shape[1], torch.float32, books)
+        assert [i for i, _ in told] == [0, 0] and all(torch.equal(w, decoded) for _, w in told)
+    finally:
+        seq.close()
