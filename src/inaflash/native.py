@@ -72,8 +72,9 @@ def _load():
             lib = ctypes.CDLL(copy.name)
         finally:
             os.unlink(copy.name)
-        # 0: built without AVX2/FMA/F16C; below 2: built from an older kernels.c (other signatures): not used
-        if lib.inaflash_kernel_version() >= 2:
+        # 0: built without AVX2/FMA/F16C; below 3: built from an older kernels.c (other signatures, a layout without
+        # palette levels: it would take a palette for int4): not used
+        if lib.inaflash_kernel_version() >= 3:
             return lib, label
     return None, None
 

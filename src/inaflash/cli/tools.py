@@ -98,7 +98,9 @@ def probe(
     if compute:
         result = compute_roofline()
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = out_dir / f"{time.strftime('%Y-%m-%d')}-compute"
+        from ..tools.report import free_stem
+
+        stem = out_dir / free_stem(out_dir, f"{time.strftime('%Y-%m-%d')}-compute")  # never over an earlier run
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
         lines = [f"# inaflash probe --compute ({result['date']}, {result['threads']} threads, kernel variant "
                  f"{result['variant'] or 'none: torch'})", "",
@@ -124,7 +126,9 @@ def probe(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile, indent=1))
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{time.strftime('%Y-%m-%d')}-probe"
+    from ..tools.report import free_stem
+
+    stem = out_dir / free_stem(out_dir, f"{time.strftime('%Y-%m-%d')}-probe")
     stem.with_suffix(".json").write_text(json.dumps(profile, indent=1))
     plot(profile, stem.with_suffix(".png"))
     print("read size  in flight   MB/s (min / median / max)   batch latency ms (median)")
