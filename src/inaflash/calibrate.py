@@ -83,51 +83,6 @@ def recorded_calibration_inputs(store: FlashStore, tokens: int = 2048, progress:
     return inputs, {"calibration_tokens": tokens, "calibration_text": "pydoc_data.topics"}
 
 
-class SequentialInputs:
-    """For `convert --dkm`: layer L's FFN inputs on the calibration tokens as the model computes them with layers
-    0..L-1 already palettized (as GPTQ quantizes: each layer fitted to the inputs the compressed layers before it
-    hand it, so it can take up their error), recorded through `store` (the source's float store) in dram mode, one
-    pass of the calibration text per layer. Index it by layer; `fitted(layer, w, fields)` puts a fitted layer's
-    decoded bundles [neurons, width] in place for the passes after it. Layers are asked for in order."""
-
-    def __init__(self, store: FlashStore, tokens: int = 2048, progress: bool = True, ids: torch.Tensor | None = None):
-        self.engine = Engine(store, mode="dram", context=CHUNK + 1, speculation="off")
-        self.ids = token_ids(self.engine, calibration_text(), tokens) if ids is None else ids
-        self.float_ffn, self.fits, self.progress = self.engine.ffn, {}, progress
-        self.calibration = {"calibration_tokens": tokens, "calibration_text": "pydoc_data.topics",
-                            "inputs": "sequential"}
-
-    def __getitem__(self, layer: int) -> torch.Tensor:
-        from .store.dkm import _ffn
-
-        fits, inner = self.fits, self.float_ffn
-        chunks = []
-
-        class Palettized:  # the fitted layers' FFN from their decoded palettes, the others the float store's
-            def begin_forward(self) -> None:
-                inner.begin_forward()
-
-            def __call__(self, i: int, x: torch.Tensor, *args) -> torch.Tensor:
-                if i == layer:
-                    chunks.append(x.clone())
-                if i in fits:
-                    w, fields = fits[i]
-                    return _ffn(fields, w, x)
-                return inner(i, x, *args)
-
-            def __getattr__(self, name: str):
-                return getattr(inner, name)
-
-        run_chunks(self.engine, self.ids, Palettized(), f"record inputs of layer {layer}" if self.progress else None)
-        return torch.cat(chunks)
-
-    def fitted(self, layer: int, w: torch.Tensor, fields: dict) -> None:
-        self.fits[layer] = (w.float(), fields)
-
-    def close(self) -> None:
-        self.engine.close()
-
-
 class _ActivationTap:
     """The dense FFN, keeping each layer's inputs and its hidden activations h from the same kernel pass (h as
     bfloat16: Qwen2.5's 4096 tokens x 8960 neurons x 28 layers are 2 GB). Computing h again per layer afterwards

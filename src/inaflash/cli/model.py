@@ -137,7 +137,7 @@ def convert(
                                                     resident_format, say=True)
     encoder = None
     if dkm:
-        from ..calibrate import SequentialInputs
+        from ..calibrate import recorded_calibration_inputs
         from ..store.dkm import DKMEncoder
         from ..store.quant import PALETTE_BITS
 
@@ -146,18 +146,14 @@ def convert(
                                 f"not {ffn_format}")
         from ..loader import resolve_store
 
-        # recorded through the source's float store (converted once into $INAFLASH_HOME): the outputs DKM keeps;
-        # each layer's inputs with the layers before it palettized (calibrate.SequentialInputs)
-        inputs = SequentialInputs(resolve_store(src, ffn_format="float", resident_format="float"), dkm_tokens)
+        # recorded through the source's float store (converted once into $INAFLASH_HOME): the outputs DKM keeps
+        inputs, calibration = recorded_calibration_inputs(
+            resolve_store(src, ffn_format="float", resident_format="float"), dkm_tokens)
         encoder = DKMEncoder(ffn_format, inputs, out.parent / f".{out.name}.dkm", steps=dkm_steps,
-                             calibration=inputs.calibration)
-    try:
-        write_store(open_source(src), out, dtype=dtype, overwrite=overwrite,
-                    layout="unbundled" if unbundled else "bundled", ffn_format=ffn_format,
-                    resident_format=resident_format, embeddings_on_flash=embeddings == "flash", encoder=encoder)
-    finally:
-        if encoder is not None:
-            inputs.close()
+                             calibration=calibration)
+    write_store(open_source(src), out, dtype=dtype, overwrite=overwrite,
+                layout="unbundled" if unbundled else "bundled", ffn_format=ffn_format,
+                resident_format=resident_format, embeddings_on_flash=embeddings == "flash", encoder=encoder)
     if encoder is not None:
         r = encoder.reports
         print(f"dkm: {len(r)} layers in {sum(x['seconds'] for x in r if 'seconds' in x):.0f} s; calibration loss "

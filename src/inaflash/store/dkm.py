@@ -136,10 +136,8 @@ class DKMEncoder:
     written) and taken from there by a second run with the same settings; write_store removes it when the store is
     in place."""
 
-    def __init__(self, fmt: str, inputs, work, steps: int = STEPS, tokens: int = TOKENS,
+    def __init__(self, fmt: str, inputs: list[torch.Tensor], work, steps: int = STEPS, tokens: int = TOKENS,
                  calibration: dict | None = None):
-        """inputs[layer]: that layer's recorded FFN inputs [T, hidden] (a list, or calibrate.SequentialInputs,
-        which is told each fitted layer)."""
         from pathlib import Path
 
         self.fmt, self.inputs, self.steps, self.tokens = fmt, inputs, steps, tokens
@@ -165,12 +163,9 @@ class DKMEncoder:
             if json.loads(meta.get("settings", "null")) == self.settings:
                 saved = load_file(str(path))
                 self.reports.append({**json.loads(meta["report"]), "resumed": True})
-                books = {k[5:]: v for k, v in saved.items() if k.startswith("book.")}
-                self._fitted(layer, saved["raw"], books, fields, bundles.shape[1])
-                return saved["raw"], books
+                return saved["raw"], {k[5:]: v for k, v in saved.items() if k.startswith("book.")}
         fit = fit_layer(self.fmt, bundles, fields, self.inputs[layer], steps=self.steps, tokens=self.tokens)
         raw = pack_palette(self.fmt, bundles.float(), fields, fit.idx, fit.scales, fit.lows)
-        self._fitted(layer, raw, fit.books, fields, bundles.shape[1])
         self.reports.append(fit.report)
         self.work.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
@@ -178,10 +173,4 @@ class DKMEncoder:
                   metadata={"settings": json.dumps(self.settings), "report": json.dumps(fit.report)})
         tmp.rename(path)
         return raw, fit.books
-
-    def _fitted(self, layer: int, raw: torch.Tensor, books: dict, fields: dict, width: int) -> None:
-        if hasattr(self.inputs, "fitted"):
-            from .quant import decode
-
-            self.inputs.fitted(layer, decode(self.fmt, raw, fields, width, torch.float32, books), fields)
 
