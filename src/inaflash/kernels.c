@@ -25,6 +25,7 @@ enum { F32 = 0, F16 = 1, BF16 = 2, INT8 = 3, INT4 = 4, PAL4 = 5, PAL3 = 6 };
 /* int4 and the palettes share the int4 paths: groups of 32 with a float16 scale and minimum, codes as nibbles
    (palette3's 3-bit indices are widened to nibbles as they load), palettes' nibbles looked up in the field's levels */
 #define Q4(fmt) ((fmt) >= INT4)
+#define PAL(fmt) ((fmt) > INT4)
 enum { IN1 = 0, IN2 = 1, OUT = 2, BIAS = 3 };
 enum { SILU = 0, RELU = 1 };
 #define TB 8 /* tokens per pass over a bundle: each weight is loaded once per 8 tokens */
@@ -226,9 +227,8 @@ static inline __attribute__((always_inline)) __m256i block_q8(const uint8_t *fie
 /* palette3's 3-bit indices (8 per 3 bytes, index k at bits 3k of the little-endian 24-bit word) as int4 lays codes
    out (two a byte, low nibble first): each 3 bytes into a 32-bit lane, then the 6-bit pairs of indices spread to one
    a byte (12 -> 16 bits of each lane apart, then 6 -> 8), and each pair's second index moved up a bit to the high
-   nibble. 32 indices from 12 bytes (the 4 after them are loaded, never used: a bundle's codes are always followed by
-   its scales). */
-/* the 32 indices at lo (in the low 128 bits) and the 32 at hi (the high 128) */
+   nibble. Here the 32 indices at lo into the low 128 bits and the 32 at hi into the high 128, 12 bytes each (the 4
+   after them are loaded, never used: a bundle's codes are always followed by its scales). */
 static inline __m256i pal3_pair(const uint8_t *lo, const uint8_t *hi) {
     const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
                                             0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
@@ -247,9 +247,9 @@ static inline __attribute__((always_inline)) __m256i codes64(int fmt, const uint
     return _mm256_loadu_si256((const __m256i *)(field + j / 2));
 }
 
-/* a field's levels in both 128-bit lanes (for a byte shuffle: nibble -> level) */
-static inline __m256i field_lut(const bundle_layout *L, int f) {
-    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)L->lut[f]));
+/* a palette field's levels in both 128-bit lanes (for a byte shuffle: nibble -> level); int4: unused, zero */
+static inline __attribute__((always_inline)) __m256i field_lut(const bundle_layout *L, int fmt, int f) {
+    return PAL(fmt) ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)L->lut[f])) : _mm256_setzero_si256();
 }
 
 /* int4, 64 codes (two groups of 32, 32 bytes; lo/hi: their low and high nibbles) against int8 activations x0, x1
@@ -262,7 +262,7 @@ static inline __attribute__((always_inline)) __m256i q4_dot64_split(int fmt, __m
     return DOT_U8S8(DOT_U8S8(_mm256_setzero_si256(), lo, x0), hi, x1);
 #else
     /* int4: both halves' int16 pair sums add before widening (4 * 15 * 127 fits); palette levels (<= 127) do not */
-    if (fmt != INT4)
+    if (PAL(fmt))
         return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_set1_epi16(1)),
                                 _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_set1_epi16(1)));
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)),
@@ -275,7 +275,7 @@ static inline __attribute__((always_inline)) void split_codes(int fmt, __m256i l
     const __m256i low4 = _mm256_set1_epi8(15);
     *lo = _mm256_and_si256(v, low4);
     *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-    if (fmt != INT4) *lo = _mm256_shuffle_epi8(lut, *lo), *hi = _mm256_shuffle_epi8(lut, *hi);
+    if (PAL(fmt)) *lo = _mm256_shuffle_epi8(lut, *lo), *hi = _mm256_shuffle_epi8(lut, *hi);
 }
 
 /* q4_dot64_split of the 32 code bytes v */
@@ -303,7 +303,7 @@ static inline __attribute__((always_inline)) void field_dot_q(const bundle_layou
     float sw[MAXG], mn[MAXG], db[MAXG];
     halfs_to_floats(row + L->scale_off + 2 * L->group_base[f], ngroups, sw);
     if (Q4(fmt)) halfs_to_floats(row + L->min_off + 2 * L->group_base[f], ngroups, mn);
-    const __m256i lut = Q4(fmt) ? field_lut(L, f) : _mm256_setzero_si256();
+    const __m256i lut = field_lut(L, fmt, f);
     for (int t = 0; t < tb; t++) {
         const int8_t *xq = A->q + (t0 + t) * d;
         const float *qs = A->qs + (t0 + t) * ngroups, *xs = A->xsum + (t0 + t) * ngroups;
@@ -399,9 +399,8 @@ static inline __attribute__((always_inline)) void gate_up_q4(const bundle_layout
                               _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
     __m256 cg = _mm256_setzero_ps(), cu = cg, ming = cg, minu = cg;
     int64_t k = 0;
-    const __m256i lg = fmt != INT4 ? field_lut(L, IN1) : _mm256_setzero_si256();
-    const __m256i lu = fmt != INT4 ? field_lut(L, IN2) : _mm256_setzero_si256();
-#define CHUNK(field, j, x0, x1) _mm256_cvtepi32_ps(q4_dot64(fmt, (field) == fg ? lg : lu, codes64(fmt, field, j), x0, x1))
+    const __m256i lg = field_lut(L, fmt, IN1), lu = field_lut(L, fmt, IN2);
+#define CHUNK(field, lut, j, x0, x1) _mm256_cvtepi32_ps(q4_dot64(fmt, lut, codes64(fmt, field, j), x0, x1))
     for (; k + 8 <= ngroups; k += 8) {
         const __m256 q8 = _mm256_loadu_ps(qs + k), x8 = _mm256_loadu_ps(xs + k);
         const __m256 dg = _mm256_mul_ps(half8(sg + 2 * k), q8), du = _mm256_mul_ps(half8(su + 2 * k), q8);
@@ -410,17 +409,17 @@ static inline __attribute__((always_inline)) void gate_up_q4(const bundle_layout
         for (int c = 0; c < 4; c++) {
             const int64_t j = k * 32 + 64 * c;
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + j)), x1 = _mm256_loadu_si256((const __m256i *)(xq + j + 32));
-            cg = _mm256_fmadd_ps(CHUNK(fg, j, x0, x1), _mm256_permutevar8x32_ps(dg, lanes[c]), cg);
-            cu = _mm256_fmadd_ps(CHUNK(fu, j, x0, x1), _mm256_permutevar8x32_ps(du, lanes[c]), cu);
+            cg = _mm256_fmadd_ps(CHUNK(fg, lg, j, x0, x1), _mm256_permutevar8x32_ps(dg, lanes[c]), cg);
+            cu = _mm256_fmadd_ps(CHUNK(fu, lu, j, x0, x1), _mm256_permutevar8x32_ps(du, lanes[c]), cu);
         }
     }
     float rg = hsum(ming), ru = hsum(minu);
     for (; k < ngroups; k += 2) {  /* the last groups, two at a time */
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k * 32)), x1 = _mm256_loadu_si256((const __m256i *)(xq + k * 32 + 32));
         const float s0 = qs[k], s1 = qs[k + 1];
-        cg = _mm256_fmadd_ps(CHUNK(fg, k * 32, x0, x1), _mm256_set_m128(_mm_set1_ps(half_at(sg + 2 * k + 2) * s1),
+        cg = _mm256_fmadd_ps(CHUNK(fg, lg, k * 32, x0, x1), _mm256_set_m128(_mm_set1_ps(half_at(sg + 2 * k + 2) * s1),
                                                                           _mm_set1_ps(half_at(sg + 2 * k) * s0)), cg);
-        cu = _mm256_fmadd_ps(CHUNK(fu, k * 32, x0, x1), _mm256_set_m128(_mm_set1_ps(half_at(su + 2 * k + 2) * s1),
+        cu = _mm256_fmadd_ps(CHUNK(fu, lu, k * 32, x0, x1), _mm256_set_m128(_mm_set1_ps(half_at(su + 2 * k + 2) * s1),
                                                                           _mm_set1_ps(half_at(su + 2 * k) * s0)), cu);
         rg += half_at(mg + 2 * k) * xs[k] + half_at(mg + 2 * k + 2) * xs[k + 1];
         ru += half_at(mu + 2 * k) * xs[k] + half_at(mu + 2 * k + 2) * xs[k + 1];
@@ -442,8 +441,7 @@ static inline __attribute__((always_inline)) void gate_up_q4_tokens(const bundle
     const uint8_t *fg = row + L->code_off[IN1], *fu = row + L->code_off[IN2];
     const uint8_t *sg = row + L->scale_off + 2 * L->group_base[IN1], *su = row + L->scale_off + 2 * L->group_base[IN2];
     const uint8_t *mg = row + L->min_off + 2 * L->group_base[IN1], *mu = row + L->min_off + 2 * L->group_base[IN2];
-    const __m256i lg = fmt != INT4 ? field_lut(L, IN1) : _mm256_setzero_si256();
-    const __m256i lu = fmt != INT4 ? field_lut(L, IN2) : _mm256_setzero_si256();
+    const __m256i lg = field_lut(L, fmt, IN1), lu = field_lut(L, fmt, IN2);
     const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  /* the groups as two hadds leave them */
     __m256 accg[TB], accu[TB], ming[TB], minu[TB];
     for (int t = 0; t < tb; t++) accg[t] = accu[t] = ming[t] = minu[t] = _mm256_setzero_ps();
@@ -497,8 +495,9 @@ static inline __attribute__((always_inline)) float quantize_coefficients(const _
     return amax / 32767.f;
 }
 
-/* The 32 int4 down codes at byte `at` of 4 rows as byte pairs (row 0, row 1 | row 2, row 3) per output: P[0], P[1]
- * the low nibbles' outputs j = 0, 2, .., 14 and 16, .., 30; P[2], P[3] the high nibbles' 1, .., 15 and 17, .., 31 */
+/* The 32 down codes of output group k (from byte `off` of each bundle; palettes: their levels) of 4 rows as byte
+ * pairs (row 0, row 1 | row 2, row 3) per output: P[0], P[1] the low nibbles' outputs j = 0, 2, .., 14 and 16, .., 30;
+ * P[2], P[3] the high nibbles' 1, .., 15 and 17, .., 31 */
 static inline __attribute__((always_inline)) void pair_codes(int fmt, __m256i lut, const uint8_t *const *rows,
                                                             int64_t off, int64_t k, __m256i P[4]) {
     const __m256i X = fmt == PAL3 ? pal3_pair(rows[0] + off + 12 * k, rows[2] + off + 12 * k) :
@@ -564,7 +563,7 @@ static inline __attribute__((always_inline)) void rows_down_q4(const bundle_layo
         _mm256_store_si256((__m256i *)cq[k], q[0]);
         _mm256_store_si256((__m256i *)(cq[k] + 16), q[1]);
     }
-    const __m256i zero = _mm256_setzero_si256(), lut = fmt != INT4 ? field_lut(L, OUT) : zero;
+    const __m256i zero = _mm256_setzero_si256(), lut = field_lut(L, fmt, OUT);
     const int64_t off = L->code_off[OUT], lines = (L->row_bytes + 63) / 64;
     for (int64_t k = 0; k < ngroups; k++) {
         /* the bundles the gate/up pass takes next, a share per group: a block's down projection takes ~3 us of
@@ -628,7 +627,7 @@ static inline __attribute__((always_inline)) void rows_down_q4_tokens(const bund
             for (; k < ngroups; k++) gt[k] += h[r][t] * mn[k];
         }
     }
-    const __m256i zero = _mm256_setzero_si256(), lut = fmt != INT4 ? field_lut(L, OUT) : zero;
+    const __m256i zero = _mm256_setzero_si256(), lut = field_lut(L, fmt, OUT);
     const int64_t off = L->code_off[OUT], lines = (L->row_bytes + 63) / 64;
     for (int64_t k = 0; k < ngroups; k++) {
         for (int64_t i = nnext * lines * k / ngroups; i < nnext * lines * (k + 1) / ngroups; i++)
@@ -869,7 +868,7 @@ int inaflash_bundle_ffn(const bundle_layout *L, const uint8_t *base, const int64
     const int q = L->qx && L->fmt >= INT8 && gq % 32 == 0 && gq <= 256 && (!L->gated || L->group[IN2] == gq) &&
                   (!Q4(L->fmt) || (gq == 32 && d % 64 == 0));
     /* palettes: SwiGLU bundles in groups of 32 with quantized activations (the integer paths) only */
-    if (L->fmt > INT4 && (!q || !L->gated || L->group[OUT] != 32 || L->group[IN2] != 32)) return -1;
+    if (PAL(L->fmt) && (!q || !L->gated || L->group[OUT] != 32 || L->group[IN2] != 32)) return -1;
     if (m <= 0 || T <= 0) return crcs && npages > 0 && inaflash_crc32c_pages(base, npages, CRC_PAGE, crcs) ? -3 : 0;
     const int64_t ngroups = d / L->group[IN1], gout = d / L->group[OUT];
     float *xsum = calloc((size_t)(2 * T * ngroups + 1), sizeof(float));
@@ -936,7 +935,7 @@ int inaflash_decode_rows(const bundle_layout *L, const uint8_t *base, const int6
                          float *out, int64_t width, int nthreads) {
     const int64_t d = L->d;
     const int nf = L->gated ? 3 : 2, slots[3] = {IN1, L->gated ? IN2 : OUT, OUT};
-    if (L->fmt > INT4) return -1;  /* palettes decode through torch (quant.decode) */
+    if (PAL(L->fmt)) return -1;  /* palettes decode through torch (quant.decode) */
     for (int i = 0; i < nf; i++) if (L->group[slots[i]] % 8 || d % L->group[slots[i]]) return -1;
 #pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static) if (m >= 256)
     for (int64_t r = 0; r < m; r++) {

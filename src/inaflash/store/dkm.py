@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .quant import PALETTE_BITS, PALETTE_GROUP, _minimum, _scales, kmeans_1d, nearest, palettized, snap_book, book_values, PALETTE_LEVELS
+from .quant import (PALETTE_BITS, PALETTE_GROUP, PALETTE_LEVELS, _minimum, _scales, book_values, kmeans_1d, nearest,
+                    palettized, snap_book)
 
 STEPS = 60  # Adam steps per layer (SmolLM2: ~0.1 s each on 2 cores)
 TOKENS = 512  # calibration tokens per step (sampled from those recorded)

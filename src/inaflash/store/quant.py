@@ -116,7 +116,7 @@ KERNEL_FORMATS = {"int8": 3, "int4": 4, "palette4": 5, "palette3": 6}
 def kernel_layout(fmt: str, fields: dict[str, tuple[int, int]], dtype: torch.dtype) -> dict | None:
     """Where each field of a bundle starts, in the terms of kernels.c's bundle_layout (byte offsets of each
     field's codes, index of its first group's parameters, group size; where the float16 scales and minimums
-    start), or None for a format the kernel does not compute (palettes)."""
+    start), or None for a layout the kernel does not compute (palettes with an unindexed field)."""
     names = list(fields)
     if fmt == "float":
         item = dtype.itemsize
@@ -125,21 +125,13 @@ def kernel_layout(fmt: str, fields: dict[str, tuple[int, int]], dtype: torch.dty
                 "scale_off": 0, "min_off": 0}
     if fmt not in KERNEL_FORMATS:
         return None
-    if fmt in PALETTE_BITS:  # every field indexed in groups of 32 (SwiGLU: gate, up, down), in field order
-        if palettized(fields) != names:
-            return None
-        code_off, group_base, group, pos, k = {}, {}, {}, 0, 0
-        for name, (a, b) in fields.items():
-            code_off[name], group_base[name], group[name] = pos, k, PALETTE_GROUP
-            pos += (b - a) * PALETTE_BITS[fmt] // 8
-            k += (b - a) // PALETTE_GROUP
-        params_at, total = _layout(fmt, fields)
-        return {"fmt": KERNEL_FORMATS[fmt], "code_off": code_off, "group_base": group_base, "group": group,
-                "scale_off": params_at, "min_off": params_at + 2 * total}
+    palette = fmt in PALETTE_BITS
+    if palette and palettized(fields) != names:  # the kernel's palettes: every field indexed (SwiGLU, not OPT's bias)
+        return None
     code_off, group_base, group, pos, k = {}, {}, {}, 0, 0
-    for name, (a, b, g) in zip(names, groups(fields, GROUP[fmt])):
+    for name, (a, b, g) in zip(names, groups(fields, PALETTE_GROUP if palette else GROUP[fmt])):
         code_off[name] = a if fmt == "int8" else pos
-        pos += (b - a + 1) // 2
+        pos += (b - a) * PALETTE_BITS[fmt] // 8 if palette else (b - a + 1) // 2
         group_base[name], group[name] = k, g
         k += (b - a) // g
     params_at, total = _layout(fmt, fields)

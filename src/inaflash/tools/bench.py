@@ -361,7 +361,7 @@ def store_label(store) -> str:
 
 
 def comparable_store(store, path: str):
-    """The store at `path` (bench --compare), refused unless it holds the same model's shapes and tokenizer."""
+    """The store at `path` (bench --compare), refused unless its model config is the main store's."""
     from ..store.format import FlashStore
 
     other = FlashStore(path)
